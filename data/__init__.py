@@ -1,0 +1,1 @@
+"""Bundled assets (demo prompts, the tiny demo model), installed as `rlhf.data`."""

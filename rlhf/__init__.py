@@ -1,0 +1,7 @@
+"""rlhf-tui core: store, config, models, sampling, reward model, PPO, engine, CLI.
+
+Nothing here imports Textual, and importing this package loads no torch: heavy modules import it
+themselves, so the UI process stays light.
+"""
+
+__version__ = "0.1.0"

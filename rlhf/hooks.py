@@ -1,0 +1,50 @@
+"""How a training run talks to whoever started it, without knowing who that is.
+
+`train_reward` and `run_ppo` write runs/metrics/samples to the store themselves, and also call a
+`RunHooks`: the headless CLI draws a progress bar and turns Ctrl+C into `should_stop`; the engine
+process forwards each call to the app as a protocol event and sets `should_stop` on a Stop message.
+No torch here: the app's side imports it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class RunResult:
+    """How a run ended. status is one of store.FINAL_STATUSES."""
+
+    run_id: str
+    status: str
+    message: str = ""
+    checkpoint: str | None = None
+    step: int = 0
+
+
+class RunHooks:
+    """Callbacks from a training loop; the defaults do nothing and never stop."""
+
+    def __init__(self) -> None:
+        self.stop_requested = threading.Event()
+
+    def should_stop(self) -> bool:
+        """Polled between steps (and between batches); True ends the run gracefully with a checkpoint."""
+        return self.stop_requested.is_set()
+
+    def on_start(self, run_id: str, kind: str, total_steps: int, start_step: int = 0) -> None:
+        pass
+
+    def on_step(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_samples(self, run_id: str, step: int, samples: list[dict[str, Any]]) -> None:
+        pass
+
+    def on_checkpoint(self, run_id: str, step: int, path: str) -> None:
+        pass
+
+    def on_warning(self, run_id: str, message: str) -> None:
+        pass

@@ -1,0 +1,485 @@
+"""The workspace's SQLite store: prompts, responses, comparisons, runs, metrics, samples.
+
+One file (`rlhf.db`) shared by the app, the engine process and headless commands: WAL mode so
+readers never block the writer, a busy timeout so two writers wait for each other instead of failing,
+foreign keys on, and every write committed when it is made (a label is on disk before the next pair
+is shown). The schema version lives in `PRAGMA user_version`; `MIGRATIONS[i]` upgrades i -> i + 1.
+
+This module imports no torch: the app uses it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import sqlite_utils
+
+from .errors import StoreError
+
+CHOICES = ("a", "b", "tie", "both_bad", "skip")
+RUN_KINDS = ("reward", "ppo")
+RUN_STATUSES = ("running", "stopping", "finished", "stopped", "failed", "interrupted")
+FINAL_STATUSES = ("finished", "stopped", "failed", "interrupted")
+DEFAULT_BUSY_TIMEOUT_S = 10.0
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class PromptItem:
+    """A prompt to import: plain text, or chat messages (then `text` is the last user turn)."""
+
+    text: str
+    messages: list[dict[str, str]] | None = None
+    tags: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """Identity used to skip duplicates: the text, or the whole conversation."""
+        content = json.dumps(self.messages, sort_keys=True) if self.messages else self.text.strip()
+        return hashlib.sha256(content.encode("utf-8")).hexdigest()
+
+
+def _migrate_0_to_1(db: sqlite_utils.Database) -> None:
+    db["prompts"].create({
+        "id": int, "key": str, "text": str, "messages": str, "tags": str, "source": str, "created_at": str,
+    }, pk="id", not_null={"key", "text", "created_at"})
+    db["prompts"].create_index(["key"], unique=True)
+    db["responses"].create({
+        "id": int, "prompt_id": int, "text": str, "model": str, "adapter": str, "sampling": str,
+        "seed": int, "prompt_tokens": int, "response_tokens": int, "finished": int, "source": str,
+        "created_at": str,
+    }, pk="id", foreign_keys=[("prompt_id", "prompts", "id")], not_null={"prompt_id", "text", "created_at"})
+    db["responses"].create_index(["prompt_id"])
+    db.execute(f"""
+        CREATE TABLE comparisons (
+            id INTEGER PRIMARY KEY,
+            prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+            response_a_id INTEGER NOT NULL REFERENCES responses(id),
+            response_b_id INTEGER NOT NULL REFERENCES responses(id),
+            choice TEXT NOT NULL CHECK (choice IN ({", ".join(repr(c) for c in CHOICES)})),
+            margin REAL,
+            annotator TEXT,
+            note TEXT,
+            decision_ms INTEGER,
+            source TEXT,
+            created_at TEXT NOT NULL
+        )""")
+    db["comparisons"].create_index(["prompt_id"])
+    db.execute(f"""
+        CREATE TABLE runs (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ({", ".join(repr(k) for k in RUN_KINDS)})),
+            config TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ({", ".join(repr(s) for s in RUN_STATUSES)})),
+            step INTEGER NOT NULL DEFAULT 0,
+            total_steps INTEGER,
+            started_at TEXT NOT NULL,
+            ended_at TEXT,
+            checkpoint TEXT,
+            checkpoint_step INTEGER,
+            error TEXT,
+            pid INTEGER,
+            parent_run TEXT REFERENCES runs(id)
+        )""")
+    db["metrics"].create({
+        "id": int, "run_id": str, "step": int, "name": str, "value": float, "time": float,
+    }, pk="id", foreign_keys=[("run_id", "runs", "id")], not_null={"run_id", "step", "name"})
+    db["metrics"].create_index(["run_id", "step"])
+    db["samples"].create({
+        "id": int, "run_id": str, "step": int, "prompt_id": int, "prompt": str, "response": str,
+        "score": float, "kl": float, "created_at": str,
+    }, pk="id", foreign_keys=[("run_id", "runs", "id"), ("prompt_id", "prompts", "id")],
+        not_null={"run_id", "step"})
+    db["samples"].create_index(["run_id", "step"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_0_to_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class Store:
+    """Queries over one workspace database. One instance per thread (sqlite3's rule)."""
+
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        if self.path.is_dir():
+            raise StoreError(f"{self.path}: is a directory, expected a database file")
+        if not self.path.parent.is_dir():
+            raise StoreError(f"{self.path.parent}: workspace directory does not exist")
+        try:
+            conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s)
+            self.db = sqlite_utils.Database(conn)
+            with self._errors("open"):
+                self._configure()
+                self._migrate()
+        except StoreError:
+            conn.close()
+            raise
+
+    # -- connection --------------------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Turn sqlite's exceptions into one-line StoreErrors that say what to do."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            msg = str(exc)
+            if "file is not a database" in msg or "malformed" in msg:
+                hint = "not a SQLite database (move it away or choose another --workspace)"
+            elif "readonly" in msg or "unable to open" in msg or "disk I/O" in msg:
+                hint = "cannot write here (check permissions, or choose another --workspace)"
+            elif "locked" in msg or "busy" in msg:
+                hint = (f"database is locked by another process for more than {self.busy_timeout_s:g}s "
+                        "(close the other writer and retry)")
+            elif "database or disk is full" in msg:
+                hint = "disk is full (free some space; nothing was written)"
+            else:
+                hint = msg
+            raise StoreError(f"{self.path}: {action}: {hint}") from None
+
+    def _configure(self) -> None:
+        self.db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"{self.path}: could not switch to WAL mode (got {mode})")
+        self.db.execute("PRAGMA foreign_keys = ON")
+        self.db.execute("PRAGMA synchronous = NORMAL")
+
+    @property
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: database schema v{version} is newer than this rlhf-tui (v{SCHEMA_VERSION}); "
+                "upgrade rlhf-tui")
+        for target in range(version, SCHEMA_VERSION):
+            # BEGIN IMMEDIATE: two processes opening a fresh DB at once must not both migrate it.
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                if self.schema_version == target:
+                    MIGRATIONS[target](self.db)
+                    self.db.execute(f"PRAGMA user_version = {target + 1}")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All writes inside commit together or not at all."""
+        with self._errors("write"):
+            with self.db.conn:
+                yield
+
+    def _query(self, sql: str, params: Iterable[Any] | dict = ()) -> list[dict[str, Any]]:
+        with self._errors("read"):
+            return list(self.db.query(sql, params))
+
+    # -- prompts -----------------------------------------------------------------------------
+
+    def add_prompts(self, items: list[PromptItem], source: str) -> tuple[list[int], int]:
+        """Insert prompts not already present (by key), in one transaction.
+
+        Returns (ids of every item, new or existing, in input order; count of duplicates skipped).
+        """
+        ids: list[int] = []
+        duplicates = 0
+        created = now_iso()
+        with self.transaction():
+            for item in items:
+                key = item.key
+                row = self.db.execute("SELECT id FROM prompts WHERE key = ?", [key]).fetchone()
+                if row:
+                    duplicates += 1
+                    ids.append(row[0])
+                    continue
+                cur = self.db.execute(
+                    "INSERT INTO prompts (key, text, messages, tags, source, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    [key, item.text, json.dumps(item.messages) if item.messages else None,
+                     json.dumps(item.tags) if item.tags else None, source, created])
+                ids.append(cur.lastrowid)
+        return ids, duplicates
+
+    def prompts(self, tag: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM prompts"
+        params: list[Any] = []
+        if tag:
+            sql += " WHERE EXISTS (SELECT 1 FROM json_each(prompts.tags) WHERE value = ?)"
+            params.append(tag)
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_decode_prompt(r) for r in self._query(sql, params)]
+
+    def prompt(self, prompt_id: int) -> dict[str, Any]:
+        rows = self._query("SELECT * FROM prompts WHERE id = ?", [prompt_id])
+        if not rows:
+            raise StoreError(f"no prompt with id {prompt_id}")
+        return _decode_prompt(rows[0])
+
+    def prompt_order_for_labeling(self, seed: int, exclude: Iterable[int] = ()) -> list[int]:
+        """Prompt ids to label next: unlabeled first, then least-labeled; ties shuffled by seed.
+
+        Skips count as looked at, so a skipped prompt moves behind the ones nobody has seen.
+        """
+        rows = self._query("""
+            SELECT p.id, COUNT(c.id) AS n FROM prompts p LEFT JOIN comparisons c ON c.prompt_id = p.id
+            GROUP BY p.id""")
+        excluded = set(exclude)
+        rng = random.Random(seed)
+        shuffled = [r for r in rows if r["id"] not in excluded]
+        rng.shuffle(shuffled)
+        shuffled.sort(key=lambda r: r["n"])  # stable: keeps the shuffle within each count
+        return [r["id"] for r in shuffled]
+
+    # -- responses ---------------------------------------------------------------------------
+
+    def add_response(self, prompt_id: int, text: str, *, model: str | None, adapter: str | None = None,
+                     sampling: dict[str, Any] | None = None, seed: int | None = None,
+                     prompt_tokens: int | None = None, response_tokens: int | None = None,
+                     finished: bool | None = None, source: str = "generated") -> int:
+        with self.transaction():
+            cur = self.db.execute(
+                """INSERT INTO responses (prompt_id, text, model, adapter, sampling, seed, prompt_tokens,
+                   response_tokens, finished, source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [prompt_id, text, model, adapter, json.dumps(sampling) if sampling is not None else None, seed,
+                 prompt_tokens, response_tokens, None if finished is None else int(finished), source, now_iso()])
+            return cur.lastrowid
+
+    def response(self, response_id: int) -> dict[str, Any]:
+        rows = self._query("SELECT * FROM responses WHERE id = ?", [response_id])
+        if not rows:
+            raise StoreError(f"no response with id {response_id}")
+        row = rows[0]
+        row["sampling"] = json.loads(row["sampling"]) if row["sampling"] else None
+        return row
+
+    # -- comparisons -------------------------------------------------------------------------
+
+    def add_comparison(self, prompt_id: int, response_a_id: int, response_b_id: int, choice: str, *,
+                       annotator: str | None = None, note: str | None = None, decision_ms: int | None = None,
+                       margin: float | None = None, source: str = "label") -> int:
+        """Record one decision; `response_a_id` is the answer shown on the left (side A)."""
+        if choice not in CHOICES:
+            raise StoreError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+        with self.transaction():
+            cur = self.db.execute(
+                """INSERT INTO comparisons (prompt_id, response_a_id, response_b_id, choice, margin, annotator,
+                   note, decision_ms, source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [prompt_id, response_a_id, response_b_id, choice, margin, annotator, note, decision_ms, source,
+                 now_iso()])
+            return cur.lastrowid
+
+    def delete_comparison(self, comparison_id: int) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM comparisons WHERE id = ?", [comparison_id])
+
+    def set_comparison_note(self, comparison_id: int, note: str) -> None:
+        with self.transaction():
+            self.db.execute("UPDATE comparisons SET note = ? WHERE id = ?", [note, comparison_id])
+
+    def comparisons(self) -> list[dict[str, Any]]:
+        return self._query("SELECT * FROM comparisons ORDER BY id")
+
+    def preference_pairs(self, include_ties: bool = False) -> list[dict[str, Any]]:
+        """Decided comparisons as chosen/rejected pairs (ties only if asked; both_bad and skip never).
+
+        For ties, `chosen` is side A and `rejected` side B; `choice` says it was a tie.
+        """
+        choices = ["a", "b"] + (["tie"] if include_ties else [])
+        rows = self._query(f"""
+            SELECT c.id, c.prompt_id, c.choice, c.margin, c.annotator, c.source,
+                   p.text AS prompt, p.messages AS prompt_messages,
+                   ra.text AS text_a, rb.text AS text_b, c.response_a_id, c.response_b_id
+            FROM comparisons c
+            JOIN prompts p ON p.id = c.prompt_id
+            JOIN responses ra ON ra.id = c.response_a_id
+            JOIN responses rb ON rb.id = c.response_b_id
+            WHERE c.choice IN ({", ".join("?" for _ in choices)})
+            ORDER BY c.id""", choices)
+        pairs = []
+        for r in rows:
+            b_wins = r["choice"] == "b"
+            pairs.append({
+                "comparison_id": r["id"], "prompt_id": r["prompt_id"], "prompt": r["prompt"],
+                "prompt_messages": json.loads(r["prompt_messages"]) if r["prompt_messages"] else None,
+                "chosen": r["text_b"] if b_wins else r["text_a"],
+                "rejected": r["text_a"] if b_wins else r["text_b"],
+                "chosen_id": r["response_b_id"] if b_wins else r["response_a_id"],
+                "rejected_id": r["response_a_id"] if b_wins else r["response_b_id"],
+                "choice": r["choice"], "margin": r["margin"], "annotator": r["annotator"], "source": r["source"],
+            })
+        return pairs
+
+    # -- runs, metrics, samples --------------------------------------------------------------
+
+    def create_run(self, kind: str, config: dict[str, Any], *, total_steps: int | None = None,
+                   parent_run: str | None = None, run_id: str | None = None) -> str:
+        if kind not in RUN_KINDS:
+            raise StoreError(f"run kind must be one of {', '.join(RUN_KINDS)}, got {kind!r}")
+        run_id = run_id or f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        with self.transaction():
+            self.db.execute(
+                """INSERT INTO runs (id, kind, config, status, step, total_steps, started_at, pid, parent_run)
+                   VALUES (?, ?, ?, 'running', 0, ?, ?, ?, ?)""",
+                [run_id, kind, json.dumps(config), total_steps, now_iso(), os.getpid(), parent_run])
+        return run_id
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        allowed = {"status", "step", "total_steps", "checkpoint", "checkpoint_step", "error", "pid", "ended_at"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"cannot update run fields {sorted(unknown)}")
+        if "status" in fields and fields["status"] not in RUN_STATUSES:
+            raise ValueError(f"bad run status {fields['status']!r}")
+        if fields.get("status") in FINAL_STATUSES and "ended_at" not in fields:
+            fields["ended_at"] = now_iso()
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self.transaction():
+            self.db.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*fields.values(), run_id])
+
+    def resume_run(self, run_id: str) -> None:
+        """Mark a stopped/failed/interrupted run as running again in this process."""
+        with self.transaction():
+            self.db.execute("UPDATE runs SET status = 'running', ended_at = NULL, error = NULL, pid = ? "
+                            "WHERE id = ?", [os.getpid(), run_id])
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        rows = self._query("SELECT * FROM runs WHERE id = ?", [run_id])
+        if not rows:
+            raise StoreError(f"no run {run_id!r} (see `rlhf-tui runs`)")
+        return _decode_run(rows[0])
+
+    def runs(self, kind: str | None = None) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM runs", []
+        if kind:
+            sql += " WHERE kind = ?"
+            params.append(kind)
+        return [_decode_run(r) for r in self._query(sql + " ORDER BY started_at, id", params)]
+
+    def latest_run(self, kind: str, status: str = "finished") -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM runs WHERE kind = ? AND status = ? ORDER BY started_at DESC, id DESC "
+                           "LIMIT 1", [kind, status])
+        return _decode_run(rows[0]) if rows else None
+
+    def mark_interrupted_runs(self) -> list[str]:
+        """Runs left 'running' by a process that no longer exists become 'interrupted'."""
+        marked = []
+        for run in self._query("SELECT id, pid FROM runs WHERE status IN ('running', 'stopping')"):
+            if run["pid"] is None or not _pid_alive(run["pid"]):
+                self.update_run(run["id"], status="interrupted",
+                                error="the process running it ended without saying why (killed or crashed)")
+                marked.append(run["id"])
+        return marked
+
+    def log_metrics(self, run_id: str, step: int, values: dict[str, float]) -> None:
+        t = time.time()
+        with self.transaction():
+            self.db.executemany(
+                "INSERT INTO metrics (run_id, step, name, value, time) VALUES (?, ?, ?, ?, ?)",
+                [(run_id, step, name, float(value), t) for name, value in values.items()])
+
+    def metrics(self, run_id: str, name: str | None = None) -> list[dict[str, Any]]:
+        sql, params = "SELECT step, name, value, time FROM metrics WHERE run_id = ?", [run_id]
+        if name:
+            sql += " AND name = ?"
+            params.append(name)
+        return self._query(sql + " ORDER BY step, id", params)
+
+    def metrics_by_step(self, run_id: str, after_step: int = -1) -> dict[int, dict[str, float]]:
+        """{step: {name: value}} for steps after `after_step` (for following a live run)."""
+        out: dict[int, dict[str, float]] = {}
+        for r in self._query("SELECT step, name, value FROM metrics WHERE run_id = ? AND step > ? ORDER BY step, id",
+                             [run_id, after_step]):
+            out.setdefault(r["step"], {})[r["name"]] = r["value"]
+        return out
+
+    def delete_metrics_after(self, run_id: str, step: int) -> None:
+        """Drop rows past a checkpoint before a resumed run recomputes those steps."""
+        with self.transaction():
+            self.db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, step])
+            self.db.execute("DELETE FROM samples WHERE run_id = ? AND step > ?", [run_id, step])
+
+    def add_samples(self, run_id: str, step: int, rows: list[dict[str, Any]]) -> None:
+        created = now_iso()
+        with self.transaction():
+            self.db.executemany(
+                "INSERT INTO samples (run_id, step, prompt_id, prompt, response, score, kl, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, step, r.get("prompt_id"), r["prompt"], r["response"], r.get("score"), r.get("kl"), created)
+                 for r in rows])
+
+    def samples(self, run_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM samples WHERE run_id = ? ORDER BY step DESC, id DESC", [run_id]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return self._query(sql, params)
+
+    # -- summary -----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        one = lambda sql: self._query(sql)[0]["n"]  # noqa: E731
+        by_choice = {c: 0 for c in CHOICES}
+        for r in self._query("SELECT choice, COUNT(*) AS n FROM comparisons GROUP BY choice"):
+            by_choice[r["choice"]] = r["n"]
+        runs = {f"{r['kind']}:{r['status']}": r["n"] for r in
+                self._query("SELECT kind, status, COUNT(*) AS n FROM runs GROUP BY kind, status")}
+        return {
+            "prompts": one("SELECT COUNT(*) AS n FROM prompts"),
+            "responses": one("SELECT COUNT(*) AS n FROM responses"),
+            "comparisons": sum(by_choice.values()),
+            "by_choice": by_choice,
+            "runs": runs,
+        }
+
+
+def _decode_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    row["messages"] = json.loads(row["messages"]) if row["messages"] else None
+    row["tags"] = json.loads(row["tags"]) if row["tags"] else []
+    return row
+
+
+def _decode_run(row: dict[str, Any]) -> dict[str, Any]:
+    row["config"] = json.loads(row["config"])
+    return row
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
