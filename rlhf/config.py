@@ -177,6 +177,11 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
+    def to_toml(self) -> str:
+        """This config as a TOML file (`rlhf-tui config --show`); `Config.load` reads it back."""
+        return "\n".join(f"[{name}]\n" + "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
+                         for name, values in self.to_dict().items())
+
 
 def _checked(f: dataclasses.Field, value: Any, where: str) -> Any:
     expected = type(f.default) if f.default is not dataclasses.MISSING else type(f.default_factory())

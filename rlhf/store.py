@@ -122,13 +122,18 @@ class Store:
             raise StoreError(f"{self.path}: is a directory, expected a database file")
         if not self.path.parent.is_dir():
             raise StoreError(f"{self.path.parent}: workspace directory does not exist")
-        try:
+        if self.path.exists() and not os.access(self.path, os.R_OK | os.W_OK):
+            # SQLite would open it read-only without a word and fail at the first label instead.
+            raise StoreError(f"{self.path}: read-only file (make it writable, or choose another --workspace)")
+        self._in_transaction = False
+        with self._errors("open"):
             conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s)
+        try:
             self.db = sqlite_utils.Database(conn)
             with self._errors("open"):
                 self._configure()
                 self._migrate()
-        except StoreError:
+        except BaseException:
             conn.close()
             raise
 
@@ -173,16 +178,11 @@ class Store:
                 f"{self.path}: database schema v{version} is newer than this rlhf-tui (v{SCHEMA_VERSION}); "
                 "upgrade rlhf-tui")
         for target in range(version, SCHEMA_VERSION):
-            # BEGIN IMMEDIATE: two processes opening a fresh DB at once must not both migrate it.
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            # The write lock is taken first: two processes opening a fresh DB at once must not both migrate it.
+            with self.transaction():
                 if self.schema_version == target:
                     MIGRATIONS[target](self.db)
                     self.db.execute(f"PRAGMA user_version = {target + 1}")
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
 
     def close(self) -> None:
         self.db.close()
@@ -195,10 +195,27 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """All writes inside commit together or not at all."""
+        """All writes inside commit together or not at all; a nested call joins the outer transaction.
+
+        BEGIN IMMEDIATE takes the write lock up front (waiting up to the busy timeout), so a
+        read-then-write inside cannot be overtaken by another process. An explicit BEGIN is needed
+        anyway: sqlite-utils commits any write made outside an open transaction at once.
+        """
+        if self._in_transaction:
+            yield
+            return
         with self._errors("write"):
-            with self.db.conn:
+            self.db.conn.execute("BEGIN IMMEDIATE")
+            self._in_transaction = True
+            try:
                 yield
+                self.db.conn.execute("COMMIT")
+            except BaseException:
+                if self.db.conn.in_transaction:
+                    self.db.conn.execute("ROLLBACK")
+                raise
+            finally:
+                self._in_transaction = False
 
     def _query(self, sql: str, params: Iterable[Any] | dict = ()) -> list[dict[str, Any]]:
         with self._errors("read"):
@@ -283,6 +300,10 @@ class Store:
         row = rows[0]
         row["sampling"] = json.loads(row["sampling"]) if row["sampling"] else None
         return row
+
+    def response_count(self, prompt_id: int) -> int:
+        """Answers stored for a prompt (the engine derives fresh sampling seeds from it)."""
+        return self._query("SELECT COUNT(*) AS n FROM responses WHERE prompt_id = ?", [prompt_id])[0]["n"]
 
     # -- comparisons -------------------------------------------------------------------------
 
@@ -405,7 +426,7 @@ class Store:
     def log_metrics(self, run_id: str, step: int, values: dict[str, float]) -> None:
         t = time.time()
         with self.transaction():
-            self.db.executemany(
+            self.db.conn.executemany(
                 "INSERT INTO metrics (run_id, step, name, value, time) VALUES (?, ?, ?, ?, ?)",
                 [(run_id, step, name, float(value), t) for name, value in values.items()])
 
@@ -433,7 +454,7 @@ class Store:
     def add_samples(self, run_id: str, step: int, rows: list[dict[str, Any]]) -> None:
         created = now_iso()
         with self.transaction():
-            self.db.executemany(
+            self.db.conn.executemany(
                 "INSERT INTO samples (run_id, step, prompt_id, prompt, response, score, kl, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(run_id, step, r.get("prompt_id"), r["prompt"], r["response"], r.get("score"), r.get("kl"), created)
