@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from . import __version__
 from .config import Config, Workspace, describe_defaults
 from .data_io import EXPORT_FORMATS, export_pairs, import_pairs, import_prompts
 from .errors import RlhfError
+from .hooks import RunHooks
 from .store import Store
 
 PROG = "rlhf-tui"
@@ -148,6 +151,186 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+CLEAR_LINE = "\r\033[K"
+
+
+class ConsoleProgress(RunHooks):
+    """A training run's progress on stderr: a bar redrawn on each step on a terminal; off a terminal,
+    one line each time the last of the `shown` metrics is reported (e.g. per evaluation)."""
+
+    def __init__(self, shown: tuple[str, ...]) -> None:
+        super().__init__()
+        self.shown = shown
+        self.latest: dict[str, float] = {}
+        self.total = 0
+        self.started = self.steps_started = time.monotonic()
+        self.start_step = 0
+        self.tty = sys.stderr.isatty()
+
+    def on_start(self, run_id: str, kind: str, total_steps: int, start_step: int = 0) -> None:
+        self.total = total_steps
+        self.start_step, self.steps_started = start_step, time.monotonic()
+        resumed = f" (resuming at step {start_step})" if start_step else ""
+        print(f"{kind} run {run_id}: {total_steps} steps{resumed}", file=sys.stderr)
+
+    def on_step(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+        self.latest.update(metrics)
+        values = "  ".join(f"{name} {self.latest[name]:.3f}" for name in self.shown if name in self.latest)
+        done = step / self.total if self.total else 0.0
+        bar = "#" * round(20 * done) + "-" * (20 - round(20 * done))
+        per_step = (time.monotonic() - self.steps_started) / max(step - self.start_step, 1)
+        line = f"[{bar}] {step}/{self.total}  {time.monotonic() - self.started:.0f}s  {per_step:.2f} s/step  {values}"
+        if self.tty:
+            print(f"{CLEAR_LINE}{line}", end="", file=sys.stderr, flush=True)
+        elif self.shown and self.shown[-1] in metrics:  # off a terminal: a line when the last metric comes
+            print(line, file=sys.stderr)
+
+    def on_warning(self, run_id: str, message: str) -> None:
+        print(f"{CLEAR_LINE if self.tty else ''}warning: {message}", file=sys.stderr)
+
+    def finish(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+@contextmanager
+def stop_on_ctrl_c(hooks: RunHooks) -> Iterator[list[int]]:
+    """The first Ctrl+C (or SIGTERM) asks the run to stop after its current step (keeping a checkpoint); a
+    second aborts. Yields the signals received, so a command can exit 128 + signal (130, 143)."""
+    received: list[int] = []
+
+    def request_stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        hooks.stop_requested.set()
+        print("\nstopping after this step (Ctrl+C again to abort)", file=sys.stderr)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _cmd_train_reward(args: argparse.Namespace) -> int:
+    overrides = {"reward.epochs": args.epochs, "reward.lr": args.lr, "reward.quantization": args.quantization,
+                 "reward.batch_size": args.batch_size}
+    with open_workspace(args, overrides) as session:
+        from .reward import read_reward_meta, train_reward
+
+        progress = ConsoleProgress(("loss", "train_acc", "heldout_acc"))
+        with stop_on_ctrl_c(progress):
+            try:
+                result = train_reward(session.workspace, session.config, hooks=progress, store=session.store)
+            finally:
+                progress.finish()
+    if result.status == "failed":
+        print(f"{PROG}: reward run {result.run_id} failed: {result.message}", file=sys.stderr)
+    meta = read_reward_meta(Path(result.checkpoint))
+    counts = meta["counts"]
+    acc = "not measured" if meta["heldout_acc"] is None else f"{meta['heldout_acc']:.3f}"
+    print(f"reward run {result.run_id}: {result.status} after {meta['epochs_completed']} of "
+          f"{meta['config']['reward']['epochs']} epochs ({meta['steps']} steps) in {meta['seconds']:.1f}s")
+    print(f"held-out accuracy: {acc} ({_plural(counts['heldout'], 'pair')} on "
+          f"{_plural(counts['heldout_prompts'], 'prompt')})")
+    print(f"pairs used: {counts['train']} for training ({counts['ties']} ties, {counts['truncated']} truncated of "
+          f"{counts['pairs']}), {counts['identical_skipped']} with identical answers skipped")
+    print(f"saved: {result.checkpoint}")
+    return {"finished": 0, "stopped": 130}.get(result.status, 1)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    with open_workspace(args) as session:
+        run_id = args.reward
+        if run_id is None:
+            latest = session.store.latest_run("reward")
+            if latest is None:
+                raise RlhfError("no finished reward run yet: train one with `rlhf-tui train-reward`")
+            run_id = latest["id"]
+        from .reward import RewardScorer
+
+        score = RewardScorer.from_run(session.workspace, run_id).score(args.prompt, args.response)
+    print(f"{score:.4f}")
+    return 0
+
+
+# `rlhf-tui ppo` flag -> config key; --resume takes none of them (the run keeps its own settings).
+PPO_FLAGS = {"steps": "ppo.steps", "batch_size": "ppo.batch_size", "minibatches": "ppo.minibatches",
+             "epochs": "ppo.ppo_epochs", "lr": "ppo.lr", "init_kl": "ppo.init_kl_coef", "target_kl": "ppo.target_kl"}
+
+
+def _cmd_ppo(args: argparse.Namespace) -> int:
+    overrides = {key: getattr(args, flag) for flag, key in PPO_FLAGS.items()}
+    if args.resume and (args.reward or hasattr(args, "model") or any(v is not None for v in overrides.values())):
+        raise RlhfError(f"--resume {args.resume} continues the run with the settings it started with: "
+                        "drop the other options")
+    with open_workspace(args, overrides) as session:
+        from .ppo import run_ppo
+
+        progress = ConsoleProgress(("score_mean", "kl_k1", "entropy"))
+        with stop_on_ctrl_c(progress) as received:
+            try:
+                result = run_ppo(session.workspace, session.config, reward_run=args.reward, resume_run=args.resume,
+                                 hooks=progress, store=session.store)
+            finally:
+                progress.finish()
+        total = session.store.run(result.run_id)["total_steps"]
+    where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
+    if result.status == "failed":
+        print(f"ppo run {result.run_id}: failed: {result.message}", file=sys.stderr)
+        return 1
+    if result.status == "stopped":
+        print(f"ppo run {result.run_id}: stopped at step {result.step}/{total}{where}; "
+              f"resume with `{PROG} ppo --resume {result.run_id}`")
+        return 128 + (received[0] if received else signal.SIGINT)
+    print(f"ppo run {result.run_id}: finished {total} steps{where}")
+    return 0
+
+
+def _final_metrics(store: Store, run_id: str) -> dict[str, float]:
+    """The latest value of each metric a run logged."""
+    return {row["name"]: row["value"] for row in store.metrics(run_id)}
+
+
+# Shown by `rlhf-tui runs` when a run logged them (PPO: score and KL; reward model: held-out accuracy).
+RUNS_TABLE_METRICS = ("score_mean", "kl_k1", "heldout_acc")
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    with open_workspace(args) as session:
+        runs = [{**run, "final_metrics": _final_metrics(session.store, run["id"])} for run in session.store.runs()]
+    if args.json:
+        _print_json(runs)
+        return 0
+    for run in runs:
+        shown = "  ".join(f"{name} {run['final_metrics'][name]:.3f}" for name in RUNS_TABLE_METRICS
+                          if run["final_metrics"].get(name) is not None)
+        print(f"{run['id']}\t{run['kind']}\t{run['status']}\t{run['step']}/{run['total_steps'] or '?'}\t"
+              f"{run['started_at'][:19]}\t{shown}")
+    return 0
+
+
+def _cmd_runs_show(args: argparse.Namespace) -> int:
+    with open_workspace(args) as session:
+        run = session.store.run(args.run)
+        by_step = session.store.metrics_by_step(args.run)
+    steps = [{"step": step, **values} for step, values in sorted(by_step.items())]
+    if args.json:
+        _print_json({"run": run, "steps": steps})
+        return 0
+    print(f"{run['id']}: {run['kind']} run, {run['status']}, step {run['step']}/{run['total_steps'] or '?'}")
+    names = list(dict.fromkeys(name for values in by_step.values() for name in values))
+    print("\t".join(["step", *names]))
+    for row in steps:
+        print("\t".join([str(row["step"]), *(_format_value(row.get(name)) for name in names)]))
+    return 0
+
+
+def _format_value(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 
@@ -215,6 +398,50 @@ def _register_config(commands: argparse._SubParsersAction) -> None:
     _add_model_option(parser)
 
 
+def _register_train_reward(commands: argparse._SubParsersAction) -> None:
+    parser = _add_command(commands, "train-reward", _cmd_train_reward,
+                          "train a LoRA Bradley-Terry reward model on the labeled pairs (Ctrl+C stops and keeps "
+                          "the adapter); flags override [reward] in rlhf.toml")
+    parser.add_argument("--epochs", type=int, metavar="N", help="passes over the training pairs")
+    parser.add_argument("--lr", type=float, metavar="X", help="learning rate")
+    parser.add_argument("--quantization", choices=("4bit", "8bit", "none"), help="reward base weights")
+    parser.add_argument("--batch-size", type=int, metavar="B", help="pairs per optimizer step")
+    _add_model_option(parser)
+
+
+def _register_score(commands: argparse._SubParsersAction) -> None:
+    parser = _add_command(commands, "score", _cmd_score,
+                          "print a trained reward model's standardised score of RESPONSE to PROMPT")
+    parser.add_argument("--reward", metavar="RUN", help="reward run id (default: the latest finished one)")
+    parser.add_argument("prompt", metavar="PROMPT")
+    parser.add_argument("response", metavar="RESPONSE")
+
+
+def _register_ppo(commands: argparse._SubParsersAction) -> None:
+    parser = _add_command(commands, "ppo", _cmd_ppo,
+                          "run PPO against a trained reward model, one progress line per step; Ctrl+C or SIGTERM "
+                          "stops after the current step with a checkpoint; flags override [ppo] in rlhf.toml")
+    parser.add_argument("--reward", metavar="RUN", help="reward run id (default: the latest finished one)")
+    parser.add_argument("--steps", type=int, metavar="N", help="PPO steps to run")
+    parser.add_argument("--batch-size", type=int, metavar="B", help="prompts per rollout")
+    parser.add_argument("--minibatches", type=int, metavar="M", help="minibatches per PPO epoch")
+    parser.add_argument("--epochs", type=int, metavar="E", help="PPO epochs per rollout")
+    parser.add_argument("--lr", type=float, metavar="X", help="learning rate")
+    parser.add_argument("--init-kl", type=float, metavar="X", help="initial KL coefficient")
+    parser.add_argument("--target-kl", type=float, metavar="X", help="target KL of the adaptive controller")
+    parser.add_argument("--resume", metavar="RUN",
+                        help="continue this stopped or interrupted run from its last checkpoint, with its own settings")
+    _add_model_option(parser)
+
+
+def _register_runs(commands: argparse._SubParsersAction) -> None:
+    parser = _add_command(commands, "runs", _cmd_runs, "list runs: id, kind, status, steps, final metrics")
+    parser.add_argument("--json", action="store_true", help="print a JSON array with every field and final metrics")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    show = _add_command(actions, "show", _cmd_runs_show, "print one run's metrics, one row per step")
+    show.add_argument("run", metavar="RUN")
+    show.add_argument("--json", action="store_true", help="print JSON: the run and its steps")
+
 # Every subcommand is registered here, in the order `--help` lists them.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_prompts,
@@ -222,6 +449,10 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_import_pairs,
     _register_stats,
     _register_config,
+    _register_train_reward,
+    _register_score,
+    _register_ppo,
+    _register_runs,
 ]
 
 

@@ -1,0 +1,120 @@
+"""Build a small random Llama with its own byte-level BPE tokenizer, saved like a hub checkpoint.
+
+Tests, benchmarks and the demo-model script load it through the same code as a real model
+(`rlhf.models`), so nothing needs the hub. The default size (~0.13M parameters) builds in well under
+a second; larger sizes serve benchmarks (hidden 512, 10 layers, intermediate 1536: ~35M parameters).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+# Turns rendered as "user: ...\n" / "assistant: ...\n"; the generation prompt opens an assistant turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+_SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "our team", "the old man", "a small bird",
+             "the robot", "her brother", "the farmer", "a student", "the river", "this city", "the sun"]
+_VERBS = ["sees", "likes", "builds", "finds", "paints", "carries", "follows", "reads", "writes", "cleans",
+          "opens", "watches", "helps", "answers", "asks about"]
+_ADJECTIVES = ["red", "quiet", "happy", "large", "tiny", "bright", "cold", "warm", "strange", "good",
+               "green", "fast", "slow", "kind", "old", "new"]
+_OBJECTS = ["house", "book", "garden", "question", "letter", "tree", "road", "song", "window", "boat",
+            "apple", "story", "machine", "bridge", "cake", "river"]
+_ENDINGS = [".", ".", ".", "!", "?"]
+
+
+def generated_sentences(count: int = 3000, seed: int = 0) -> list[str]:
+    """Simple seeded English sentences: enough variety for a BPE to learn common words."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        words = [rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(["the", "a", "every", "one"]),
+                 rng.choice(_ADJECTIVES), rng.choice(_OBJECTS)]
+        if rng.random() < 0.3:
+            words += ["and", rng.choice(_VERBS), "it", rng.choice(["today", "again", "slowly", "at night"])]
+        sentence = " ".join(words) + rng.choice(_ENDINGS)
+        out.append(sentence[0].upper() + sentence[1:])
+    return out
+
+
+def hidden_rule_pairs(num_prompts: int = 50, pairs_per_prompt: int = 4, *, word: str = "good",
+                      seed: int = 0) -> list[dict[str, str]]:
+    """Preference pairs (trl format: prompt, chosen, rejected) decided by a hidden rule: the answer that
+    uses `word` more often wins.
+
+    Both answers fill the same three adjective slots of one sentence shape, `word` or another adjective,
+    so they have the same number of words and only the count of `word` tells them apart.
+    """
+    rng = random.Random(seed)
+    others = [a for a in _ADJECTIVES if a != word]
+
+    def answer(count: int) -> str:
+        slots = [word] * count + [rng.choice(others) for _ in range(3 - count)]
+        rng.shuffle(slots)
+        objects = rng.sample(_OBJECTS, 3)
+        return (f" {rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} a {slots[0]} {objects[0]}, "
+                f"a {slots[1]} {objects[1]} and a {slots[2]} {objects[2]}.")
+
+    pairs = []
+    for i in range(num_prompts):
+        prompt = f"Tell me about {rng.choice(_SUBJECTS)} and the {rng.choice(_OBJECTS)} ({i})."
+        for _ in range(pairs_per_prompt):
+            fewer = rng.randint(0, 2)
+            more = rng.randint(fewer + 1, 3)
+            pairs.append({"prompt": prompt, "chosen": answer(more), "rejected": answer(fewer)})
+    return pairs
+
+
+def train_byte_level_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (any text encodes, nothing is unknown) that prepends <s> like Llama's."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]),
+    ])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+
+def build_tiny_llama(out_dir: Path | str, *, corpus: Iterable[str] | None = None, vocab_size: int = 384,
+                     hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 128,
+                     max_position_embeddings: int = 512, chat_template: bool = True, seed: int = 0) -> Path:
+    """Train a tokenizer, build a seeded random LlamaForCausalLM and save both (safetensors) to `out_dir`.
+
+    The global torch RNG is left as it was. Returns `out_dir`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_byte_level_tokenizer(corpus if corpus is not None else generated_sentences(seed=seed),
+                                           vocab_size)
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,330 @@
+"""Reward model: loss formulas by hand, then training through `train_reward` on the tiny Llama.
+
+The end-to-end data follows a hidden rule (rlhf.tiny.hidden_rule_pairs): both answers fill the same
+three adjective slots of one sentence shape and the one that says "good" more often wins. Held-out
+pairwise accuracy must reach 0.85 (chance is 0.5). That is reachable because a single token's
+count separates the answers and attention can pool it into the last position; trl's RewardTrainer
+gets ~0.97 on such pairs, and we measured 0.97 (none) and 1.00 (4bit) on this exact set. 4-bit uses
+the same bar: NF4 only quantizes the frozen base, while the trained LoRA and score head stay fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+
+import rlhf.reward as reward
+from rlhf.config import Config, Workspace
+from rlhf.data_io import import_pairs
+from rlhf.errors import RlhfError
+from rlhf.hooks import RunHooks
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.reward import (RewardScorer, bradley_terry_loss, centering_penalty, encode_response, fit_to_length,
+                         is_heldout, load_reward_onto, pad_left, pairwise_accuracy, reward_loss,
+                         reward_tokenizer_matches, standardise, symmetric_tie_loss, train_reward)
+from rlhf.store import Store
+from rlhf.tiny import build_tiny_llama, hidden_rule_pairs
+
+ACCURACY_BAR = 0.85
+t = torch.tensor
+
+
+def _log1p_exp(x: float) -> float:
+    """-log sigmoid(-x), written out for hand checks."""
+    return math.log1p(math.exp(x))
+
+
+# -- formulas --------------------------------------------------------------------------------
+
+
+def test_bradley_terry_loss_hand_numbers():
+    # -log sigmoid(d) = log(1 + e^-d): d = 1 -> 0.313262, d = 0 -> log 2 = 0.693147
+    assert torch.allclose(bradley_terry_loss(t([1.0, 0.0]), t([0.0, 0.0])), t([0.313262, 0.693147]), atol=1e-6)
+    # the margin is subtracted: d = 1 - 0.5 = 0.5 -> 0.474077; d = 0 - (-1) = 1 -> 0.313262
+    assert torch.allclose(bradley_terry_loss(t([1.0, 0.0]), t([0.0, 0.0]), t([0.5, -1.0])),
+                          t([0.474077, 0.313262]), atol=1e-6)
+
+
+def test_symmetric_tie_loss_is_smallest_at_equal_rewards():
+    # (log(1 + e^-1) + log(1 + e^1)) / 2 = (0.313262 + 1.313262) / 2 = 0.813262
+    assert torch.allclose(symmetric_tie_loss(t([1.0, 0.0]), t([0.0, 0.0])), t([0.813262, 0.693147]), atol=1e-6)
+    assert torch.allclose(symmetric_tie_loss(t([3.0]), t([1.0])), symmetric_tie_loss(t([1.0]), t([3.0])))
+
+
+def test_centering_penalty_hand_numbers():
+    # 0.01 * mean((1 + 1)^2, (2 + 0)^2) = 0.01 * 4
+    assert centering_penalty(t([1.0, 2.0]), t([1.0, 0.0]), 0.01).item() == pytest.approx(0.04)
+
+
+def test_reward_loss_mixes_pairs_ties_and_centering():
+    # pair 1 decided: -log sigmoid(2 - 0 - 1) = 0.313262; pair 2 a tie (margin ignored): 0.813262
+    # mean 0.563262, plus 0.1 * mean(2^2, 1^2) = 0.25
+    loss = reward_loss(t([2.0, 0.0]), t([0.0, 1.0]), margin=t([1.0, 5.0]), is_tie=t([False, True]),
+                       center_coef=0.1)
+    assert loss.item() == pytest.approx(0.563262 + 0.25, abs=1e-6)
+    assert reward_loss(t([2.0]), t([0.0])).item() == pytest.approx(_log1p_exp(-2.0), abs=1e-6)
+
+
+def test_pairwise_accuracy_and_standardise():
+    assert pairwise_accuracy(t([1.0, 2.0, 3.0]), t([0.0, 2.0, 4.0])) == pytest.approx(1 / 3)  # a draw is wrong
+    assert math.isnan(pairwise_accuracy(t([]), t([])))
+    assert torch.allclose(standardise(t([1.0, 3.0]), mean=2.0, std=0.5), t([-2.0, 2.0]))
+
+
+def test_heldout_split_is_deterministic_by_prompt_and_seed():
+    held = {i for i in range(2000) if is_heldout(i, seed=0, fraction=0.3)}
+    assert 0.27 < len(held) / 2000 < 0.33
+    assert held == {i for i in range(2000) if is_heldout(i, seed=0, fraction=0.3)}
+    assert held != {i for i in range(2000) if is_heldout(i, seed=1, fraction=0.3)}
+    assert not any(is_heldout(i, 0, 0.0) for i in range(100))
+
+
+def test_fit_to_length_cuts_the_prompt_from_the_left():
+    assert fit_to_length([1, 2, 3], [4, 5], 10) == ([1, 2, 3, 4, 5], False)
+    assert fit_to_length([1, 2, 3, 4, 5], [6, 7], 5) == ([3, 4, 5, 6, 7], True)
+    # a response longer than the budget keeps its start and one prompt token before it
+    assert fit_to_length([1, 2], [3, 4, 5, 6, 7, 8, 9], 4) == ([2, 3, 4, 5], True)
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+
+def _workspace(root: Path, model_dir: Path, pairs: list[dict], **settings) -> tuple[Workspace, Config]:
+    root.mkdir(parents=True)
+    ws = Workspace(root)
+    lines = [f'[model]\nname = "{model_dir.as_posix()}"', "[reward]", "heldout_fraction = 0.2",
+             *(f"{key} = {json.dumps(value)}" for key, value in settings.items())]
+    ws.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pairs_file = root / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    with Store(ws.db_path) as store:
+        import_pairs(store, pairs_file)
+    return ws, ws.load_config()
+
+
+class StopAfter(RunHooks):
+    """Asks to stop once `steps` training steps have been reported."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.steps = steps
+        self.seen: list[int] = []
+
+    def on_step(self, run_id, step, metrics):
+        if "loss" in metrics:
+            self.seen.append(step)
+            if len(self.seen) >= self.steps:
+                self.stop_requested.set()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """One full-precision training run on 200 hidden-rule pairs, shared by the tests that read it."""
+    ws, cfg = _workspace(tmp_path_factory.mktemp("reward") / "ws", tiny_model_dir, hidden_rule_pairs(50, 4))
+    return ws, cfg, train_reward(ws, cfg)
+
+
+def _train_responses(ws: Workspace, cfg: Config) -> list[tuple[str, str]]:
+    with Store(ws.db_path) as store:
+        pairs = store.preference_pairs()
+    train = [p for p in pairs if not is_heldout(p["prompt_id"], cfg.reward.seed, cfg.reward.heldout_fraction)]
+    return [(p["prompt"], text) for p in train for text in (p["chosen"], p["rejected"])]
+
+
+def test_hidden_rule_is_learned_full_precision(trained):
+    ws, cfg, result = trained
+    assert result.status == "finished"
+    meta = json.loads((Path(result.checkpoint) / "reward.json").read_text())
+    assert meta["heldout_acc"] >= ACCURACY_BAR
+    assert meta["counts"]["heldout"] >= 20 and meta["counts"]["pairs"] == 200
+    with Store(ws.db_path) as store:
+        run = store.run(result.run_id)
+        heldout = [m["value"] for m in store.metrics(result.run_id, "heldout_acc")]
+        losses = [m["value"] for m in store.metrics(result.run_id, "loss")]
+        names = {m["name"] for m in store.metrics(result.run_id)}
+    assert run["kind"] == "reward" and run["status"] == "finished" and run["step"] == run["total_steps"]
+    assert run["checkpoint"] == result.checkpoint
+    assert {"loss", "train_acc", "heldout_acc", "margin_mean", "chosen_mean", "rejected_mean"} <= names
+    assert len(heldout) == cfg.reward.epochs + 1  # before training, then after each epoch
+    assert heldout[-1] == meta["heldout_acc"] and heldout[0] < ACCURACY_BAR
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_saved_layout_and_normalisation(trained, tiny_model_dir):
+    ws, cfg, result = trained
+    out = Path(result.checkpoint)
+    assert out == ws.run_dir(result.run_id) / "reward"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {f.name for f in (out / "adapter").iterdir()}
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in name for name in adapter)  # LoRA weights only, no base weights
+    assert load_file(str(out / "score_head.safetensors"))["weight"].shape == (1, 64)
+    meta = json.loads((out / "reward.json").read_text())
+    assert meta["base_model"] == str(tiny_model_dir) and meta["quantization"] == "none"
+    assert meta["config"]["reward"]["heldout_fraction"] == 0.2 and meta["max_length"] == 512
+    assert len(meta["data_hash"]) == 16 and meta["counts"]["truncated"] == 0
+    # Standardised scores of the training responses, re-scored from the saved files: mean 0, std 1.
+    scores = torch.tensor(RewardScorer.from_run(ws, result.run_id).score_many(_train_responses(ws, cfg)))
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert scores.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_shared_base_score_equals_standalone_score(trained, tiny_model_dir):
+    ws, cfg, result = trained
+    scorer = RewardScorer.from_run(ws, result.run_id)
+    items = [("Tell me a story.", " A dog likes a good cake, a good tree and a good boat."),
+             ("Hi", " The sun reads a cold book, a red song and a new tree."),
+             ("What do you see over there by the river today?", " A cat.")]
+    standalone = torch.tensor(scorer.score_many(items))
+    alone = torch.tensor([scorer.score(p, r) for p, r in items])
+    assert torch.allclose(standalone, alone, atol=1e-5)  # padding does not change a score
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    policy = get_peft_model(load_causal_lm(str(tiny_model_dir)), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():  # a policy adapter that really changes the model, so using it by mistake shows
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    ids, mask = pad_left([encode_response(tok, p, r, 512)[0] for p, r in items], tok.pad_token_id, torch.device("cpu"))
+    policy_logits = policy(input_ids=ids, attention_mask=mask).logits
+    head = load_reward_onto(policy, ws.run_dir(result.run_id))
+    shared = head.score(policy, ids, mask)
+    assert torch.allclose(shared, standalone, atol=1e-5)
+    assert policy.active_adapter == "default"
+    assert torch.allclose(policy(input_ids=ids, attention_mask=mask).logits, policy_logits)
+    flags = {name: p.requires_grad for name, p in policy.named_parameters() if "lora_" in name}
+    assert all(flags[n] for n in flags if ".default." in n) and not any(flags[n] for n in flags if ".reward." in n)
+
+
+def test_reward_tokenizer_matches(trained, tiny_model_dir, tmp_path):
+    ws, _, result = trained
+    assert reward_tokenizer_matches(ws.run_dir(result.run_id), load_tokenizer(str(tiny_model_dir)))
+    other = load_tokenizer(str(build_tiny_llama(tmp_path / "other", vocab_size=300)))
+    assert not reward_tokenizer_matches(ws.run_dir(result.run_id), other)
+
+
+def test_hidden_rule_is_learned_in_4bit(tmp_path, tiny_model_dir):
+    ws, cfg = _workspace(tmp_path / "ws", tiny_model_dir, hidden_rule_pairs(50, 4), quantization="4bit")
+    result = train_reward(ws, cfg)
+    meta = json.loads((Path(result.checkpoint) / "reward.json").read_text())
+    assert result.status == "finished" and meta["quantization"] == "4bit"
+    assert meta["heldout_acc"] >= ACCURACY_BAR
+    import bitsandbytes as bnb
+
+    scorer = RewardScorer.from_run(ws, result.run_id)  # loads the base in 4-bit again, as trained
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in scorer.model.modules())
+    assert scorer.score("Hi", " A dog likes a good cake, a good tree and a good boat.") > scorer.score(
+        "Hi", " A dog likes a cold cake, a red tree and a new boat.")
+
+
+def test_too_few_pairs_says_how_many_more(tmp_path, tiny_model_dir):
+    pairs = hidden_rule_pairs(1, 3) + [{"prompt": "same", "chosen": " twin", "rejected": " twin"}]
+    ws, cfg = _workspace(tmp_path / "ws", tiny_model_dir, pairs)
+    with pytest.raises(RlhfError, match=r"only 3 usable preference pairs, .* at least 8: label 5 more"):
+        train_reward(ws, cfg)
+    with Store(ws.db_path) as store:
+        assert store.runs() == []
+
+
+def test_reward_base_with_another_tokenizer_is_refused(tmp_path, tiny_model_dir):
+    other = build_tiny_llama(tmp_path / "other", vocab_size=300)
+    ws, cfg = _workspace(tmp_path / "ws", tiny_model_dir, hidden_rule_pairs(4, 3), base=str(other))
+    with pytest.raises(RlhfError, match="has a different tokenizer than the policy"):
+        train_reward(ws, cfg)
+
+
+def test_stop_keeps_a_loadable_adapter(tmp_path, tiny_model_dir):
+    ws, cfg = _workspace(tmp_path / "ws", tiny_model_dir, hidden_rule_pairs(10, 4))
+    hooks = StopAfter(3)
+    result = train_reward(ws, cfg, hooks=hooks)
+    assert result.status == "stopped" and result.step == 3 and hooks.seen == [1, 2, 3]
+    with Store(ws.db_path) as store:
+        run = store.run(result.run_id)
+    assert run["status"] == "stopped" and run["ended_at"] and run["checkpoint"] == result.checkpoint
+    assert math.isfinite(RewardScorer.from_run(ws, result.run_id).score("Hi", " A good boat."))
+
+
+def test_non_finite_loss_fails_the_run_and_keeps_the_last_good_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    ws, cfg = _workspace(tmp_path / "ws", tiny_model_dir, hidden_rule_pairs(10, 4))
+    real_loss, calls = reward.reward_loss, []
+
+    def nan_on_third_step(*args, **kwargs):  # fault injection: the third batch's loss is NaN
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * math.nan if len(calls) == 3 else loss
+
+    monkeypatch.setattr(reward, "reward_loss", nan_on_third_step)
+    result = train_reward(ws, cfg)
+    assert result.status == "failed" and result.step == 2
+    assert "loss became nan at step 3; kept the weights from step 2" in result.message
+    with Store(ws.db_path) as store:
+        run = store.run(result.run_id)
+    assert run["status"] == "failed" and run["error"] == result.message
+    assert math.isfinite(RewardScorer.from_run(ws, result.run_id).score("Hi", " A good boat."))
+
+
+def test_ties_and_truncation_are_counted_not_dropped(tmp_path, tiny_model_dir):
+    pairs = hidden_rule_pairs(10, 2) + [{**p, "tie": True} for p in hidden_rule_pairs(4, 1, seed=1)]
+    ws, cfg = _workspace(tmp_path / "ws", tiny_model_dir, pairs, use_ties=True, max_length=20, epochs=1)
+    result = train_reward(ws, cfg)
+    counts = json.loads((Path(result.checkpoint) / "reward.json").read_text())["counts"]
+    assert result.status == "finished"
+    assert counts["pairs"] == 24 and counts["ties"] == 4 and counts["train"] + counts["heldout"] == 24
+    assert counts["truncated"] == 24  # every answer is ~17 tokens after a ~15-token prompt
+    ws_no_ties, cfg_no_ties = _workspace(tmp_path / "ws2", tiny_model_dir, pairs, epochs=1)
+    meta = json.loads((Path(train_reward(ws_no_ties, cfg_no_ties).checkpoint) / "reward.json").read_text())
+    assert meta["counts"]["pairs"] == 20 and meta["counts"]["ties"] == 0
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def test_cli_score_prints_the_standardised_score(trained, capsys):
+    from rlhf.cli import main
+
+    ws, _, result = trained
+    prompt, response = "Hi", " A dog likes a good cake, a good tree and a good boat."
+    assert main(["score", "--workspace", str(ws.root), "--reward", result.run_id, prompt, response]) == 0
+    expected = RewardScorer.from_run(ws, result.run_id).score(prompt, response)
+    assert capsys.readouterr().out == f"{expected:.4f}\n"
+    assert main(["score", "--workspace", str(ws.root), prompt, response]) == 0  # latest finished run
+    assert capsys.readouterr().out == f"{expected:.4f}\n"
+    assert main(["score", "--workspace", str(ws.root), "--reward", "nope", prompt, response]) == 2
+    assert capsys.readouterr().err.strip() == f"rlhf-tui: error: no run 'nope' in {ws.runs_dir} (see `rlhf-tui runs`)"
+
+
+def test_cli_train_reward_too_few_pairs_is_one_line(tmp_path, tiny_model_dir, capsys):
+    from rlhf.cli import main
+
+    ws, _ = _workspace(tmp_path / "ws", tiny_model_dir, hidden_rule_pairs(1, 2))
+    assert main(["train-reward", "--workspace", str(ws.root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "only 2 usable preference pairs" in err and "label 6 more" in err
+
+
+def test_cli_ctrl_c_stops_training_and_keeps_the_adapter(tmp_path, tiny_model_dir):
+    import signal
+    import subprocess
+    import sys
+
+    ws, _ = _workspace(tmp_path / "ws", tiny_model_dir, hidden_rule_pairs(10, 4))
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "train-reward", "--workspace", str(ws.root),
+                             "--epochs", "1000", "--quantization", "none"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # off a terminal, a progress line comes with each held-out evaluation
+        if line.startswith("[") and "heldout_acc" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopping after this step" in err and re.search(r": stopped after \d+ of 1000 epochs", out)
+    with Store(ws.db_path) as store:
+        run = store.runs("reward")[0]
+    assert run["status"] == "stopped" and run["step"] < run["total_steps"]
+    assert math.isfinite(RewardScorer.from_run(ws, run["id"]).score("Hi", " A good boat."))
