@@ -1,0 +1,25 @@
+"""The app's top-level screens, in `tab` order. Each is a Textual mode; adding a screen is one entry.
+
+A screen that wants engine events subscribes in its `on_mount` with
+`self.app.subscribe_engine(callback)`; the callback receives each batch of events as a list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.screen import Screen
+
+from .label import LabelScreen
+
+
+@dataclass(frozen=True)
+class Tab:
+    name: str  # the Textual mode name
+    title: str
+    screen: type[Screen]
+
+
+TABS: tuple[Tab, ...] = (
+    Tab("label", "Label", LabelScreen),
+)

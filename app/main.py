@@ -1,0 +1,151 @@
+"""The Textual app: screens as modes (`tab` cycles them), one engine process, events drained on a timer.
+
+`run_app` is what `rlhf-tui` (no subcommand) calls. The app never imports torch: sampling and
+training run in the engine process, reached through `rlhf.engine.client`.
+"""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from rlhf.config import Config, Workspace
+from rlhf.engine import protocol
+from rlhf.engine.client import EngineClient
+from rlhf.store import Store
+
+from .screens import TABS
+from .screens.live_run import start_ppo, stop_run
+
+ENGINE_POLL_INTERVAL_S = 0.05  # drains every waiting event at once: one redraw per batch, not per event
+NARROW_WIDTH = 100  # below this many columns the answers stack
+
+EngineListener = Callable[[list[protocol.Event]], None]
+
+
+def dotted_settings(config: Config) -> dict[str, Any]:
+    """The whole config as `section.key` -> value (the engine applies it on top of rlhf.toml)."""
+    return {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
+
+
+def default_annotator() -> str:
+    """The OS user name, or "anonymous" where there is none (e.g. a container without a passwd entry)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "anonymous"
+
+
+def keymap_problems(keymap: dict[str, Any], known_ids: set[str]) -> list[str]:
+    """What is wrong with a `[label] keymap` (binding id -> comma-separated keys), one line per problem."""
+    problems = [f"unknown binding id {binding_id!r}" for binding_id in keymap if binding_id not in known_ids]
+    problems += [f"{binding_id!r} must map to keys in a string, e.g. \"j,down\"" for binding_id, keys in keymap.items()
+                 if not isinstance(keys, str)]
+    return problems
+
+
+class RlhfApp(App):
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere find it too
+    TITLE = "rlhf-tui"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (NARROW_WIDTH, "-wide")]
+    MODES = {tab.name: tab.screen for tab in TABS}
+    DEFAULT_MODE = TABS[0].name
+    BINDINGS = [
+        Binding("tab", "next_screen(1)", "screens", id="next_screen", priority=True),
+        Binding("shift+tab", "next_screen(-1)", "previous screen", id="previous_screen", priority=True, show=False),
+        Binding("ctrl+r", "restart_engine", "restart engine", id="restart_engine", priority=True),
+    ]
+
+    def __init__(self, workspace: Workspace, config: Config, annotator: str | None = None) -> None:
+        super().__init__()
+        self.workspace = workspace
+        self.config = config
+        self.annotator = annotator or config.label.annotator or default_annotator()
+        self.store = Store(workspace.db_path)  # opened here: a bad workspace fails before the screen takes over
+        self.engine = EngineClient(workspace, dotted_settings(config))
+        self._engine_listeners: list[EngineListener] = []
+
+    def on_mount(self) -> None:
+        keymap = self.config.label.keymap
+        known_ids = {b.id for cls in (type(self), *(tab.screen for tab in TABS)) for b in cls.BINDINGS if b.id}
+        problems = keymap_problems(keymap, known_ids)
+        if problems:
+            self.notify(f"[label] keymap in rlhf.toml ignored: {'; '.join(problems)} "
+                        f"(binding ids: {', '.join(sorted(known_ids))})", severity="warning", timeout=15)
+        else:
+            self.set_keymap(keymap)
+        self.engine.start()
+        self.set_interval(ENGINE_POLL_INTERVAL_S, self._drain_engine)
+
+    def on_unmount(self) -> None:
+        self.engine.stop()
+        self.store.close()
+
+    # -- engine ----------------------------------------------------------------------------------
+
+    def subscribe_engine(self, listener: EngineListener) -> None:
+        """Call `listener` with every batch of engine events from now on."""
+        self._engine_listeners.append(listener)
+
+    def _drain_engine(self) -> None:
+        events = self.engine.poll()
+        if not events:
+            return
+        for listener in list(self._engine_listeners):
+            listener(events)
+        if any(isinstance(e, protocol.Error) and e.fatal for e in events):
+            self.refresh_bindings()  # shows the restart key
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # False hides a key (and turns it off) while it has nothing to do: the Footer has no room to spare.
+        if action == "restart_engine":
+            return not self.engine.alive
+        if action == "next_screen":
+            return len(TABS) > 1
+        return True
+
+    def action_restart_engine(self) -> None:
+        """Start a fresh engine; its first Status (stage "starting") tells the screens to forget old requests."""
+        self.engine.restart()
+        self.refresh_bindings()
+
+    # -- screens ---------------------------------------------------------------------------------
+
+    def action_next_screen(self, step: int) -> None:
+        names = [tab.name for tab in TABS]
+        self.switch_mode(names[(names.index(self.current_mode) + step) % len(names)])
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for tab in TABS:
+            yield SystemCommand(tab.title, f"Switch to the {tab.title} screen", partial(self.switch_mode, tab.name))
+        yield SystemCommand("Start PPO", "Launch PPO with the Train screen's settings (default: the latest "
+                            "finished reward run and the config)", partial(start_ppo, self))
+        yield SystemCommand("Stop run", "Stop the run in progress after its step (again while stopping: at once)",
+                            partial(stop_run, self))
+        yield SystemCommand("Restart engine", "Stop the engine process and start a fresh one",
+                            self.action_restart_engine)
+
+    def guidelines(self) -> str | None:
+        """The workspace's labeling guidelines (markdown), or None when there is no such file."""
+        try:
+            return (self.workspace.root / self.config.label.guidelines).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+
+def run_app(workspace: Workspace, config: Config, annotator: str | None = None) -> int:
+    """Run the app in this terminal until the person quits; the engine process is stopped on the way out."""
+    app = RlhfApp(workspace, config, annotator=annotator)
+    try:
+        app.run()
+    finally:
+        app.engine.stop()
+    return app.return_code or 0

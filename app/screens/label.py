@@ -1,0 +1,310 @@
+"""The label screen: a prompt, two blind answers, one key per decision.
+
+Every decision is committed to SQLite here, in the UI process, before the next pair is shown: the
+engine only ever samples and stores answers. Pairs come from the engine ahead of time (prefetch).
+
+A note (`n`) belongs to the pair on screen and is stored with the decision made on it; undoing a
+decision brings its pair and its note back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Container, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Header, ProgressBar, Static
+
+from rlhf.engine import protocol
+from rlhf.errors import RlhfError
+
+from ..widgets.answer import TextPane
+from .dialogs import NO_GUIDELINES, HelpScreen, NoteModal
+
+STRONG_MARGIN = 1.0  # stored as trl's `margin` for a shift+A / shift+B decision; a normal one stores None
+SCROLL_LINES = 3
+
+
+@dataclass
+class Decision:
+    comparison_id: int
+    pair: protocol.PairReady
+    note: str | None
+
+
+def decision_ms(shown_at: float, decided_at: float) -> int:
+    """Decision time: milliseconds from the pair being shown to the deciding key (monotonic clock)."""
+    return max(0, round((decided_at - shown_at) * 1000))
+
+
+def pairs_to_request(prefetch: int, held: int, requested: int) -> int:
+    """Pairs to ask the engine for: enough for the one on screen plus `prefetch` ready ones.
+
+    `held` counts the pair on screen and the queued ones; nothing is asked while a request is still
+    being answered (`requested` > 0), so the exclude list of the next request is always complete.
+    """
+    if requested > 0:
+        return 0
+    return max(0, 1 + prefetch - held)
+
+
+def sampling_summary(sampling: dict) -> str:
+    top_k = sampling.get("top_k") or "off"
+    return (f"T {sampling.get('temperature')} · top-k {top_k} · top-p {sampling.get('top_p')} · "
+            f"max {sampling.get('max_new_tokens')} tok · rep {sampling.get('repetition_penalty')}")
+
+
+class LabelScreen(Screen):
+    # priority: the answer panes scroll with arrows, but here arrows decide.
+    BINDINGS = [
+        Binding("a,1,left", "decide('a')", "A better", id="prefer_a", priority=True),
+        Binding("b,2,right", "decide('b')", "B better", id="prefer_b", priority=True),
+        Binding("A", "decide('a', True)", "A strongly", id="strong_a", priority=True),
+        Binding("B", "decide('b', True)", "B strongly", id="strong_b", priority=True),
+        Binding("t,equals_sign", "decide('tie')", "tie", id="tie", priority=True),
+        Binding("x,0", "decide('both_bad')", "both bad", id="both_bad", priority=True),
+        Binding("s,space", "decide('skip')", "skip", id="skip", priority=True),
+        Binding("u,backspace", "undo", "undo", id="undo", priority=True),
+        Binding("r", "regenerate", "regenerate", id="regenerate", priority=True),
+        Binding("n", "note", "note", id="note", priority=True),
+        Binding("question_mark", "help", "help", id="help", priority=True),
+        Binding("up", "scroll(-1)", "scroll up", id="scroll_up", show=False),
+        Binding("down", "scroll(1)", "scroll down", id="scroll_down", show=False),
+        Binding("pageup", "scroll(-10)", "page up", id="page_up", show=False),
+        Binding("pagedown", "scroll(10)", "page down", id="page_down", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current: protocol.PairReady | None = None
+        self.queue: deque[protocol.PairReady] = deque()
+        self.history: list[Decision] = []
+        self.requested = 0
+        self.regenerating: int | None = None  # prompt id whose fresh pair is on its way
+        self.pending_note: str | None = None
+        self.shown_at = 0.0
+        self.labeled_session = 0
+        self.labeled_total = 0
+        self.engine_info: protocol.Ready | None = None
+        self.engine_status: protocol.Status | None = None
+        self.engine_error: str | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield TextPane("prompt", id="prompt")
+        with Container(id="answers"):
+            yield TextPane("A", id="answer-a")
+            yield TextPane("B", id="answer-b")
+        with Vertical(id="engine-panel"):
+            yield Static("", id="engine-message", markup=False)
+            yield ProgressBar(total=1.0, show_eta=False, id="engine-progress")
+        yield Static("", id="notice", markup=False)
+        yield Static("", id="status", markup=False)
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self.title = "rlhf-tui · label"
+        self.labeled_total = self.app.store.stats()["comparisons"]
+        self.app.subscribe_engine(self.handle_engine_events)
+        self._render_pair()
+        guidelines = self.app.guidelines()
+        if guidelines is not None and self.labeled_total == 0:
+            self.action_help()
+
+    # -- engine events ---------------------------------------------------------------------------
+
+    def handle_engine_events(self, events: list[protocol.Event]) -> None:
+        for event in events:
+            if isinstance(event, protocol.Status):
+                self.engine_status = event
+                if event.stage == protocol.STARTING:  # a fresh engine: nothing asked of the old one will come
+                    self.requested, self.regenerating = 0, None
+                    self.engine_info, self.engine_error = None, None
+            elif isinstance(event, protocol.Ready):
+                self.engine_info, self.engine_error = event, None
+            elif isinstance(event, protocol.PairReady):
+                self._receive_pair(event)
+            elif isinstance(event, protocol.Error):
+                self._receive_error(event)
+            elif isinstance(event, protocol.Warning) and event.run_id is None:  # a run's: its screen shows it
+                self.notify(event.message, severity="warning")
+        self._request_pairs()
+        self._render_pair()
+
+    def _receive_pair(self, pair: protocol.PairReady) -> None:
+        if pair.regenerated:
+            self.regenerating = None
+            if self.current is not None and self.current.prompt_id == pair.prompt_id:
+                self._show(pair, note=self.pending_note)
+            return  # a decision was made meanwhile: the fresh answers stay stored, unshown
+        self.requested = max(0, self.requested - 1)
+        if self.current is None:
+            self._show(pair)
+        else:
+            self.queue.append(pair)
+
+    def _receive_error(self, error: protocol.Error) -> None:
+        if error.fatal:
+            self.engine_error, self.engine_info = error.message, None
+            self.requested, self.regenerating = 0, None
+            self.notify(f"{error.message}\nctrl+r restarts the engine", severity="error", timeout=10)
+            return
+        if error.request == "NeedPairs":
+            self.requested = 0  # the engine dropped the rest of that request
+        elif error.request == "Regenerate":
+            self.regenerating = None
+        elif error.request in ("StartReward", "StartPPO"):
+            return  # the Reward and Train screens report their runs' failures
+        self.notify(error.message, severity="error", timeout=8)
+
+    def _request_pairs(self) -> None:
+        if self.engine_info is None:
+            return
+        held = (self.current is not None) + len(self.queue)
+        count = pairs_to_request(self.app.config.sampling.prefetch, held, self.requested)
+        if count and self.app.engine.send(protocol.NeedPairs(count, self._held_prompt_ids())):
+            self.requested = count
+
+    def _held_prompt_ids(self) -> tuple[int, ...]:
+        held = ([self.current] if self.current else []) + list(self.queue)
+        return tuple(dict.fromkeys(p.prompt_id for p in held))
+
+    # -- decisions -------------------------------------------------------------------------------
+
+    def action_decide(self, choice: str, strong: bool = False) -> None:
+        pair = self.current
+        if pair is None:
+            self.app.bell()
+            return
+        elapsed = decision_ms(self.shown_at, time.monotonic())
+        try:
+            comparison_id = self.app.store.add_comparison(
+                pair.prompt_id, pair.a.id, pair.b.id, choice, annotator=self.app.annotator,
+                note=self.pending_note, decision_ms=elapsed, margin=STRONG_MARGIN if strong else None)
+        except RlhfError as exc:
+            self.notify(str(exc), severity="error", timeout=10)
+            return
+        self.history.append(Decision(comparison_id, pair, self.pending_note))
+        self.labeled_session += 1
+        self.labeled_total += 1
+        self._show(self.queue.popleft() if self.queue else None)
+        self._request_pairs()
+
+    def action_undo(self) -> None:
+        if not self.history:
+            self.app.bell()
+            return
+        decision = self.history.pop()
+        try:
+            self.app.store.delete_comparison(decision.comparison_id)
+        except RlhfError as exc:
+            self.history.append(decision)
+            self.notify(str(exc), severity="error", timeout=10)
+            return
+        self.labeled_session -= 1
+        self.labeled_total -= 1
+        if self.current is not None:
+            self.queue.appendleft(self.current)
+        self._show(decision.pair, note=decision.note)
+        self.notify("undone: that decision is deleted", timeout=2)
+
+    def action_regenerate(self) -> None:
+        if self.current is None or self.regenerating is not None or self.engine_info is None:
+            self.app.bell()
+            return
+        if self.app.engine.send(protocol.Regenerate(self.current.prompt_id)):
+            self.regenerating = self.current.prompt_id
+            self._render_pair()
+
+    def action_note(self) -> None:
+        if self.current is None:
+            self.app.bell()
+            return
+
+        def keep(note: str | None) -> None:
+            if note is not None:
+                self.pending_note = note or None
+                self._render_pair()
+
+        self.app.push_screen(NoteModal(self.pending_note), keep)
+
+    def action_help(self) -> None:
+        guidelines = self.app.guidelines()
+        text = guidelines if guidelines is not None else NO_GUIDELINES.format(name=self.app.config.label.guidelines)
+        self.app.push_screen(HelpScreen(text, self._key_list()))
+
+    def action_scroll(self, lines: int) -> None:
+        for pane in self.query(TextPane):
+            pane.scroll_relative(y=lines * SCROLL_LINES, animate=False)
+
+    def _key_list(self) -> list[tuple[str, str]]:
+        """(keys, description) per binding, as remapped by the user's keymap."""
+        by_action: dict[str, list[str]] = {}
+        for key, active in self.active_bindings.items():
+            by_action.setdefault(active.binding.description, []).append(self.app.get_key_display(active.binding))
+        return [(" ".join(dict.fromkeys(keys)), description) for description, keys in by_action.items()]
+
+    # -- drawing ---------------------------------------------------------------------------------
+
+    def _show(self, pair: protocol.PairReady | None, note: str | None = None) -> None:
+        self.current = pair
+        self.pending_note = note
+        self.shown_at = time.monotonic()
+        if pair is not None:
+            self.query_one("#prompt", TextPane).show(pair.prompt_text)
+            self.query_one("#answer-a", TextPane).show(pair.a.text, f"{pair.a.tokens} tokens")
+            self.query_one("#answer-b", TextPane).show(pair.b.text, f"{pair.b.tokens} tokens")
+        self._render_pair()
+
+    def _render_pair(self) -> None:
+        pair = self.current
+        has_pair = pair is not None
+        self.query_one("#prompt").display = has_pair
+        self.query_one("#answers").display = has_pair
+        panel = self.query_one("#engine-panel")
+        panel.display = not has_pair
+        if not has_pair:
+            self._render_engine_panel()
+        notices = []
+        if pair is not None and pair.notice:
+            notices.append(pair.notice)
+        if self.regenerating is not None:
+            notices.append("regenerating this pair…")
+        if self.pending_note:
+            notices.append(f"note: {self.pending_note}")
+        if self.engine_error and has_pair:
+            notices.append(f"engine stopped ({self.engine_error}); ctrl+r restarts it")
+        notice = self.query_one("#notice", Static)
+        notice.update(" · ".join(notices))
+        notice.display = bool(notices)
+        self.query_one("#status", Static).update(self._status_line())
+
+    def _render_engine_panel(self) -> None:
+        message = self.query_one("#engine-message", Static)
+        progress = self.query_one("#engine-progress", ProgressBar)
+        status = self.engine_status
+        if self.engine_error:
+            message.update(f"The engine stopped: {self.engine_error}\n\nPress ctrl+r to restart it.")
+            progress.display = False
+        elif self.engine_info is None:
+            message.update(f"loading model… {status.message if status else ''}")
+            progress.display = True
+            progress.update(progress=status.progress if status and status.progress is not None else 0.0)
+        else:
+            message.update("sampling the next pair…")
+            progress.display = False
+
+    def _status_line(self) -> str:
+        parts = [f"labeled {self.labeled_session} this session / {self.labeled_total} total",
+                 f"annotator {self.app.annotator}"]
+        info = self.engine_info
+        if info is not None:
+            policy = "base + policy adapter" if info.adapter else "base"
+            parts += [f"model {info.model_label} ({policy})", sampling_summary(info.sampling)]
+        parts.append(f"{len(self.queue)} ready")
+        return " · ".join(parts)
+

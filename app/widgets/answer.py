@@ -1,0 +1,35 @@
+"""An answer (or prompt) shown as plain, scrollable text: model output is never read as markup."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import VerticalScroll
+from textual.widgets import Static
+
+_CONTROL_PICTURES = {code: chr(0x2400 + code) for code in range(0x20) if chr(code) not in "\n\t"}
+_CONTROL_PICTURES[0x7F] = "\u2421"
+
+
+def visible_text(text: str) -> str:
+    """Control characters as their Unicode pictures (␛, ␀…): raw escapes would drive the terminal."""
+    return text.translate(_CONTROL_PICTURES)
+
+
+class TextPane(VerticalScroll, can_focus=False):
+    """A bordered, scrollable block of plain text; the title and subtitle sit on its border.
+
+    Not focusable: the label screen scrolls both answers together with its own keys.
+    """
+
+    def __init__(self, title: str, *, id: str | None = None) -> None:  # noqa: A002 - Textual's name
+        super().__init__(id=id)
+        self.border_title = title
+        self._body = Static("", markup=False, classes="pane-body")
+
+    def compose(self) -> ComposeResult:
+        yield self._body
+
+    def show(self, text: str, subtitle: str = "") -> None:
+        self._body.update(visible_text(text))
+        self.border_subtitle = subtitle
+        self.scroll_home(animate=False)

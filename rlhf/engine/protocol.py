@@ -1,0 +1,178 @@
+"""Messages between the app and the engine process: small dataclasses pickled over a multiprocessing Pipe.
+
+Requests go app -> engine, events engine -> app. Both sides only ever exchange these records, and
+this module imports nothing heavy, so the UI process can use it without loading torch.
+
+`Warning` and `Error` shadow Python's builtins inside this module on purpose (they are the event
+names the other screens use): import the module and write `protocol.Warning`, not `from ... import`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# -- requests (app -> engine) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NeedPairs:
+    """Generate `count` labeling pairs, skipping prompts the app already holds (queued or on screen)."""
+
+    count: int
+    exclude_prompt_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Regenerate:
+    """Sample a fresh pair for this prompt (answered by a PairReady with regenerated=True)."""
+
+    prompt_id: int
+
+
+@dataclass(frozen=True)
+class StartReward:
+    """Train a reward model; `overrides` are dotted `section.key` -> value on top of the engine's config."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StartPPO:
+    """Run PPO against a finished reward run (None = the latest), optionally resuming a stopped PPO run;
+    `overrides` as in StartReward."""
+
+    reward_run: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    resume_run: str | None = None
+
+
+@dataclass(frozen=True)
+class StopRun:
+    """Stop a run. Graceful (default): it ends at the next step with a checkpoint. Hard: the engine
+    process marks the run stopped and exits at once, losing the steps since the last checkpoint; the
+    client starts a fresh engine."""
+
+    run_id: str | None = None  # None = whatever run is in progress
+    hard: bool = False
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Stop any run gracefully, then exit."""
+
+
+Request = NeedPairs | Regenerate | StartReward | StartPPO | StopRun | Shutdown
+
+# -- events (engine -> app) -------------------------------------------------------------------
+
+
+STARTING = "starting"  # the Status stage sent first, and only, by a freshly started engine
+
+
+@dataclass(frozen=True)
+class Status:
+    """What the engine is doing (stage: starting, loading...); progress in [0, 1] or None.
+
+    A Status with stage STARTING means a new engine process: requests sent to an earlier one are lost.
+    """
+
+    stage: str
+    message: str
+    progress: float | None = None
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The model is loaded; pairs can be requested. `adapter` is the policy adapter path or None (base)."""
+
+    model_label: str
+    adapter: str | None
+    sampling: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ResponseView:
+    """One stored answer as shown: its `responses` row id, text and length in tokens."""
+
+    id: int
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class PairReady:
+    """Two stored answers to one prompt; `a` is the one to show on side A (already randomized)."""
+
+    prompt_id: int
+    prompt_text: str
+    a: ResponseView
+    b: ResponseView
+    notice: str | None = None  # e.g. "prompt cut to its last 256 tokens", "answers identical after 3 re-samples"
+    regenerated: bool = False
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    run_id: str
+    kind: str
+    total_steps: int
+    start_step: int = 0
+
+
+@dataclass(frozen=True)
+class RunStep:
+    run_id: str
+    step: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RunSamples:
+    run_id: str
+    step: int
+    samples: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    run_id: str
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class RunEnded:
+    """A run is over; status is one of store.FINAL_STATUSES."""
+
+    run_id: str
+    status: str
+    message: str = ""
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class Warning:  # noqa: A001 - the protocol's name; see the module docstring
+    message: str
+    run_id: str | None = None  # the run it is about; None for the engine's own (e.g. labeling) warnings
+
+
+@dataclass(frozen=True)
+class Error:  # noqa: A001
+    """A request failed. fatal: the engine is gone (or going) and must be restarted.
+
+    `request` names the failed request's type (e.g. "NeedPairs"), so the app can forget what it was
+    waiting for; None when the failure is not tied to one request (a crash, a failed model load).
+    """
+
+    message: str
+    fatal: bool = False
+    request: str | None = None
+
+
+Event = (Status | Ready | PairReady | RunStarted | RunStep | RunSamples | RunCheckpoint | RunEnded | Warning
+         | Error)
+
+# Exit code of an engine that ended itself on a hard StopRun: the client restarts it instead of
+# reporting a crash.
+HARD_STOP_EXIT_CODE = 3

@@ -1,0 +1,307 @@
+"""The engine process: loads the policy once, then serves the app's requests until Shutdown.
+
+Two threads: a reader that receives requests (StopRun acts at once by setting the running run's
+stop flag; everything else is queued) and the main thread, which loads the model and handles the
+queue: labeling pairs, reward training, PPO. Errors in a request become Error events and the engine
+keeps serving; running out of memory is fatal (the state of the model is then unknown).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+from collections import deque
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from ..config import Config, Workspace
+from ..errors import RlhfError
+from ..hooks import RunHooks
+from ..models import load_causal_lm, load_tokenizer, pick_device, resolve_model_name
+from ..sampling import PairSampler, a_side_first, sampling_params
+from ..store import Store
+from . import protocol
+
+ADAPTER_CONFIG = "adapter_config.json"
+FATAL_ERRORS = (MemoryError, torch.OutOfMemoryError)
+
+
+def serve(conn: Connection, workspace_root: str, config_overrides: dict[str, Any]) -> None:
+    """Run the engine on this end of the pipe; returns (the process exits) after Shutdown."""
+    outbox = Outbox(conn)
+    engine = Engine(Workspace(Path(workspace_root)), config_overrides, outbox)
+    threading.Thread(target=engine.read_requests, args=(conn,), name="request-reader", daemon=True).start()
+    code = engine.run()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown: torch's can take seconds and nothing is left to flush
+
+
+class Outbox:
+    """Sends events from either thread (a Connection is not safe to share without a lock)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, event: protocol.Event) -> None:
+        with self._lock:
+            try:
+                self._conn.send(event)
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                os._exit(0)  # the app is gone
+
+
+class Inbox:
+    """Requests for the main thread. Regenerate and Shutdown jump the queue of prefetch work."""
+
+    def __init__(self) -> None:
+        self._urgent: deque[protocol.Request] = deque()
+        self._normal: deque[protocol.Request] = deque()
+        self._ready = threading.Condition()
+
+    def put(self, request: protocol.Request) -> None:
+        with self._ready:
+            urgent = isinstance(request, (protocol.Regenerate, protocol.Shutdown))
+            (self._urgent if urgent else self._normal).append(request)
+            self._ready.notify()
+
+    def put_next(self, request: protocol.Request) -> None:
+        """Continue a split-up request before later ones (but after urgent ones)."""
+        with self._ready:
+            self._normal.appendleft(request)
+            self._ready.notify()
+
+    def get(self) -> protocol.Request:
+        with self._ready:
+            while not (self._urgent or self._normal):
+                self._ready.wait()
+            return (self._urgent or self._normal).popleft()
+
+
+class PipeHooks(RunHooks):
+    """Forwards a training loop's callbacks to the app as protocol events."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        super().__init__()
+        self.outbox = outbox
+        self.run_id: str | None = None
+        self.last_checkpoint: str | None = None
+
+    def on_start(self, run_id: str, kind: str, total_steps: int, start_step: int = 0) -> None:
+        self.run_id = run_id
+        self.outbox.send(protocol.RunStarted(run_id, kind, total_steps, start_step))
+
+    def on_step(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+        self.outbox.send(protocol.RunStep(run_id, step, dict(metrics)))
+
+    def on_samples(self, run_id: str, step: int, samples: list[dict[str, Any]]) -> None:
+        self.outbox.send(protocol.RunSamples(run_id, step, list(samples)))
+
+    def on_checkpoint(self, run_id: str, step: int, path: str) -> None:
+        self.last_checkpoint = path
+        self.outbox.send(protocol.RunCheckpoint(run_id, step, path))
+
+    def on_warning(self, run_id: str, message: str) -> None:
+        self.outbox.send(protocol.Warning(message, run_id))
+
+
+def find_policy_adapter(checkpoint: Path) -> Path | None:
+    """The PEFT adapter folder inside a PPO checkpoint: the folder itself or its `policy/` subfolder
+    (PEFT saves a non-default adapter name into a subfolder of that name)."""
+    for candidate in (checkpoint, checkpoint / "policy"):
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return candidate
+    return None
+
+
+def latest_policy_adapter(store: Store, workspace: Workspace, model_name: str) -> Path | None:
+    """The policy adapter of the newest PPO run with a checkpoint trained on this base, or None."""
+    for run in reversed(store.runs("ppo")):
+        if not run["checkpoint"] or run["config"].get("model", {}).get("name", "") != model_name:
+            continue
+        checkpoint = Path(run["checkpoint"])
+        adapter = find_policy_adapter(checkpoint if checkpoint.is_absolute() else workspace.root / checkpoint)
+        if adapter is not None:
+            return adapter
+    return None
+
+
+def prompt_display_text(prompt: dict[str, Any]) -> str:
+    """What the person reads: the plain prompt, or every turn of a chat prompt."""
+    if not prompt["messages"]:
+        return prompt["text"]
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt["messages"])
+
+
+class Engine:
+    def __init__(self, workspace: Workspace, config_overrides: dict[str, Any], outbox: Outbox) -> None:
+        self.workspace = workspace
+        self.config_overrides = config_overrides
+        self.outbox = outbox
+        self.inbox = Inbox()
+        self._run_lock = threading.Lock()
+        self._run_hooks: PipeHooks | None = None
+        self.cfg: Config
+        self.store: Store
+        self.sampler: PairSampler
+        self.model_name = ""
+        self.adapter: Path | None = None
+
+    # -- reader thread ---------------------------------------------------------------------------
+
+    def read_requests(self, conn: Connection) -> None:
+        while True:
+            try:
+                request = conn.recv()
+            except (EOFError, OSError):
+                os._exit(0)  # the app closed the pipe or died: nobody is left to serve
+            if isinstance(request, protocol.StopRun):
+                self._stop_run(request)
+                continue
+            if isinstance(request, protocol.Shutdown):
+                self._stop_run(protocol.StopRun())
+            self.inbox.put(request)
+
+    def _stop_run(self, request: protocol.StopRun) -> None:
+        with self._run_lock:
+            hooks = self._run_hooks
+        if hooks is None or (request.run_id is not None and request.run_id != hooks.run_id):
+            return
+        if not request.hard:
+            hooks.stop_requested.set()
+            return
+        if hooks.run_id is not None:
+            message = "hard stop: steps after the last checkpoint were discarded"
+            with Store(self.workspace.db_path) as store:  # this thread's own connection
+                store.update_run(hooks.run_id, status="stopped", error=message)
+            self.outbox.send(protocol.RunEnded(hooks.run_id, "stopped", message, hooks.last_checkpoint))
+        os._exit(protocol.HARD_STOP_EXIT_CODE)
+
+    # -- main thread -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Load, then serve until Shutdown; returns the process exit code."""
+        try:
+            self._load()
+        except BaseException as exc:  # noqa: BLE001 - every failure here is reported, then fatal
+            self._report(exc, request=None, fatal=True)
+            return 1
+        while True:
+            request = self.inbox.get()
+            if isinstance(request, protocol.Shutdown):
+                return 0
+            try:
+                self._handle(request)
+            except FATAL_ERRORS as exc:
+                self._report(exc, request=type(request).__name__, fatal=True)
+                return 1
+            except Exception as exc:  # noqa: BLE001 - a failed request must not end the engine
+                self._report(exc, request=type(request).__name__, fatal=False)
+
+    def _report(self, exc: BaseException, *, request: str | None, fatal: bool) -> None:
+        if isinstance(exc, RlhfError):
+            message = str(exc)
+        else:
+            traceback.print_exc()
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            message = f"{type(exc).__name__}: {first_line} (details in {self.workspace.root / 'engine.log'})"
+        self.outbox.send(protocol.Error(message, fatal=fatal or isinstance(exc, FATAL_ERRORS), request=request))
+
+    def _load(self) -> None:
+        self.cfg = self.workspace.load_config().override(self.config_overrides)
+        self.store = Store(self.workspace.db_path)
+        self.model_name = resolve_model_name(self.cfg)
+        self.outbox.send(protocol.Status("loading", f"loading tokenizer of {self.model_name}…", 0.2))
+        tokenizer = load_tokenizer(self.model_name, trust_remote_code=self.cfg.model.trust_remote_code,
+                                   padding_side="left")
+        self.outbox.send(protocol.Status("loading", f"loading model {self.model_name}…", 0.4))
+        model = load_causal_lm(self.model_name, self.cfg.model.quantization,
+                               trust_remote_code=self.cfg.model.trust_remote_code, device=pick_device())
+        model.eval()
+        self.sampler = PairSampler(model, tokenizer, self.cfg.sampling, self.cfg.model.max_prompt_tokens)
+        self._use_latest_policy()
+
+    def _use_latest_policy(self) -> None:
+        """Sample from base + the newest PPO policy adapter when there is one, then announce Ready."""
+        adapter = latest_policy_adapter(self.store, self.workspace, self.cfg.model.name)
+        if adapter != self.adapter:
+            self.outbox.send(protocol.Status("loading", f"loading policy adapter {adapter}…", 0.8))
+            model = self.sampler.model
+            base = model.unload() if isinstance(model, PeftModel) else model
+            self.sampler.model = PeftModel.from_pretrained(base, adapter).eval() if adapter else base
+            self.adapter = adapter
+        self.outbox.send(protocol.Ready(model_label=Path(self.model_name).name or self.model_name,
+                                        adapter=str(self.adapter) if self.adapter else None,
+                                        sampling=sampling_params(self.cfg.sampling)))
+
+    def _handle(self, request: protocol.Request) -> None:
+        if isinstance(request, protocol.NeedPairs):
+            if request.count <= 0:
+                return
+            pair = self._make_pair(self._next_prompt(request.exclude_prompt_ids), regenerated=False)
+            self.outbox.send(pair)
+            if request.count > 1:
+                self.inbox.put_next(protocol.NeedPairs(request.count - 1,
+                                                       (*request.exclude_prompt_ids, pair.prompt_id)))
+        elif isinstance(request, protocol.Regenerate):
+            self.outbox.send(self._make_pair(request.prompt_id, regenerated=True))
+        elif isinstance(request, protocol.StartReward):
+            from ..reward import train_reward
+
+            self._run(lambda cfg, hooks: train_reward(self.workspace, cfg, hooks=hooks, store=self.store),
+                      request.overrides)
+        elif isinstance(request, protocol.StartPPO):
+            from ..ppo import run_ppo
+
+            self._run(lambda cfg, hooks: run_ppo(self.workspace, cfg, reward_run=request.reward_run,
+                                                 resume_run=request.resume_run, hooks=hooks, store=self.store),
+                      request.overrides)
+            self._use_latest_policy()
+        else:
+            raise TypeError(f"unknown request {request!r}")
+
+    def _next_prompt(self, exclude: tuple[int, ...]) -> int:
+        """The next prompt to label; with every prompt already queued, repeats are allowed."""
+        order = (self.store.prompt_order_for_labeling(self.cfg.sampling.seed, exclude=exclude)
+                 or self.store.prompt_order_for_labeling(self.cfg.sampling.seed))
+        if not order:
+            raise RlhfError("no prompts to label: import some with `rlhf-tui prompts import FILE` "
+                            "(or start the app with --prompts FILE)")
+        return order[0]
+
+    def _make_pair(self, prompt_id: int, *, regenerated: bool) -> protocol.PairReady:
+        """Sample two answers and store both (with provenance) before they can be shown."""
+        prompt = self.store.prompt(prompt_id)
+        sampled = self.sampler.sample(prompt["text"], prompt["messages"], prompt_id=prompt_id,
+                                      draw=self.store.response_count(prompt_id))
+        provenance = {"model": self.model_name, "adapter": str(self.adapter) if self.adapter else None,
+                      "sampling": sampling_params(self.cfg.sampling), "seed": sampled.seed,
+                      "prompt_tokens": sampled.prompt_tokens}
+        with self.store.transaction():
+            ids = [self.store.add_response(prompt_id, answer.text, response_tokens=answer.tokens,
+                                           finished=answer.finished, **provenance)
+                   for answer in sampled.answers]
+        views = [protocol.ResponseView(i, answer.text, answer.tokens) for i, answer in zip(ids, sampled.answers)]
+        if not a_side_first(self.cfg.sampling.seed, prompt_id, ids[0], ids[1]):
+            views.reverse()
+        return protocol.PairReady(prompt_id=prompt_id, prompt_text=prompt_display_text(prompt), a=views[0],
+                                  b=views[1], notice="; ".join(sampled.notices) or None, regenerated=regenerated)
+
+    def _run(self, train: Any, overrides: dict[str, Any]) -> None:
+        """Run a training function with hooks the reader thread can stop; report how it ended."""
+        cfg = self.cfg.override(overrides)
+        hooks = PipeHooks(self.outbox)
+        with self._run_lock:
+            self._run_hooks = hooks
+        try:
+            result = train(cfg, hooks)
+        finally:
+            with self._run_lock:
+                self._run_hooks = None
+        self.outbox.send(protocol.RunEnded(result.run_id, result.status, result.message, result.checkpoint))
