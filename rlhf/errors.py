@@ -5,6 +5,10 @@ with a one-line message that names the thing and the fix. The CLI prints it with
 the engine sends it to the app as an error event. Anything else is a bug and keeps its traceback.
 """
 
+import errno
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
 
 class RlhfError(Exception):
     """An error caused by input or environment, with a one-line message meant for the user."""
@@ -26,3 +30,12 @@ class InputFileError(RlhfError):
 
 class ModelLoadError(RlhfError):
     """A model or tokenizer cannot be loaded."""
+
+
+def describe_write_error(exc: BaseException) -> str:
+    """Why a file could not be written, in a few words: "disk full" when the OS said so (as an OSError, or
+    inside a library's own error: safetensors raises SafetensorError "... (os error 28)"), else its first line."""
+    text = str(exc).strip()
+    if getattr(exc, "errno", None) in DISK_FULL_ERRNOS or any(f"(os error {n})" in text for n in DISK_FULL_ERRNOS):
+        return "disk full (free some space)"
+    return getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)

@@ -1,0 +1,614 @@
+"""PPO on one shared base: policy, value, reference and reward all run on the same loaded weights.
+
+- policy    = LoRA adapter "policy" on the base (trained)
+- value     = `ValueHead`, a zero-initialised fp32 linear layer on the policy's last hidden state (trained)
+- reference = the same base with adapters disabled (no second copy)
+- reward    = the reward run's LoRA loaded as adapter "reward" on the same base, plus its score head
+              (a separate model only when the reward run was trained on another base)
+
+`PPOTrainer.step` is one PPO step: rollout -> score -> per-token rewards and GAE -> ppo_epochs x shuffled
+minibatches. Every formula is a named function in `ppo_math`; this module only moves tensors between
+them. `run_ppo` turns steps into a run: store rows, hooks, checkpoints, stop and resume, a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from .config import SECTIONS, Config, PPOConfig, Workspace
+from .errors import ConfigError, RlhfError, describe_write_error
+from .hooks import RunHooks, RunResult
+from .models import (encode_prompt, eos_token_ids, format_prompt, load_causal_lm, load_tokenizer, pick_device,
+                     resolve_model_name)
+from .ppo_math import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, clipped_policy_loss,
+                       clipped_value_loss, entropy_from_logits, explained_variance, gae, kl_k3,
+                       logprobs_from_logits, masked_mean, masked_sum, masked_whiten, per_token_rewards,
+                       response_mask)
+from .reward import (RewardHead, RewardScorer, load_reward_onto, pad_left, read_reward_meta,
+                     reward_tokenizer_matches)
+from .sampling import truncate_left
+from .store import Store, _pid_alive
+
+POLICY_ADAPTER = "policy"
+REWARD_ADAPTER = "reward"
+CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = "ppo.lock"
+SAMPLES_PER_STEP = 4
+# Mean k1 per response below this means sampling and log-probs disagree (see field notes).
+NEGATIVE_KL_WARNING = -0.1
+
+
+class NonFiniteError(Exception):
+    """A loss or reward turned NaN/inf: the step cannot be trusted."""
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written (e.g. a full disk); the previous one is left as it was."""
+
+
+# -- models ------------------------------------------------------------------------------------
+
+class ValueHead(nn.Module):
+    """V(s_t) = w . h_t + b on the policy's last hidden state; fp32 and zero-initialised (N-details)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+def response_forward(model: PeftModel, input_ids: Tensor, attention_mask: Tensor,
+                     prompt_len: int) -> tuple[Tensor, Tensor]:
+    """Logits [B, R, V] and last hidden states [B, R, H] at the positions that predict each response token.
+
+    One decoder pass; the LM head runs on the response positions only. Whichever adapter is active (or
+    none, inside `disable_adapter()`) is the model that runs.
+    """
+    lm = model.get_base_model()
+    # Positions count real tokens only, as `generate` does for left-padded prompts.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
+    hidden = hidden[:, prompt_len - 1:-1]
+    return lm.get_output_embeddings()(hidden), hidden
+
+
+class RolloutScorer(Protocol):
+    def score(self, rollout: "Rollout") -> Tensor:
+        """Standardised reward-model score per response ([B])."""
+
+
+class SharedBaseReward:
+    """The reward run's adapter and score head on the policy's own base, scoring the sampled token ids."""
+
+    def __init__(self, model: PeftModel, head: RewardHead) -> None:
+        self.model, self.head = model, head
+
+    def score(self, rollout: "Rollout") -> Tensor:
+        # The reward model was trained on answers without their EOS: the last real token is the answer's.
+        mask = torch.cat([rollout.attention_mask[:, :rollout.prompt_len], rollout.answer_mask.long()], dim=1)
+        return self.head.score(self.model, rollout.input_ids, mask)
+
+
+class SeparateReward:
+    """A reward model on another base or tokenizer: it reads the answers' text, tokenized its own way."""
+
+    def __init__(self, scorer: RewardScorer) -> None:
+        self.scorer = scorer
+
+    def score(self, rollout: "Rollout") -> Tensor:
+        # One call per answer: each prompt may carry its own chat messages.
+        scores = [self.scorer.score(prompt.text, text, prompt.messages)
+                  for prompt, text in zip(rollout.prompts, rollout.response_texts)]
+        return torch.tensor(scores, device=rollout.input_ids.device)
+
+
+# -- prompts and rollouts ----------------------------------------------------------------------
+
+@dataclass
+class PreparedPrompt:
+    id: int
+    text: str
+    messages: list[dict[str, str]] | None
+    token_ids: list[int]
+
+
+def prepare_prompts(rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase,
+                    max_tokens: int) -> tuple[list[PreparedPrompt], int]:
+    """Format and tokenize prompts rows once, cutting long ones from the left. Returns (prompts, number cut)."""
+    prepared, cut = [], 0
+    for row in rows:
+        ids, dropped = truncate_left(encode_prompt(tokenizer, format_prompt(tokenizer, row["text"], row["messages"])),
+                                     max_tokens)
+        cut += dropped > 0
+        prepared.append(PreparedPrompt(row["id"], row["text"], row["messages"], ids))
+    return prepared, cut
+
+
+def prompt_batch(n_prompts: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the prompts for `step` (1-based): a fresh seeded shuffle of all prompts per epoch.
+
+    A pure function of its arguments, so a resumed run draws exactly the prompts it would have.
+    """
+    indices = []
+    for position in range((step - 1) * batch_size, step * batch_size):
+        epoch, offset = divmod(position, n_prompts)
+        order = list(range(n_prompts))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        indices.append(order[offset])
+    return indices
+
+
+@dataclass
+class Rollout:
+    """Sampled responses: left-padded prompts followed by responses cut after their first EOS."""
+
+    prompts: list[PreparedPrompt]
+    input_ids: Tensor        # [B, P + R]
+    attention_mask: Tensor   # [B, P + R]; 0 on prompt padding and after each response's EOS
+    prompt_len: int          # P
+    response_mask: Tensor    # [B, R] bool: real response tokens, EOS included
+    answer_mask: Tensor      # [B, R] bool: the answer's tokens, EOS excluded (what the reward model reads)
+    response_texts: list[str]
+
+    @property
+    def response_ids(self) -> Tensor:
+        return self.input_ids[:, self.prompt_len:]
+
+    @property
+    def has_eos(self) -> Tensor:
+        return (self.response_mask & ~self.answer_mask).any(dim=1)
+
+
+@dataclass
+class Scored:
+    """The no-grad passes over a rollout: policy (old log-probs, values, entropy), reference, reward."""
+
+    logp: Tensor
+    values: Tensor
+    entropy: Tensor
+    ref_logp: Tensor
+    scores: Tensor
+
+
+# -- the PPO step ------------------------------------------------------------------------------
+
+def check_divisible(cfg: PPOConfig) -> None:
+    per_update = cfg.minibatches * cfg.grad_accum
+    if cfg.batch_size % per_update:
+        raise ConfigError(f"ppo.batch_size ({cfg.batch_size}) must be divisible by ppo.minibatches x ppo.grad_accum "
+                          f"({cfg.minibatches} x {cfg.grad_accum})")
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so phase timings measure the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PPOTrainer:
+    """PPO steps on a policy PeftModel and value head, scoring with a reference (adapters off) and a reward."""
+
+    def __init__(self, model: PeftModel, value_head: ValueHead, reward: RolloutScorer,
+                 tokenizer: PreTrainedTokenizerBase, cfg: PPOConfig) -> None:
+        check_divisible(cfg)
+        self.model, self.value_head, self.reward, self.tokenizer, self.cfg = model, value_head, reward, tokenizer, cfg
+        self.device = value_head.linear.weight.device
+        self.params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, eps=cfg.adam_eps)
+        self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+                       else FixedKLController(cfg.init_kl_coef))
+        model.eval()  # and so it stays: `train` switches to training mode and back
+        lm = model.get_base_model()
+        self.eos_ids = eos_token_ids(lm, tokenizer)
+        # Our own config replaces the checkpoint's (which may carry top_p 0.9 and the like): the rollout must
+        # sample exactly softmax(logits / T), the distribution the log-probs are computed from.
+        lm.generation_config = GenerationConfig(
+            do_sample=True, top_k=0, top_p=1.0, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=self.eos_ids)
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[PreparedPrompt]) -> Rollout:
+        """Sample one response per prompt from the policy; tokens after the first EOS become padding."""
+        prompt_ids, prompt_mask = pad_left([p.token_ids for p in prompts], self.tokenizer.pad_token_id, self.device)
+        sequences = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask)
+        prompt_len = prompt_ids.shape[1]
+        responses = sequences[:, prompt_len:]
+        mask = response_mask(responses, self.eos_ids)
+        responses = torch.where(mask, responses, self.tokenizer.pad_token_id)
+        answer_mask = mask & ~torch.isin(responses, torch.tensor(self.eos_ids, device=self.device))
+        return Rollout(
+            prompts=prompts, input_ids=torch.cat([prompt_ids, responses], dim=1),
+            attention_mask=torch.cat([prompt_mask, mask.long()], dim=1), prompt_len=prompt_len,
+            response_mask=mask, answer_mask=answer_mask,
+            response_texts=self.tokenizer.batch_decode(responses, skip_special_tokens=True))
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> Scored:
+        """Old log-probs, values and entropy from the policy; reference log-probs; reward scores."""
+        temperature, tokens = self.cfg.temperature, rollout.response_ids
+        logits, hidden = response_forward(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+        logp, values = logprobs_from_logits(logits, tokens, temperature), self.value_head(hidden)
+        entropy = entropy_from_logits(logits, temperature)
+        del logits, hidden
+        with self.model.disable_adapter():
+            ref_logits, _ = response_forward(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+        ref_logp = logprobs_from_logits(ref_logits, tokens, temperature)
+        del ref_logits
+        scores = apply_no_eos_penalty(self.reward.score(rollout).float(), rollout.has_eos, self.cfg.no_eos_penalty)
+        return Scored(logp=logp, values=values, entropy=entropy, ref_logp=ref_logp, scores=scores)
+
+    def train(self, rollout: Rollout, scored: Scored, advantages: Tensor, returns: Tensor) -> dict[str, float]:
+        """ppo_epochs x shuffled minibatches (each split into grad_accum micro-batches); mean stats."""
+        cfg, batch_size = self.cfg, rollout.input_ids.shape[0]
+        minibatch_size = batch_size // cfg.minibatches
+        micro_size = minibatch_size // cfg.grad_accum
+        stats: dict[str, list[Tensor]] = {k: [] for k in ("policy_loss", "value_loss", "policy_clipfrac",
+                                                          "value_clipfrac", "approx_kl")}
+        self.model.train()
+        try:
+            for _ in range(cfg.ppo_epochs):
+                for minibatch in torch.randperm(batch_size, device=self.device).split(minibatch_size):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    for rows in minibatch.split(micro_size):
+                        self._backward(rollout, scored, advantages, returns, rows, stats)
+                    nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    self.optimizer.step()
+        finally:
+            self.model.eval()
+        return {name: torch.stack(values).mean().item() for name, values in stats.items()}
+
+    def _backward(self, rollout: Rollout, scored: Scored, advantages: Tensor, returns: Tensor, rows: Tensor,
+                  stats: dict[str, list[Tensor]]) -> None:
+        cfg, mask = self.cfg, rollout.response_mask[rows]
+        logits, hidden = response_forward(self.model, rollout.input_ids[rows], rollout.attention_mask[rows],
+                                          rollout.prompt_len)
+        logp = logprobs_from_logits(logits, rollout.response_ids[rows], cfg.temperature)
+        policy_loss, policy_clipfrac, approx_kl = clipped_policy_loss(
+            logp, scored.logp[rows], advantages[rows], mask, cfg.cliprange)
+        value_loss, value_clipfrac = clipped_value_loss(
+            self.value_head(hidden), scored.values[rows], returns[rows], mask, cfg.cliprange_value)
+        loss = policy_loss + cfg.vf_coef * value_loss
+        if cfg.ent_coef:
+            loss = loss - cfg.ent_coef * masked_mean(entropy_from_logits(logits, cfg.temperature), mask)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"the PPO loss is {loss.item()} (policy {policy_loss.item():.4g}, "
+                                 f"value {value_loss.item():.4g})")
+        (loss / cfg.grad_accum).backward()
+        for name, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
+                            ("policy_clipfrac", policy_clipfrac), ("value_clipfrac", value_clipfrac),
+                            ("approx_kl", approx_kl)):
+            stats[name].append(value.detach())
+
+    def step(self, prompts: list[PreparedPrompt]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """One PPO step on these prompts. Returns (metrics, sample rows); updates the KL controller."""
+        cfg, started = self.cfg, time.perf_counter()
+        rollout = self.rollout(prompts)
+        _sync(self.device)
+        rolled_out = time.perf_counter()
+        scored = self.score(rollout)
+        _sync(self.device)
+        scored_at = time.perf_counter()
+
+        mask, kl_coef = rollout.response_mask, self.kl_ctl.value
+        rewards, kl = per_token_rewards(scored.scores, scored.logp, scored.ref_logp, mask, kl_coef)
+        if not torch.isfinite(rewards).all():
+            raise NonFiniteError("the rewards contain NaN/inf (reward model scores or log-probs)")
+        advantages, returns = gae(rewards, scored.values, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+        train_stats = self.train(rollout, scored, advantages, returns)
+        _sync(self.device)
+        finished = time.perf_counter()
+
+        kl_per_response = masked_sum(kl, mask, dim=1)
+        lengths = mask.sum(dim=1).float()
+        metrics = {
+            "score_mean": scored.scores.mean().item(),
+            "score_std": scored.scores.std().item() if len(prompts) > 1 else 0.0,
+            "rlhf_reward": masked_sum(rewards, mask, dim=1).mean().item(),
+            "kl_k1": kl_per_response.mean().item(),
+            "kl_k3": masked_sum(kl_k3(scored.logp, scored.ref_logp), mask, dim=1).mean().item(),
+            "kl_coef": kl_coef,
+            "entropy": masked_mean(scored.entropy, mask).item(),
+            **train_stats,
+            "explained_variance": explained_variance(scored.values, returns, mask).item(),
+            "response_length": lengths.mean().item(),
+            "eos_rate": rollout.has_eos.float().mean().item(),
+            "time_rollout": rolled_out - started,
+            "time_score": scored_at - rolled_out,
+            "time_train": finished - scored_at,
+            "tokens_per_s": lengths.sum().item() / (finished - started),  # response tokens per second of step
+        }
+        self.kl_ctl.update(metrics["kl_k1"], len(prompts))
+        samples = [{"prompt_id": p.id, "prompt": p.text, "response": text, "score": score, "kl": sample_kl}
+                   for p, text, score, sample_kl in zip(prompts, rollout.response_texts, scored.scores.tolist(),
+                                                        kl_per_response.tolist())][:SAMPLES_PER_STEP]
+        return metrics, samples
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS_DIR / f"step-{step}"
+
+
+def save_checkpoint(trainer: PPOTrainer, run_dir: Path, step: int) -> Path:
+    """Write runs/<id>/checkpoints/step-<k>/ atomically (temp dir, then rename): a write that fails half
+    way (a full disk) raises CheckpointWriteError and leaves the older checkpoints as they were.
+
+    Holds: policy/ (PEFT adapter, safetensors), value_head, optimizer and rng (safetensors), state.json
+    (step, KL controller, optimizer param groups, Python RNG).
+    """
+    final = checkpoint_path(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        trainer.model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
+        save_file(trainer.value_head.state_dict(), tmp / "value_head.safetensors")
+        optimizer_state = trainer.optimizer.state_dict()
+        save_file({f"{index}.{name}": value.detach().cpu().contiguous()
+                   for index, state in optimizer_state["state"].items() for name, value in state.items()},
+                  tmp / "optimizer.safetensors")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
+        save_file(rng, tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps({
+            "step": step, "kl_controller": trainer.kl_ctl.state_dict(),
+            "optimizer_param_groups": optimizer_state["param_groups"], "python_rng": random.getstate(),
+        }), encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"cannot write the checkpoint of step {step}: {describe_write_error(exc)}") from None
+    return final
+
+
+def prune_checkpoints(keep: Path) -> None:
+    """Remove the run's other checkpoints (and leftover temp dirs); called once the store points at `keep`,
+    so a kill in between never leaves the store naming a deleted checkpoint."""
+    for old in keep.parent.glob("step-*"):
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def failure_message(exc: Exception, step: int, saved_step: int, run_id: str, cfg: PPOConfig) -> str:
+    """The one line a run that cannot go on reports: what failed at which step, the checkpoint kept, what to do."""
+    kept = f"last checkpoint: step {saved_step}" if saved_step else "no checkpoint yet"
+    if isinstance(exc, CheckpointWriteError):
+        return f"{exc}; the run stopped ({kept}). Resume it with `rlhf-tui ppo --resume {run_id}` once there is room"
+    if isinstance(exc, torch.OutOfMemoryError):
+        return (f"step {step + 1}: out of GPU memory; the run stopped ({kept}). Lower --batch-size (now "
+                f"{cfg.batch_size}) or ppo.max_new_tokens (now {cfg.max_new_tokens}), or set model.quantization = "
+                "\"4bit\" or ppo.gradient_checkpointing = true")
+    return f"step {step + 1}: {exc}; the run stopped ({kept}). Try a lower --lr or --init-kl"
+
+
+def load_checkpoint(trainer: PPOTrainer, path: Path) -> None:
+    """Restore value head, optimizer, KL controller and RNG states (the adapter is loaded with the model)."""
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    trainer.value_head.load_state_dict(load_file(path / "value_head.safetensors"))
+    per_param: dict[int, dict[str, Tensor]] = {}
+    # Loaded on the CPU: load_state_dict moves Adam's moments to each parameter's device and keeps `step` here.
+    for key, value in load_file(path / "optimizer.safetensors").items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    trainer.optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
+    trainer.kl_ctl.load_state_dict(state["kl_controller"])
+    rng = load_file(path / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count())])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# -- runs --------------------------------------------------------------------------------------
+
+@contextmanager
+def ppo_lock(workspace: Workspace) -> Iterator[None]:
+    """One PPO run per workspace: runs/ppo.lock holds the owner's pid; a lock whose process is gone is stale."""
+    path = workspace.runs_dir / LOCK_FILE
+    made_runs_dir = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text(encoding="utf-8").strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _pid_alive(pid):
+                raise RlhfError(f"another PPO run (pid {pid}) is running in {workspace.root}: stop it first "
+                                f"(or delete {path} if that process is not rlhf-tui)") from None
+            path.unlink(missing_ok=True)  # stale: its process ended without cleaning up
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        if made_runs_dir:
+            with suppress(OSError):  # rmdir only succeeds when empty: a run that never began leaves no runs/
+                path.parent.rmdir()
+
+
+def find_reward_run(store: Store, reward_run: str | None) -> dict[str, Any]:
+    """The named reward run, or the latest finished one; it must be a finished reward run."""
+    if reward_run is None:
+        run = store.latest_run("reward")
+        if run is None:
+            raise RlhfError("no finished reward run: train one with `rlhf-tui train-reward`")
+        return run
+    run = store.run(reward_run)
+    if run["kind"] != "reward" or run["status"] != "finished":
+        raise RlhfError(f"run {reward_run!r} is a {run['status']} {run['kind']} run, not a finished reward run "
+                        "(see `rlhf-tui runs`)")
+    return run
+
+
+def _resume_target(store: Store, run_id: str) -> dict[str, Any]:
+    run = store.run(run_id)
+    if run["kind"] != "ppo":
+        raise RlhfError(f"run {run_id!r} is a {run['kind']} run; only PPO runs can be resumed")
+    if run["status"] in ("running", "stopping") and run["pid"] and _pid_alive(run["pid"]):
+        raise RlhfError(f"run {run_id!r} is still running (pid {run['pid']})")
+    if run["status"] == "finished":
+        raise RlhfError(f"run {run_id!r} already finished its {run['total_steps']} steps")
+    return run
+
+
+def _config_of(run: dict[str, Any]) -> Config:
+    return Config.from_dict({k: v for k, v in run["config"].items() if k in SECTIONS}, source=f"run {run['id']}")
+
+
+def _prompt_rows(store: Store, tag: str) -> list[dict[str, Any]]:
+    rows = store.prompts(tag=tag or None)
+    if not rows:
+        where = f" tagged {tag!r}" if tag else ""
+        raise RlhfError(f"no prompts{where} in the workspace: import some with `rlhf-tui prompts import FILE`")
+    return rows
+
+
+def build_trainer(workspace: Workspace, cfg: Config, reward_run: str, checkpoint: Path | None = None) -> PPOTrainer:
+    """Load the base once, add the policy LoRA (fresh, or from a checkpoint), the value head and the reward.
+
+    The reward shares the base when the reward run was trained on the same model, quantization and
+    tokenizer; otherwise it is loaded as a separate model.
+    """
+    device = pick_device()
+    torch.manual_seed(cfg.ppo.seed)
+    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    base = load_causal_lm(cfg.model.name, cfg.model.quantization, trust_remote_code=cfg.model.trust_remote_code,
+                          device=device)
+    if cfg.ppo.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpoint is not None:
+        model = PeftModel.from_pretrained(base, checkpoint / POLICY_ADAPTER, adapter_name=POLICY_ADAPTER,
+                                          is_trainable=True)
+    else:
+        lora = LoraConfig(r=cfg.ppo.lora_r, lora_alpha=cfg.ppo.lora_alpha, lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
+    reward_dir = workspace.run_dir(reward_run)
+    meta = read_reward_meta(reward_dir)
+    same_base = (meta["base_model"] == cfg.model.name and meta["quantization"] == cfg.model.quantization
+                 and reward_tokenizer_matches(reward_dir, tokenizer))
+    reward = (SharedBaseReward(model, load_reward_onto(model, reward_dir, REWARD_ADAPTER)) if same_base
+              else SeparateReward(RewardScorer.from_run(workspace, reward_run, device=device)))
+    value_head = ValueHead(base.get_output_embeddings().in_features).to(device)
+    return PPOTrainer(model, value_head, reward, tokenizer, cfg.ppo)
+
+
+def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None, resume_run: str | None = None,
+            hooks: RunHooks | None = None, store: Store | None = None) -> RunResult:
+    """Run (or resume) PPO in `workspace`, writing runs/metrics/samples as it goes.
+
+    A fresh run uses `cfg` and `reward_run` (default: the latest finished reward run). `resume_run`
+    continues that run from its last checkpoint with the config and reward run it was started with.
+    """
+    hooks = hooks or RunHooks()
+    with ppo_lock(workspace), (nullcontext(store) if store is not None else Store(workspace.db_path)) as db:
+        if resume_run is not None:
+            run = _resume_target(db, resume_run)
+            cfg, reward = _config_of(run), db.run(run["parent_run"])
+            checkpoint_step = run["checkpoint_step"] or 0
+        else:
+            cfg = cfg.override({"model.name": resolve_model_name(cfg)})
+            check_divisible(cfg.ppo)
+            reward, checkpoint_step = find_reward_run(db, reward_run), 0
+        prompt_rows = _prompt_rows(db, cfg.ppo.prompt_tag)
+        # From the run id, not the stored path: the workspace may have moved since.
+        checkpoint = checkpoint_path(workspace.run_dir(resume_run), checkpoint_step) if checkpoint_step else None
+        trainer = build_trainer(workspace, cfg, reward["id"], checkpoint)
+        prompts, cut = prepare_prompts(prompt_rows, trainer.tokenizer, cfg.model.max_prompt_tokens)
+        if resume_run is not None:
+            run_id = resume_run
+            db.resume_run(run_id)
+            db.delete_metrics_after(run_id, checkpoint_step)
+            db.update_run(run_id, step=checkpoint_step)
+            if checkpoint is not None:
+                load_checkpoint(trainer, checkpoint)
+        else:
+            run_id = db.create_run("ppo", cfg.to_dict(), total_steps=cfg.ppo.steps, parent_run=reward["id"])
+        if cut:
+            hooks.on_warning(run_id, f"{cut} prompts were cut to their last {cfg.model.max_prompt_tokens} tokens "
+                                     "(model.max_prompt_tokens)")
+        return _train_loop(trainer, db, workspace.run_dir(run_id), run_id, prompts, checkpoint_step, hooks)
+
+
+def _train_loop(trainer: PPOTrainer, store: Store, run_dir: Path, run_id: str, prompts: list[PreparedPrompt],
+                start_step: int, hooks: RunHooks) -> RunResult:
+    cfg = trainer.cfg
+    hooks.on_start(run_id, "ppo", cfg.steps, start_step)
+    saved_step = start_step
+
+    def checkpoint(step: int) -> None:
+        nonlocal saved_step
+        path = save_checkpoint(trainer, run_dir, step)
+        store.update_run(run_id, checkpoint=str(path), checkpoint_step=step)
+        prune_checkpoints(path)
+        hooks.on_checkpoint(run_id, step, str(path))
+        saved_step = step
+
+    step = start_step
+    try:
+        while step < cfg.steps:
+            if hooks.should_stop():
+                store.update_run(run_id, status="stopping")
+                if step > saved_step:
+                    checkpoint(step)
+                store.update_run(run_id, status="stopped")
+                return RunResult(run_id, "stopped", f"stopped at step {step}/{cfg.steps}",
+                                 _checkpoint_str(run_dir, saved_step), step)
+            batch = [prompts[i] for i in prompt_batch(len(prompts), cfg.batch_size, step + 1, cfg.seed)]
+            metrics, samples = trainer.step(batch)
+            step += 1
+            store.log_metrics(run_id, step, metrics)
+            store.add_samples(run_id, step, samples)
+            store.update_run(run_id, step=step)
+            hooks.on_step(run_id, step, metrics)
+            hooks.on_samples(run_id, step, samples)
+            if metrics["kl_k1"] < NEGATIVE_KL_WARNING:
+                hooks.on_warning(run_id, f"step {step}: KL is negative ({metrics['kl_k1']:.3f}): sampling and "
+                                         "log-probs disagree (check temperature, top-k/top-p)")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint(step)
+    except (NonFiniteError, CheckpointWriteError, torch.OutOfMemoryError) as exc:
+        message = failure_message(exc, step, saved_step, run_id, cfg)
+        store.update_run(run_id, status="failed", error=message)
+        return RunResult(run_id, "failed", message, _checkpoint_str(run_dir, saved_step), step)
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        store.update_run(run_id, status=status, error=f"{type(exc).__name__}: {exc}")
+        raise
+    store.update_run(run_id, status="finished")
+    return RunResult(run_id, "finished", f"finished {cfg.steps} steps", _checkpoint_str(run_dir, saved_step), step)
+
+
+def _checkpoint_str(run_dir: Path, step: int) -> str | None:
+    return str(checkpoint_path(run_dir, step)) if step else None

@@ -1,0 +1,229 @@
+"""The formulas of PPO for language models, one small pure function each.
+
+Shapes: per-token tensors are `[batch, response_len]` over response tokens only; `mask` is a bool (or
+0/1) tensor of the same shape that is true on real tokens. Masks may hold left padding or stop early
+(tokens after the first EOS); a masked position never counts anywhere, and values stored there (even
+NaN or inf) never leak into a result, because masked sums use `torch.where`, not multiplication.
+
+References: Schulman et al. 2017 (clipped surrogate), Schulman et al. 2016 (GAE), Ziegler et al. 2019
+(per-token KL penalty, adaptive KL controller), Huang et al., "The N Implementation Details of RLHF
+with PPO" (whitening, value clipping, masks), Schulman's note "Approximating KL divergence" (k1, k3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+WHITEN_EPS = 1e-8
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Half-precision logits lose too much in softmax; fp32 and fp64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+    """Token log-probabilities: log_softmax(logits / T)[token].
+
+    Dividing by the sampling temperature T makes these the log-probs of the distribution the rollout
+    actually sampled from (otherwise KL turns negative). logits [B, T, V], tokens [B, T] -> [B, T].
+    """
+    logp_all = F.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)
+    return logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float) -> Tensor:
+    """Entropy of the full next-token distribution: H = logsumexp(z) - sum(softmax(z) * z), z = logits / T.
+
+    logits [B, T, V] -> [B, T] (one entropy per position; mask it with `masked_mean`).
+    """
+    z = _at_least_fp32(logits) / temperature
+    return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(dim=-1)
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of x over real tokens: sum(where(mask, x, 0))."""
+    kept = torch.where(mask.bool(), x, torch.zeros_like(x))
+    return kept.sum() if dim is None else kept.sum(dim=dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean over real tokens: sum(mask * x) / sum(mask) (over all tokens, or along `dim`)."""
+    count = mask.sum() if dim is None else mask.sum(dim=dim)
+    return masked_sum(x, mask, dim) / count
+
+
+def masked_var(x: Tensor, mask: Tensor) -> Tensor:
+    """Unbiased variance over real tokens: sum(mask * (x - mean)^2) / (n - 1).
+
+    With a single real token the variance is 0 (nothing to spread), not a division by zero.
+    """
+    n = mask.sum()
+    centered = x - masked_mean(x, mask)
+    return masked_sum(centered**2, mask) / (n - 1).clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Whitening over real tokens: (x - mean) / sqrt(var + eps); shift_mean=False adds the mean back.
+
+    Masked positions come out as 0.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k1 KL estimator per sampled token: log pi(y) - log pi_ref(y) (unbiased; negative on single tokens)."""
+    return logp - ref_logp
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """k3 KL estimator per sampled token: (r - 1) - log r with r = pi_ref(y) / pi(y); always >= 0."""
+    log_r = ref_logp - logp
+    return torch.expm1(log_r) - log_r
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last real token of each row: T - 1 - argmax(flip(mask)) ([B, T] -> [B])."""
+    return mask.shape[1] - 1 - mask.int().flip(1).argmax(dim=1)
+
+
+def per_token_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor,
+                      kl_coef: float) -> tuple[Tensor, Tensor]:
+    """Per-token RLHF reward: r_t = -beta * k1_t on each real token, plus the score at the last real token.
+
+    Returns (rewards, k1 per token), both 0 on masked positions. A row without real tokens gets nothing.
+    """
+    mask = mask.bool()
+    kl = torch.where(mask, kl_k1(logp, ref_logp), torch.zeros_like(logp))
+    rewards = -kl_coef * kl
+    has_tokens = mask.any(dim=1)
+    score_at_end = torch.where(has_tokens, scores.to(rewards.dtype), torch.zeros_like(scores, dtype=rewards.dtype))
+    rewards = rewards.scatter_add(1, last_token_index(mask).unsqueeze(1), score_at_end.unsqueeze(1))
+    return rewards, kl
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation, backwards over real tokens:
+
+    delta_t = r_t + gamma * V_{t+1} - V_t ;  A_t = delta_t + gamma * lam * A_{t+1} ;  returns = A + V.
+    "t+1" is the next *real* token of the row (masked positions are skipped); after the last real token
+    the episode ends (V = 0, A = 0). Advantages and returns are 0 on masked positions.
+    """
+    mask = mask.bool()
+    batch, length = rewards.shape
+    next_value = rewards.new_zeros(batch)
+    next_advantage = rewards.new_zeros(batch)
+    advantages = torch.zeros_like(rewards)
+    for t in reversed(range(length)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        real = mask[:, t]
+        advantages[:, t] = torch.where(real, advantage, 0.0)
+        next_advantage = torch.where(real, advantage, next_advantage)
+        next_value = torch.where(real, values[:, t], next_value)
+    returns = torch.where(mask, advantages + values, 0.0)
+    return advantages, returns
+
+
+def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                        cliprange: float) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO clipped surrogate: L = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))), ratio = pi / pi_old.
+
+    Returns (loss, clip fraction = share of tokens where the clipped term wins, approx KL(old || new) as k3).
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(kl_k3(old_logp, logp), mask)
+    return loss, clipfrac, approx_kl
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                       cliprange_value: float) -> tuple[Tensor, Tensor]:
+    """Clipped value loss: 0.5 * mean(max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)).
+
+    Returns (loss, clip fraction = share of tokens where the clipped term wins).
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped_error > unclipped_error).float(), mask)
+    return loss, clipfrac
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """Explained variance: 1 - Var(R - V) / Var(R) over real tokens (1 = perfect, <= 0 = no better than
+    a constant). NaN when the returns do not vary (undefined)."""
+    var_returns = masked_var(returns, mask)
+    ratio = masked_var(returns - values, mask) / var_returns
+    return torch.where(var_returns > 0, 1.0 - ratio, torch.full_like(ratio, float("nan")))
+
+
+def response_mask(tokens: Tensor, eos_ids: int | Sequence[int], pad_id: int | None = None) -> Tensor:
+    """Real-token mask of sampled responses: true up to and including the first EOS, false after it.
+
+    `eos_ids` is one id or several (models with more than one stop token). With a `pad_id` that is not
+    an EOS id, pad positions are false too (e.g. left padding).
+    """
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device)).int()
+    mask = torch.cumsum(is_eos, dim=1) - is_eos == 0
+    if pad_id is not None and pad_id not in eos_ids:
+        mask &= tokens != pad_id
+    return mask
+
+
+def apply_no_eos_penalty(scores: Tensor, has_eos: Tensor, penalty: float) -> Tensor:
+    """No-EOS penalty (N-details): a response that never emitted EOS gets `penalty` as its score.
+
+    penalty == 0 turns it off (scores unchanged).
+    """
+    if penalty == 0:
+        return scores
+    return torch.where(has_eos, scores, torch.full_like(scores, penalty))
+
+
+class FixedKLController:
+    """A constant KL coefficient beta."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Fixed: nothing to adapt."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al.'s adaptive KL coefficient, steering the measured KL towards `target`:
+
+    e = clip(KL / target - 1, -0.2, 0.2) ;  beta <- beta * (1 + e * n_steps / horizon).
+    `n_steps` is the number of samples the KL was measured on (the rollout batch size).
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        super().__init__(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
