@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, Workspace, describe_defaults
-from .data_io import EXPORT_FORMATS, export_pairs, import_pairs, import_prompts
+from .config import Config, Workspace, describe_defaults, keys_set_in
+from .data_io import EXPORT_FORMATS, export_pairs, import_pairs, import_prompts, read_pairs, read_prompts
+from .demo_mode import DEMO_NOTICE, DEMO_PROMPT_TAG, import_demo_prompts, is_demo, with_demo_defaults
 from .errors import RlhfError
 from .hooks import RunHooks
 from .store import Store
@@ -42,13 +43,16 @@ class Session:
 def load_config(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> tuple[Workspace, Config]:
     """The --workspace directory and its rlhf.toml, with --model and `overrides` (`section.key`: value) applied.
 
-    Overrides whose value is None (flags not given) leave the file's value alone.
+    Overrides whose value is None (flags not given) leave the file's value alone. In demo mode (no model
+    named), settings set neither in the file nor by a flag get the demo defaults.
     """
     workspace = Workspace(getattr(args, "workspace", None) or Path.cwd())
     if not workspace.root.is_dir():
         raise RlhfError(f"{workspace.root}: workspace directory does not exist (create it, or pass --workspace DIR)")
     overrides = {"model.name": getattr(args, "model", None), **(overrides or {})}
-    return workspace, workspace.load_config().override(overrides)
+    config = workspace.load_config().override(overrides)
+    chosen = keys_set_in(workspace.config_path) | {key for key, value in overrides.items() if value is not None}
+    return workspace, with_demo_defaults(config, chosen)
 
 
 @contextmanager
@@ -57,13 +61,15 @@ def open_workspace(args: argparse.Namespace, overrides: dict[str, Any] | None = 
     """`load_config` plus the workspace store, closed afterwards.
 
     Without `create`, a workspace that has no rlhf.db yet is an error rather than a new empty database:
-    read-only commands run in the wrong directory should say so, not leave a database behind.
+    read-only commands run in the wrong directory should say so, not leave a database behind. Runs left
+    "running" by a process that was killed are marked interrupted first, so every command sees the truth.
     """
     workspace, config = load_config(args, overrides)
     if not create and not workspace.db_path.exists():
         raise RlhfError(f"{workspace.root}: no {workspace.db_path.name} here yet "
                         "(import prompts with `rlhf-tui prompts import FILE`, or pass --workspace DIR)")
     with Store(workspace.db_path) as store:
+        store.mark_interrupted_runs()
         yield Session(workspace, config, store)
 
 
@@ -86,8 +92,15 @@ def _import_prompts(store: Store, path: Path, tags: list[str]) -> str:
 def _cmd_app(args: argparse.Namespace) -> int:
     workspace, config = load_config(args)
     if args.prompts:
+        read_prompts(args.prompts)  # a bad file fails before the database is created
         with Store(workspace.db_path) as store:
             print(_import_prompts(store, args.prompts, []))
+    if is_demo(config):
+        with Store(workspace.db_path) as store:
+            imported = import_demo_prompts(store)
+        if imported:
+            print(f"{DEMO_NOTICE}: imported {_plural(imported, 'demo prompt')} (tag {DEMO_PROMPT_TAG!r}) "
+                  "into this empty workspace")
     try:
         from app.main import run_app
     except ModuleNotFoundError as exc:
@@ -96,6 +109,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
 
 
 def _cmd_prompts_import(args: argparse.Namespace) -> int:
+    read_prompts(args.file)  # a bad file fails before the database is created
     with open_workspace(args, create=True) as session:
         print(_import_prompts(session.store, args.file, args.tag))
     return 0
@@ -121,6 +135,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_pairs(args: argparse.Namespace) -> int:
+    read_pairs(args.file)  # a bad file fails before the database is created
     with open_workspace(args, create=True) as session:
         summary = import_pairs(session.store, args.file)
     print(f"imported {_plural(summary.pairs, 'pair')} "
@@ -149,6 +164,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
     else:
         print(describe_defaults(), end="")
     return 0
+
+
+def _say_if_demo(config: Config) -> None:
+    """Headless runs on the demo model say so on stderr (the app says so in its header)."""
+    if is_demo(config):
+        print(f"{DEMO_NOTICE} (laptop-CPU demo defaults apply to unset settings: `{PROG} config --show`)",
+              file=sys.stderr)
 
 
 CLEAR_LINE = "\r\033[K"
@@ -213,14 +235,20 @@ def stop_on_ctrl_c(hooks: RunHooks) -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
+def stopped_exit_code(received: list[int]) -> int:
+    """Exit code of a run stopped by a signal, the shell's way: 128 + its number (130 Ctrl+C, 143 SIGTERM)."""
+    return 128 + (received[0] if received else signal.SIGINT)
+
+
 def _cmd_train_reward(args: argparse.Namespace) -> int:
     overrides = {"reward.epochs": args.epochs, "reward.lr": args.lr, "reward.quantization": args.quantization,
                  "reward.batch_size": args.batch_size}
     with open_workspace(args, overrides) as session:
+        _say_if_demo(session.config)
         from .reward import read_reward_meta, train_reward
 
         progress = ConsoleProgress(("loss", "train_acc", "heldout_acc"))
-        with stop_on_ctrl_c(progress):
+        with stop_on_ctrl_c(progress) as received:
             try:
                 result = train_reward(session.workspace, session.config, hooks=progress, store=session.store)
             finally:
@@ -237,7 +265,7 @@ def _cmd_train_reward(args: argparse.Namespace) -> int:
     print(f"pairs used: {counts['train']} for training ({counts['ties']} ties, {counts['truncated']} truncated of "
           f"{counts['pairs']}), {counts['identical_skipped']} with identical answers skipped")
     print(f"saved: {result.checkpoint}")
-    return {"finished": 0, "stopped": 130}.get(result.status, 1)
+    return {"finished": 0, "stopped": stopped_exit_code(received)}.get(result.status, 1)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -266,6 +294,7 @@ def _cmd_ppo(args: argparse.Namespace) -> int:
         raise RlhfError(f"--resume {args.resume} continues the run with the settings it started with: "
                         "drop the other options")
     with open_workspace(args, overrides) as session:
+        _say_if_demo(session.config)
         from .ppo import run_ppo
 
         progress = ConsoleProgress(("score_mean", "kl_k1", "entropy"))
@@ -283,7 +312,7 @@ def _cmd_ppo(args: argparse.Namespace) -> int:
     if result.status == "stopped":
         print(f"ppo run {result.run_id}: stopped at step {result.step}/{total}{where}; "
               f"resume with `{PROG} ppo --resume {result.run_id}`")
-        return 128 + (received[0] if received else signal.SIGINT)
+        return stopped_exit_code(received)
     print(f"ppo run {result.run_id}: finished {total} steps{where}")
     return 0
 

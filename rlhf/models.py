@@ -171,10 +171,15 @@ def _load(auto_class: Any, name: str, quantization: str, *, trust_remote_code: b
     if dtype is None:
         # Quantized on CUDA: keep the unquantized layers in the bf16 compute dtype; elsewhere fp32.
         dtype = torch.bfloat16 if quant is not None and device.type == "cuda" else torch.float32
-    model = _from_pretrained(auto_class.from_pretrained, name, local, config=config, use_safetensors=True,
-                             trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
-    if quant is None:
-        model.to(device)
+    try:
+        model = _from_pretrained(auto_class.from_pretrained, name, local, config=config, use_safetensors=True,
+                                 trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
+        if quant is None:
+            model.to(device)
+    except torch.OutOfMemoryError:
+        raise ModelLoadError(f"{name}: out of GPU memory loading it with quantization {quantization!r}: set "
+                             "quantization = \"4bit\" ([model], or [reward] for the reward base) or use a smaller "
+                             "model") from None
     return model
 
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +31,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import Config, Workspace
-from .errors import RlhfError
+from .errors import RlhfError, describe_write_error
 from .hooks import RunHooks, RunResult
 from .models import (encode_prompt, format_prompt, load_causal_lm, load_tokenizer, resolve_model_name,
                      tokenizer_fingerprint)
@@ -435,6 +438,9 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store) -> 
         raise RlhfError(f"all {len(encoded)} pairs fell in the held-out split: lower [reward] heldout_fraction")
     steps_per_epoch = math.ceil(len(train) / rc.batch_size)
     total_steps = rc.epochs * steps_per_epoch
+    torch.manual_seed(rc.seed)
+    # Loaded before the run row is written: a model that cannot load leaves no failed run behind.
+    base = load_causal_lm(base_name, rc.quantization, trust_remote_code=cfg.model.trust_remote_code)
     run_id = store.create_run("reward", cfg.to_dict(), total_steps=total_steps)
     hooks.on_start(run_id, "reward", total_steps)
     counts = {"pairs": len(pairs), "train": len(train), "heldout": len(heldout),
@@ -447,8 +453,6 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store) -> 
         hooks.on_warning(run_id, "no held-out pairs (too few prompts or heldout_fraction 0): "
                                  "held-out accuracy is not measured")
     try:
-        torch.manual_seed(rc.seed)
-        base = load_causal_lm(base_name, rc.quantization, trust_remote_code=cfg.model.trust_remote_code)
         model = _lora_model(base, cfg)
         device = _model_device(model)
         head = nn.Linear(base.config.hidden_size, 1, bias=False, device=device)
@@ -458,8 +462,6 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store) -> 
         status, message = trainer.run(train, heldout, steps_per_epoch)
         mean, std = _training_response_stats(model, head, train, rc.batch_size, tokenizer.pad_token_id, device)
         reward_dir = workspace.run_dir(run_id) / REWARD_SUBDIR
-        model.save_pretrained(str(reward_dir / ADAPTER_SUBDIR), safe_serialization=True)
-        save_file({"weight": head.weight.detach().cpu().contiguous()}, str(reward_dir / SCORE_HEAD_FILE))
         meta = {
             "format": META_FORMAT, "run_id": run_id, "status": status, "base_model": base_name,
             "quantization": rc.quantization, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
@@ -468,7 +470,7 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store) -> 
             "heldout_acc": trainer.heldout_acc, "steps": trainer.step, "epochs_completed": trainer.epochs_done,
             "seconds": round(time.monotonic() - started, 3),
         }
-        (reward_dir / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        save_reward_model(reward_dir, model, head, meta)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         store.update_run(run_id, status=status, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -479,6 +481,22 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store) -> 
     if status != "failed":
         message = _summary(trainer.heldout_acc, counts)
     return RunResult(run_id, status, message, checkpoint=str(reward_dir), step=trainer.step)
+
+
+def save_reward_model(reward_dir: Path, model: PeftModel, head: nn.Linear, meta: dict[str, Any]) -> None:
+    """Write the adapter, score head and reward.json to a temp folder renamed to `reward_dir` once whole:
+    a failed write (a full disk) leaves no half-written reward model, and says why in one line."""
+    tmp = reward_dir.with_name(reward_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp / ADAPTER_SUBDIR), safe_serialization=True)
+        save_file({"weight": head.weight.detach().cpu().contiguous()}, str(tmp / SCORE_HEAD_FILE))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        os.replace(tmp, reward_dir)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RlhfError(f"{reward_dir}: cannot save the reward model: {describe_write_error(exc)}; "
+                        "then train again") from None
 
 
 def _summary(heldout_acc: float | None, counts: dict[str, int]) -> str:
@@ -541,6 +559,11 @@ class _Trainer:
                                                       self.device))
                 except _Failed as failure:
                     return "failed", str(failure)
+                except torch.OutOfMemoryError:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return "failed", (f"out of GPU memory at step {self.step + 1}; kept the weights from step "
+                                      f"{self.step} (lower [reward] batch_size, now {self.rc.batch_size}, or "
+                                      f"max_length, now {self.rc.max_length}, or set [reward] quantization = \"4bit\")")
                 self.step += 1
                 done = min(start + self.rc.batch_size, len(order))
                 self._log({**metrics, "epoch": epoch + done / len(order)})

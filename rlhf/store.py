@@ -33,6 +33,9 @@ RUN_KINDS = ("reward", "ppo")
 RUN_STATUSES = ("running", "stopping", "finished", "stopped", "failed", "interrupted")
 FINAL_STATUSES = ("finished", "stopped", "failed", "interrupted")
 DEFAULT_BUSY_TIMEOUT_S = 10.0
+# A labeling session renews its prompt claims whenever it asks for a pair, and the claims of a process that
+# has ended lapse at once (no release needed): the expiry only guards against a pid reused by another process.
+PROMPT_CLAIM_TTL_S = 3600.0
 
 
 def now_iso() -> str:
@@ -108,7 +111,17 @@ def _migrate_0_to_1(db: sqlite_utils.Database) -> None:
     db["samples"].create_index(["run_id", "step"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_0_to_1]
+def _migrate_1_to_2(db: sqlite_utils.Database) -> None:
+    # Which process is showing or queueing a prompt for labeling, so two sessions never serve it at once.
+    db.execute("""
+        CREATE TABLE prompt_claims (
+            prompt_id INTEGER PRIMARY KEY REFERENCES prompts(id),
+            owner_pid INTEGER NOT NULL,
+            expires_at REAL NOT NULL
+        )""")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_0_to_1, _migrate_1_to_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -278,6 +291,37 @@ class Store:
         rng.shuffle(shuffled)
         shuffled.sort(key=lambda r: r["n"])  # stable: keeps the shuffle within each count
         return [r["id"] for r in shuffled]
+
+    def claim_next_prompt(self, seed: int, held: Iterable[int] = (), *,
+                          ttl_s: float = PROMPT_CLAIM_TTL_S) -> int | None:
+        """The next prompt to label, claimed for this process so that another session labeling the same
+        workspace is not served it at the same time; None when there are no prompts.
+
+        `held` are the prompts this process's session shows or queues: their claims are renewed and its
+        other claims released (decided or dropped). Preference: a prompt in nobody's hands (in
+        `prompt_order_for_labeling` order); else one this session holds (a repeat, when everything is
+        queued); else one another session holds. Claims of processes that are gone do not count.
+        """
+        owner, now, held = os.getpid(), time.time(), set(held)
+        claim = ("INSERT INTO prompt_claims (prompt_id, owner_pid, expires_at) VALUES (?, ?, ?) "
+                 "ON CONFLICT (prompt_id) DO UPDATE SET expires_at = excluded.expires_at "
+                 "WHERE owner_pid = excluded.owner_pid")
+        with self.transaction():  # the write lock first: two sessions cannot pick the same free prompt
+            others = set()
+            for row in self._query("SELECT prompt_id, owner_pid, expires_at FROM prompt_claims"):
+                mine = row["owner_pid"] == owner
+                lapsed = row["expires_at"] < now or (not mine and not _pid_alive(row["owner_pid"]))
+                if lapsed or (mine and row["prompt_id"] not in held):
+                    self.db.execute("DELETE FROM prompt_claims WHERE prompt_id = ?", [row["prompt_id"]])
+                elif not mine:
+                    others.add(row["prompt_id"])
+            order = (self.prompt_order_for_labeling(seed, exclude=held | others)
+                     or self.prompt_order_for_labeling(seed, exclude=others)
+                     or self.prompt_order_for_labeling(seed))
+            chosen = order[0] if order else None
+            claimed = held if chosen is None else held | {chosen}
+            self.db.conn.executemany(claim, [(prompt_id, owner, now + ttl_s) for prompt_id in claimed])
+        return chosen
 
     # -- responses ---------------------------------------------------------------------------
 

@@ -158,6 +158,8 @@ def test_user_errors_are_one_line(capsys, tmp_path: Path, ws: Path):
                            "nope.txt: no such file")
     _assert_one_line_error(_run(capsys, "import-pairs", _prompts_file(tmp_path), "--workspace", tmp_path),
                            "unknown extension '.txt' for preference pairs")
+    assert not (tmp_path / "rlhf.db").exists()  # the failed imports created no database
+    Store(tmp_path / "rlhf.db").close()
     _assert_one_line_error(_run(capsys, "export", tmp_path / "no" / "out.jsonl", "--workspace", tmp_path),
                            "directory does not exist")
 

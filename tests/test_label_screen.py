@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -258,6 +259,9 @@ def test_sigkill_mid_labeling_loses_no_decision_and_leaves_no_engine(workspace, 
     lines = progress.read_text().splitlines()
     engine_pid = int(lines[0].split()[1])
     decided = {int(line.split()[1]) for line in lines[1:] if line.startswith("decided")}
+    conn = sqlite3.connect(workspace.db_path)  # the file as the kill left it opens and checks clean
+    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    conn.close()
     stored = [r["id"] for r in rows(workspace)]
     assert decided <= set(stored)  # every reported decision was on disk
     assert len(stored) - len(decided) <= 1  # at most one committed in the instant before the kill
