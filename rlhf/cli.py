@@ -25,7 +25,8 @@ from typing import Any
 from . import __version__
 from .config import Config, Workspace, describe_defaults, keys_set_in
 from .data_io import EXPORT_FORMATS, export_pairs, import_pairs, import_prompts, read_pairs, read_prompts
-from .demo_mode import DEMO_NOTICE, DEMO_PROMPT_TAG, import_demo_prompts, is_demo, with_demo_defaults
+from .demo_mode import (DEMO_NOTICE, DEMO_PROMPT_TAG, import_demo_prompts, is_demo, use_demo_threads,
+                        with_demo_defaults)
 from .errors import RlhfError
 from .hooks import RunHooks
 from .store import Store
@@ -166,11 +167,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say_if_demo(config: Config) -> None:
-    """Headless runs on the demo model say so on stderr (the app says so in its header)."""
+def _enter_demo_mode(config: Config) -> None:
+    """Headless runs on the demo model say so on stderr (the app says so in its header) and use its threads."""
     if is_demo(config):
         print(f"{DEMO_NOTICE} (laptop-CPU demo defaults apply to unset settings: `{PROG} config --show`)",
               file=sys.stderr)
+        use_demo_threads(config)
 
 
 CLEAR_LINE = "\r\033[K"
@@ -244,7 +246,7 @@ def _cmd_train_reward(args: argparse.Namespace) -> int:
     overrides = {"reward.epochs": args.epochs, "reward.lr": args.lr, "reward.quantization": args.quantization,
                  "reward.batch_size": args.batch_size}
     with open_workspace(args, overrides) as session:
-        _say_if_demo(session.config)
+        _enter_demo_mode(session.config)
         from .reward import read_reward_meta, train_reward
 
         progress = ConsoleProgress(("loss", "train_acc", "heldout_acc"))
@@ -294,7 +296,7 @@ def _cmd_ppo(args: argparse.Namespace) -> int:
         raise RlhfError(f"--resume {args.resume} continues the run with the settings it started with: "
                         "drop the other options")
     with open_workspace(args, overrides) as session:
-        _say_if_demo(session.config)
+        _enter_demo_mode(session.config)
         from .ppo import run_ppo
 
         progress = ConsoleProgress(("score_mean", "kl_k1", "entropy"))

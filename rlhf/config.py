@@ -149,11 +149,7 @@ class Config:
         """Read a TOML config; a missing file gives the defaults."""
         if not path.exists():
             return cls()
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(_read_toml(path), source=str(path))
 
     def set(self, dotted: str, value: Any, source: str = "config") -> None:
         """Set `section.key` to `value` after checking its type and range."""
@@ -181,6 +177,21 @@ class Config:
         """This config as a TOML file (`rlhf-tui config --show`); `Config.load` reads it back."""
         return "\n".join(f"[{name}]\n" + "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
                          for name, values in self.to_dict().items())
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
+def keys_set_in(path: Path) -> set[str]:
+    """The `section.key`s a config file sets (none when there is no file): the settings a person chose."""
+    if not path.exists():
+        return set()
+    return {f"{section}.{key}" for section, values in _read_toml(path).items() if isinstance(values, dict)
+            for key in values}
 
 
 def _checked(f: dataclasses.Field, value: Any, where: str) -> Any:
