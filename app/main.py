@@ -14,9 +14,11 @@ from typing import Any
 
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.content import Content
 from textual.screen import Screen
 
 from rlhf.config import Config, Workspace
+from rlhf.demo_mode import DEMO_NOTICE, is_demo
 from rlhf.engine import protocol
 from rlhf.engine.client import EngineClient
 from rlhf.store import Store
@@ -69,6 +71,7 @@ class RlhfApp(App):
         self.config = config
         self.annotator = annotator or config.label.annotator or default_annotator()
         self.store = Store(workspace.db_path)  # opened here: a bad workspace fails before the screen takes over
+        self.store.mark_interrupted_runs()  # runs killed with an earlier app (or headless) say so from the start
         self.engine = EngineClient(workspace, dotted_settings(config))
         self._engine_listeners: list[EngineListener] = []
 
@@ -87,6 +90,12 @@ class RlhfApp(App):
     def on_unmount(self) -> None:
         self.engine.stop()
         self.store.close()
+
+    def format_title(self, title: str, sub_title: str) -> Content:
+        # On the demo model every screen's header says so, after the screen's own subtitle.
+        if is_demo(self.config):
+            sub_title = f"{sub_title} · {DEMO_NOTICE}" if sub_title else DEMO_NOTICE
+        return super().format_title(title, sub_title)
 
     # -- engine ----------------------------------------------------------------------------------
 

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from textual.screen import Screen
 
 from .label import LabelScreen
+from .reward import RewardScreen
+from .runs import RunsScreen
+from .train import TrainScreen
 
 
 @dataclass(frozen=True)
@@ -22,4 +25,7 @@ class Tab:
 
 TABS: tuple[Tab, ...] = (
     Tab("label", "Label", LabelScreen),
+    Tab("reward", "Reward model", RewardScreen),
+    Tab("train", "Train", TrainScreen),
+    Tab("runs", "Runs", RunsScreen),
 )

@@ -118,6 +118,8 @@ class LabelScreen(Screen):
     # -- engine events ---------------------------------------------------------------------------
 
     def handle_engine_events(self, events: list[protocol.Event]) -> None:
+        if not self.is_attached:
+            return  # the app is closing: its widgets are being taken apart while the engine still talks
         for event in events:
             if isinstance(event, protocol.Status):
                 self.engine_status = event

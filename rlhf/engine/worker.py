@@ -21,6 +21,7 @@ import torch
 from peft import PeftModel
 
 from ..config import Config, Workspace
+from ..demo_mode import is_demo, use_demo_threads
 from ..errors import RlhfError
 from ..hooks import RunHooks
 from ..models import load_causal_lm, load_tokenizer, pick_device, resolve_model_name
@@ -215,6 +216,7 @@ class Engine:
 
     def _load(self) -> None:
         self.cfg = self.workspace.load_config().override(self.config_overrides)
+        use_demo_threads(self.cfg)
         self.store = Store(self.workspace.db_path)
         self.model_name = resolve_model_name(self.cfg)
         self.outbox.send(protocol.Status("loading", f"loading tokenizer of {self.model_name}…", 0.2))
@@ -229,14 +231,16 @@ class Engine:
 
     def _use_latest_policy(self) -> None:
         """Sample from base + the newest PPO policy adapter when there is one, then announce Ready."""
-        adapter = latest_policy_adapter(self.store, self.workspace, self.cfg.model.name)
+        # The resolved name, as run_ppo records it: on the demo model [model] name is empty.
+        adapter = latest_policy_adapter(self.store, self.workspace, self.model_name)
         if adapter != self.adapter:
             self.outbox.send(protocol.Status("loading", f"loading policy adapter {adapter}…", 0.8))
             model = self.sampler.model
             base = model.unload() if isinstance(model, PeftModel) else model
             self.sampler.model = PeftModel.from_pretrained(base, adapter).eval() if adapter else base
             self.adapter = adapter
-        self.outbox.send(protocol.Ready(model_label=Path(self.model_name).name or self.model_name,
+        label = "demo" if is_demo(self.cfg) else Path(self.model_name).name or self.model_name
+        self.outbox.send(protocol.Ready(model_label=label,
                                         adapter=str(self.adapter) if self.adapter else None,
                                         sampling=sampling_params(self.cfg.sampling)))
 
@@ -266,14 +270,15 @@ class Engine:
         else:
             raise TypeError(f"unknown request {request!r}")
 
-    def _next_prompt(self, exclude: tuple[int, ...]) -> int:
-        """The next prompt to label; with every prompt already queued, repeats are allowed."""
-        order = (self.store.prompt_order_for_labeling(self.cfg.sampling.seed, exclude=exclude)
-                 or self.store.prompt_order_for_labeling(self.cfg.sampling.seed))
-        if not order:
+    def _next_prompt(self, held: tuple[int, ...]) -> int:
+        """The next prompt to label, claimed in the store so another app on this workspace is not served it
+        too; `held` (the app's queued and shown prompts) keep their claims. With every prompt already
+        held, repeats are allowed."""
+        prompt_id = self.store.claim_next_prompt(self.cfg.sampling.seed, held)
+        if prompt_id is None:
             raise RlhfError("no prompts to label: import some with `rlhf-tui prompts import FILE` "
                             "(or start the app with --prompts FILE)")
-        return order[0]
+        return prompt_id
 
     def _make_pair(self, prompt_id: int, *, regenerated: bool) -> protocol.PairReady:
         """Sample two answers and store both (with provenance) before they can be shown."""
