@@ -433,21 +433,26 @@ def ppo_lock(workspace: Workspace) -> Iterator[None]:
     path = workspace.runs_dir / LOCK_FILE
     made_runs_dir = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
+    # The lock appears with the pid already in it (hard link of a finished temp file): a lock read as empty
+    # or pid-less would look stale and let a second run delete it.
+    claim = path.with_name(f"{LOCK_FILE}.{os.getpid()}")
+    claim.write_text(str(os.getpid()), encoding="utf-8")
+    try:
+        while True:
             try:
-                pid = int(path.read_text(encoding="utf-8").strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _pid_alive(pid):
-                raise RlhfError(f"another PPO run (pid {pid}) is running in {workspace.root}: stop it first "
-                                f"(or delete {path} if that process is not rlhf-tui)") from None
-            path.unlink(missing_ok=True)  # stale: its process ended without cleaning up
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(str(os.getpid()))
+                os.link(claim, path)
+                break
+            except FileExistsError:
+                try:
+                    pid = int(path.read_text(encoding="utf-8").strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _pid_alive(pid):
+                    raise RlhfError(f"another PPO run (pid {pid}) is running in {workspace.root}: stop it first "
+                                    f"(or delete {path} if that process is not rlhf-tui)") from None
+                path.unlink(missing_ok=True)  # stale: its process ended without cleaning up
+    finally:
+        claim.unlink(missing_ok=True)
     try:
         yield
     finally:
