@@ -287,7 +287,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 # `rlhf-tui ppo` flag -> config key; --resume takes none of them (the run keeps its own settings).
 PPO_FLAGS = {"steps": "ppo.steps", "batch_size": "ppo.batch_size", "minibatches": "ppo.minibatches",
-             "epochs": "ppo.ppo_epochs", "lr": "ppo.lr", "init_kl": "ppo.init_kl_coef", "target_kl": "ppo.target_kl"}
+             "epochs": "ppo.ppo_epochs", "lr": "ppo.lr", "init_kl": "ppo.init_kl_coef", "target_kl": "ppo.target_kl",
+             "sft_adapter": "ppo.sft_adapter"}
 
 
 def _cmd_ppo(args: argparse.Namespace) -> int:
@@ -460,6 +461,8 @@ def _register_ppo(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, metavar="X", help="learning rate")
     parser.add_argument("--init-kl", type=float, metavar="X", help="initial KL coefficient")
     parser.add_argument("--target-kl", type=float, metavar="X", help="target KL of the adaptive controller")
+    parser.add_argument("--sft-adapter", metavar="DIR",
+                        help="start from this SFT LoRA adapter; the frozen adapter is then the KL reference")
     parser.add_argument("--resume", metavar="RUN",
                         help="continue this stopped or interrupted run from its last checkpoint, with its own settings")
     _add_model_option(parser)

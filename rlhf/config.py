@@ -112,6 +112,8 @@ class PPOConfig:
     gradient_checkpointing: bool = _f(False, "Trade compute for memory in the policy forward.")
     checkpoint_every: int = _f(10, "Save a checkpoint every K steps (and on stop).", lo=1)
     prompt_tag: str = _f("", "Use only prompts with this tag (empty = all).")
+    sft_adapter: str = _f("", "Start from this SFT LoRA adapter dir; the frozen SFT adapter is then the KL "
+                          "reference (empty = start from the base, reference = adapters off).")
     seed: int = _f(0, "Seed for prompts order, sampling and init.", lo=0)
 
 

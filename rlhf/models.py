@@ -11,6 +11,8 @@ import hashlib
 import json
 import socket
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -231,3 +233,23 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
         "chat_template": tokenizer.chat_template or "",
     }
     return hashlib.sha256(json.dumps(content).encode("utf-8")).hexdigest()[:16]
+
+
+@contextmanager
+def adapter_active(peft_model: Any, adapter_name: str) -> Iterator[None]:
+    """Run the PeftModel with `adapter_name` active, in eval mode, then restore the previously active
+    adapter, every parameter's requires_grad flag (peft's set_adapter makes the active adapter trainable)
+    and each module's train/eval mode."""
+    previous = peft_model.active_adapter
+    requires_grad = {p: p.requires_grad for p in peft_model.parameters()}
+    training = {m: m.training for m in peft_model.modules()}
+    peft_model.eval()
+    peft_model.set_adapter(adapter_name)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(previous)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
+        for module, flag in training.items():
+            module.training = flag

@@ -34,7 +34,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from .config import SECTIONS, Config, PPOConfig, Workspace
 from .errors import ConfigError, RlhfError, describe_write_error
 from .hooks import RunHooks, RunResult
-from .models import (encode_prompt, eos_token_ids, format_prompt, load_causal_lm, load_tokenizer, pick_device,
+from .models import (adapter_active, encode_prompt, eos_token_ids, format_prompt, load_causal_lm, load_tokenizer, pick_device,
                      resolve_model_name)
 from .ppo_math import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, clipped_policy_loss,
                        clipped_value_loss, entropy_from_logits, explained_variance, gae, kl_k3,
@@ -47,6 +47,7 @@ from .store import Store, _pid_alive
 
 POLICY_ADAPTER = "policy"
 REWARD_ADAPTER = "reward"
+REFERENCE_ADAPTER = "reference"  # the frozen SFT adapter, when PPO starts from one
 CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = "ppo.lock"
 SAMPLES_PER_STEP = 4
@@ -207,7 +208,7 @@ def _sync(device: torch.device) -> None:
 
 
 class PPOTrainer:
-    """PPO steps on a policy PeftModel and value head, scoring with a reference (adapters off) and a reward."""
+    """PPO steps on a policy PeftModel and value head, scoring with a reference and a reward."""
 
     def __init__(self, model: PeftModel, value_head: ValueHead, reward: RolloutScorer,
                  tokenizer: PreTrainedTokenizerBase, cfg: PPOConfig) -> None:
@@ -243,6 +244,13 @@ class PPOTrainer:
             response_mask=mask, answer_mask=answer_mask,
             response_texts=self.tokenizer.batch_decode(responses, skip_special_tokens=True))
 
+    def reference_model(self) -> Any:
+        """Context in which the model is the KL reference: the frozen SFT adapter when PPO started from one
+        (adapters off would give the base, not the SFT model), else the base with adapters disabled."""
+        if REFERENCE_ADAPTER in self.model.peft_config:
+            return adapter_active(self.model, REFERENCE_ADAPTER)
+        return self.model.disable_adapter()
+
     @torch.no_grad()
     def score(self, rollout: Rollout) -> Scored:
         """Old log-probs, values and entropy from the policy; reference log-probs; reward scores."""
@@ -251,7 +259,7 @@ class PPOTrainer:
         logp, values = logprobs_from_logits(logits, tokens, temperature), self.value_head(hidden)
         entropy = entropy_from_logits(logits, temperature)
         del logits, hidden
-        with self.model.disable_adapter():
+        with self.reference_model():
             ref_logits, _ = response_forward(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
         ref_logp = logprobs_from_logits(ref_logits, tokens, temperature)
         del ref_logits
@@ -512,13 +520,20 @@ def build_trainer(workspace: Workspace, cfg: Config, reward_run: str, checkpoint
                           device=device)
     if cfg.ppo.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if checkpoint is not None:
-        model = PeftModel.from_pretrained(base, checkpoint / POLICY_ADAPTER, adapter_name=POLICY_ADAPTER,
-                                          is_trainable=True)
+    sft = cfg.ppo.sft_adapter
+    if sft and not (Path(sft) / "adapter_model.safetensors").is_file():
+        raise RlhfError(f"{sft}: no adapter_model.safetensors here: [ppo] sft_adapter must be a LoRA adapter "
+                        "directory saved with save_pretrained(..., safe_serialization=True)")
+    if checkpoint is not None or sft:
+        start = checkpoint / POLICY_ADAPTER if checkpoint is not None else sft
+        model = PeftModel.from_pretrained(base, start, adapter_name=POLICY_ADAPTER, is_trainable=True)
     else:
         lora = LoraConfig(r=cfg.ppo.lora_r, lora_alpha=cfg.ppo.lora_alpha, lora_dropout=0.0,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         model = get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
+    if sft:
+        model.load_adapter(sft, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        model.set_adapter(POLICY_ADAPTER)
     reward_dir = workspace.run_dir(reward_run)
     meta = read_reward_meta(reward_dir)
     same_base = (meta["base_model"] == cfg.model.name and meta["quantization"] == cfg.model.quantization

@@ -39,8 +39,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .config import Config, Workspace
 from .errors import RlhfError, describe_write_error
 from .hooks import RunHooks, RunResult
-from .models import (encode_prompt, format_prompt, load_causal_lm, load_tokenizer, resolve_model_name,
-                     tokenizer_fingerprint)
+from .models import (adapter_active, encode_prompt, format_prompt, load_causal_lm, load_tokenizer,
+                     resolve_model_name, tokenizer_fingerprint)
 from .ppo_math import last_token_index
 from .sampling import truncate_left
 from .store import Store
@@ -205,19 +205,8 @@ class RewardHead:
         Switches to the reward adapter for this forward and restores the previously active adapter,
         the parameters' requires_grad flags and each module's train/eval mode afterwards.
         """
-        previous = peft_model.active_adapter
-        requires_grad = {p: p.requires_grad for p in peft_model.parameters()}
-        training = {m: m.training for m in peft_model.modules()}
-        peft_model.eval()
-        peft_model.set_adapter(self.adapter_name)
-        try:
+        with adapter_active(peft_model, self.adapter_name):
             scores = raw_scores(peft_model, self.head, input_ids, attention_mask)
-        finally:
-            peft_model.set_adapter(previous)
-            for param, flag in requires_grad.items():
-                param.requires_grad_(flag)
-            for module, flag in training.items():
-                module.training = flag
         return standardise(scores, self.mean, self.std)
 
 

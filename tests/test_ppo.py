@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 from rlhf.cli import main
 from rlhf.config import Config, Workspace
 from rlhf.errors import RlhfError
+from rlhf.models import load_causal_lm
 from rlhf.hooks import RunHooks
-from rlhf.ppo import (CHECKPOINTS_DIR, LOCK_FILE, POLICY_ADAPTER, REWARD_ADAPTER, SeparateReward, SharedBaseReward,
+from rlhf.ppo import (CHECKPOINTS_DIR, LOCK_FILE, POLICY_ADAPTER, REFERENCE_ADAPTER, REWARD_ADAPTER, SeparateReward, SharedBaseReward,
                       build_trainer, ppo_lock, prepare_prompts, prompt_batch, response_forward, run_ppo)
 from rlhf.ppo_math import logprobs_from_logits
 from rlhf.reward import RewardScorer, train_reward
@@ -196,6 +198,33 @@ def test_rollout_log_probs_match_what_generate_sampled(rewarded):
     ours = logprobs_from_logits(logits, rollout.response_ids, 0.7)
     assert torch.allclose(ours[mask], expected[mask], atol=1e-4)
     assert all(trainer.tokenizer.eos_token not in text for text in rollout.response_texts)
+
+
+def test_ppo_from_an_sft_adapter_keeps_it_frozen_as_the_reference(rewarded, tmp_path):
+    """Started from an SFT adapter, the policy begins as that adapter and the reference is that adapter,
+    frozen: KL is exactly 0 at the start, where the base with adapters off would not be."""
+    ws, reward_run = rewarded
+    cfg = ppo_config(ws, **{"ppo.batch_size": 4})
+    torch.manual_seed(5)
+    sft = get_peft_model(load_causal_lm(cfg.model.name), LoraConfig(r=4, target_modules="all-linear",
+                                                                      init_lora_weights=False))
+    sft.save_pretrained(tmp_path / "sft", safe_serialization=True)
+    trainer = build_trainer(ws, cfg.override({"ppo.sft_adapter": str(tmp_path / "sft")}), reward_run)
+    with Store(ws.db_path) as store:
+        prompts, _ = prepare_prompts(store.prompts()[:4], trainer.tokenizer, 64)
+    rollout = trainer.rollout(prompts)
+    scored = trainer.score(rollout)
+    mask = rollout.response_mask
+    assert torch.equal(scored.logp[mask], scored.ref_logp[mask])
+    with torch.no_grad(), trainer.model.disable_adapter():
+        base_logits, _ = response_forward(trainer.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+    base_logp = logprobs_from_logits(base_logits, rollout.response_ids, cfg.ppo.temperature)
+    assert (base_logp[mask] - scored.ref_logp[mask]).abs().max() > 1e-3
+    reference = [p for name, p in trainer.model.named_parameters() if f".{REFERENCE_ADAPTER}." in name]
+    assert reference and not any(p.requires_grad for p in reference)
+    assert trainer.model.active_adapter == POLICY_ADAPTER
+    with pytest.raises(RlhfError, match="adapter_model.safetensors"):
+        build_trainer(ws, cfg.override({"ppo.sft_adapter": str(tmp_path)}), reward_run)
 
 
 def test_shared_base_reward_scores_like_the_reward_model_on_the_text(rewarded):
