@@ -104,6 +104,8 @@ class RlhfApp(App):
         self._engine_listeners.append(listener)
 
     def _drain_engine(self) -> None:
+        if not self.is_running:
+            return  # shutting down: screens are being taken apart, and nobody is left to show events to
         events = self.engine.poll()
         if not events:
             return
