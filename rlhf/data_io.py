@@ -271,13 +271,17 @@ def import_pairs(store: Store, path: str | Path) -> PairImportSummary:
     pairs = read_pairs(path)
     source = f"import:{path.name}"
     with store.transaction():
-        prompt_ids, known = store.add_prompts([pair.prompt for pair in pairs], source=source)
+        known_before = {prompt["id"] for prompt in store.prompts()}
+        prompt_ids, _ = store.add_prompts([pair.prompt for pair in pairs], source=source)
         for prompt_id, pair in zip(prompt_ids, pairs):
             chosen_id = store.add_response(prompt_id, pair.chosen, model=None, source=source)
             rejected_id = store.add_response(prompt_id, pair.rejected, model=None, source=source)
             store.add_comparison(prompt_id, chosen_id, rejected_id, "tie" if pair.tie else "a",
                                  margin=pair.margin, source=source)
-    return PairImportSummary(pairs=len(pairs), new_prompts=len(pairs) - known, known_prompts=known)
+    # Distinct prompts: a prompt with four pairs in the file is one new prompt, not one new and three known.
+    distinct = set(prompt_ids)
+    return PairImportSummary(pairs=len(pairs), new_prompts=len(distinct - known_before),
+                             known_prompts=len(distinct & known_before))
 
 
 def _export_record(pair: dict[str, Any], fmt: str) -> dict[str, Any]:

@@ -207,7 +207,7 @@ def test_import_pairs_stores_prompts_responses_and_comparisons(tmp_path: Path, e
         {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome", "tie": True},
     ])
     summary = import_pairs(empty_store, path)
-    assert (summary.pairs, summary.new_prompts, summary.known_prompts) == (3, 1, 2)
+    assert (summary.pairs, summary.new_prompts, summary.known_prompts) == (3, 1, 1)
     assert [p["text"] for p in empty_store.prompts()] == ["2+2?", "Capital of France?"]
     comparisons = empty_store.comparisons()
     assert [(c["choice"], c["margin"], c["source"], c["annotator"]) for c in comparisons] == [
