@@ -34,7 +34,6 @@ from pathlib import Path
 
 # These modules load no torch, so OMP_NUM_THREADS set in main() still takes effect.
 from rlhf.config import Workspace
-from rlhf.data_io import import_pairs
 from rlhf.store import Store
 
 SIZES = {
@@ -88,18 +87,12 @@ def prepare_workspace(root: Path, size: str, quantization: str) -> tuple[Workspa
     model's parameter count in millions."""
     from rlhf.models import load_causal_lm
     from rlhf.reward import train_reward
-    from rlhf.tiny import build_tiny_llama, hidden_rule_pairs
+    from rlhf.tiny import build_tiny_llama, hidden_rule_pairs, workspace_with_pairs
 
     model_dir = build_tiny_llama(root / "model", **SIZES[size])
     params = sum(p.numel() for p in load_causal_lm(str(model_dir)).parameters()) / 1e6
-    ws = Workspace(root / "ws")
-    ws.root.mkdir(parents=True)
-    ws.config_path.write_text(f'[model]\nname = "{model_dir.as_posix()}"\nquantization = "{quantization}"\n'
-                              f'[reward]\nquantization = "{quantization}"\nepochs = 1\n', encoding="utf-8")
-    pairs_file = root / "pairs.jsonl"
-    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in hidden_rule_pairs(16, 2)), encoding="utf-8")
-    with Store(ws.db_path) as store:
-        import_pairs(store, pairs_file)
+    ws = workspace_with_pairs(root / "ws", model_dir, hidden_rule_pairs(16, 2),
+                              f'quantization = "{quantization}"\n[reward]\nquantization = "{quantization}"\nepochs = 1\n')
     reward = train_reward(ws, ws.load_config())
     return ws, reward.run_id, params
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -26,10 +25,9 @@ import time
 from pathlib import Path
 
 # These modules load no torch, so OMP_NUM_THREADS set in main() still takes effect.
-from rlhf.config import Workspace
-from rlhf.data_io import import_pairs
 from rlhf.hooks import RunHooks
 from rlhf.store import Store
+from rlhf.tiny import workspace_with_pairs
 
 SIZES = {
     "tiny": {},
@@ -57,16 +55,9 @@ class EpochTimer(RunHooks):
 def ours(root: Path, model_dir: Path, pairs: list[dict], args: argparse.Namespace) -> dict:
     from rlhf.reward import read_reward_meta, train_reward
 
-    ws = Workspace(root / "ws")
-    ws.root.mkdir(parents=True)
-    ws.config_path.write_text(
-        f'[model]\nname = "{model_dir.as_posix()}"\n[reward]\nepochs = {args.epochs}\nlr = {args.lr}\n'
-        f"heldout_fraction = {args.heldout}\nlora_r = {args.lora_r}\nlora_alpha = {2 * args.lora_r}\n",
-        encoding="utf-8")
-    pairs_file = root / "pairs.jsonl"
-    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    with Store(ws.db_path) as store:
-        import_pairs(store, pairs_file)
+    ws = workspace_with_pairs(root / "ws", model_dir, pairs,
+                              f"[reward]\nepochs = {args.epochs}\nlr = {args.lr}\nheldout_fraction = {args.heldout}\n"
+                              f"lora_r = {args.lora_r}\nlora_alpha = {2 * args.lora_r}\n")
     timer = EpochTimer()
     result = train_reward(ws, ws.load_config(), hooks=timer)
     meta = read_reward_meta(Path(result.checkpoint))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import subprocess
 import sys
@@ -28,8 +27,6 @@ sys.path.insert(0, str(ROOT))
 
 from app.main import RlhfApp  # noqa: E402
 from rlhf.config import Workspace  # noqa: E402
-from rlhf.data_io import import_pairs  # noqa: E402
-from rlhf.store import Store  # noqa: E402
 
 PROBE_INTERVAL_S = 0.010
 FIRST_PAINT_S = 3.0
@@ -72,20 +69,13 @@ def percentile(values: list[float], q: float) -> float:
 
 def build_workspace(workdir: Path, ppo_steps: int) -> Workspace:
     """The ~35M model and a workspace with 24 hidden-rule pairs; run in a child process (see main)."""
-    from rlhf.tiny import build_tiny_llama, hidden_rule_pairs
+    from rlhf.tiny import build_tiny_llama, hidden_rule_pairs, workspace_with_pairs
 
     model = build_tiny_llama(workdir / "model-35m", **MODEL_SHAPE)
-    ws = Workspace(workdir / "ws")
-    ws.root.mkdir(parents=True)
-    ws.config_path.write_text(
-        f'[model]\nname = "{model.as_posix()}"\n[sampling]\nprefetch = 0\nmax_new_tokens = 8\n'
-        f"[reward]\nepochs = 1\nbatch_size = 8\nheldout_fraction = 0.2\n{PPO_SETTINGS}steps = {ppo_steps}\n",
-        encoding="utf-8")
-    pairs = workdir / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(p) + "\n" for p in hidden_rule_pairs(8, 3)), encoding="utf-8")
-    with Store(ws.db_path) as store:
-        import_pairs(store, pairs)
-    return ws
+    return workspace_with_pairs(
+        workdir / "ws", model, hidden_rule_pairs(8, 3),
+        "[sampling]\nprefetch = 0\nmax_new_tokens = 8\n"
+        f"[reward]\nepochs = 1\nbatch_size = 8\nheldout_fraction = 0.2\n{PPO_SETTINGS}steps = {ppo_steps}\n")
 
 
 async def wait_for(predicate, timeout_s: float, what: str) -> None:

@@ -7,13 +7,19 @@ a second; larger sizes serve benchmarks (hidden 512, 10 layers, intermediate 153
 
 from __future__ import annotations
 
+import json
 import random
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from .config import Workspace
+from .data_io import import_pairs
+from .store import Store
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -118,3 +124,21 @@ def build_tiny_llama(out_dir: Path | str, *, corpus: Iterable[str] | None = None
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def workspace_with_pairs(root: Path | str, model_dir: Path | str, pairs: list[dict[str, str]],
+                         toml: str = "") -> Workspace:
+    """A new workspace at `root` whose rlhf.toml names `model_dir` (then `toml`, which may continue the
+    [model] table) and whose store holds `pairs` (trl format), imported as `rlhf-tui import-pairs` does.
+
+    The pairs file lives in a temporary folder: the workspace holds only rlhf.toml and rlhf.db.
+    """
+    ws = Workspace(Path(root))
+    ws.root.mkdir(parents=True)
+    ws.config_path.write_text(f'[model]\nname = "{Path(model_dir).as_posix()}"\n{toml}', encoding="utf-8")
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs_file = Path(tmp) / "pairs.jsonl"
+        pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+        with Store(ws.db_path) as store:
+            import_pairs(store, pairs_file)
+    return ws

@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 
 import rlhf.reward as reward
 from rlhf.config import Config, Workspace
-from rlhf.data_io import import_pairs
 from rlhf.errors import RlhfError
 from rlhf.hooks import RunHooks
 from rlhf.models import load_causal_lm, load_tokenizer
@@ -30,7 +29,7 @@ from rlhf.reward import (RewardScorer, bradley_terry_loss, centering_penalty, en
                          is_heldout, load_reward_onto, pad_left, pairwise_accuracy, reward_loss,
                          reward_tokenizer_matches, standardise, symmetric_tie_loss, train_reward)
 from rlhf.store import Store
-from rlhf.tiny import build_tiny_llama, hidden_rule_pairs
+from rlhf.tiny import build_tiny_llama, hidden_rule_pairs, workspace_with_pairs
 
 ACCURACY_BAR = 0.85
 t = torch.tensor
@@ -97,15 +96,8 @@ def test_fit_to_length_cuts_the_prompt_from_the_left():
 
 
 def _workspace(root: Path, model_dir: Path, pairs: list[dict], **settings) -> tuple[Workspace, Config]:
-    root.mkdir(parents=True)
-    ws = Workspace(root)
-    lines = [f'[model]\nname = "{model_dir.as_posix()}"', "[reward]", "heldout_fraction = 0.2",
-             *(f"{key} = {json.dumps(value)}" for key, value in settings.items())]
-    ws.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    pairs_file = root / "pairs.jsonl"
-    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    with Store(ws.db_path) as store:
-        import_pairs(store, pairs_file)
+    reward_settings = "".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items())
+    ws = workspace_with_pairs(root, model_dir, pairs, f"[reward]\nheldout_fraction = 0.2\n{reward_settings}")
     return ws, ws.load_config()
 
 

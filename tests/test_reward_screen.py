@@ -6,7 +6,6 @@ Also the helpers the Train and Runs screen tests share: a workspace of hidden-ru
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -22,10 +21,9 @@ from app.screens.reward import RewardScreen
 from app.screens.train import TrainScreen
 from app.widgets.settings_form import SettingsForm, check_setting, parse_setting
 from rlhf.config import Config, Workspace
-from rlhf.data_io import import_pairs
 from rlhf.errors import ConfigError
 from rlhf.store import Store
-from rlhf.tiny import hidden_rule_pairs
+from rlhf.tiny import hidden_rule_pairs, workspace_with_pairs
 
 ENGINE_TIMEOUT_S = 180  # a cold engine imports torch first: slow on the shared 2-core machine
 STEP_TIMEOUT_S = 90
@@ -36,15 +34,9 @@ def make_workspace(root: Path, model_dir: Path, toml: str = "") -> Workspace:
 
     The label screen opens first and asks the engine for one pair (prefetch 0): little work beside training.
     """
-    root.mkdir(parents=True)
-    ws = Workspace(root)
-    ws.config_path.write_text(f'[model]\nname = "{model_dir.as_posix()}"\n[sampling]\nprefetch = 0\n'
-                              f'max_new_tokens = 4\n[reward]\nheldout_fraction = 0.2\n{toml}', encoding="utf-8")
-    pairs = root / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(p) + "\n" for p in hidden_rule_pairs(20, 4)), encoding="utf-8")
-    with Store(ws.db_path) as store:
-        import_pairs(store, pairs)
-    return ws
+    return workspace_with_pairs(root, model_dir, hidden_rule_pairs(20, 4),
+                                "[sampling]\nprefetch = 0\nmax_new_tokens = 4\n[reward]\nheldout_fraction = 0.2\n"
+                                + toml)
 
 
 async def wait_until(pilot, predicate, timeout_s: float = STEP_TIMEOUT_S, what: str = "condition") -> None:

@@ -4,7 +4,6 @@ stderr followers and the /proc view of a process's network sockets."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import subprocess
@@ -15,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rlhf.config import Workspace
-from rlhf.data_io import import_pairs
-from rlhf.store import Store
 
 # Small enough for a few seconds per run on a shared 2-core box: one PPO step is 2 prompts x 8 tokens.
 TINY_SETTINGS = """
@@ -39,17 +36,10 @@ SUBPROCESS_TIMEOUT_S = 300  # a cold process imports torch first; the box is sha
 
 def make_labeled_workspace(root: Path, model_dir: Path) -> Workspace:
     """A workspace on the tiny model with TINY_SETTINGS and 24 imported hidden-rule pairs on 8 prompts."""
-    from rlhf.tiny import hidden_rule_pairs  # imports torch: only when a test needs a workspace
+    from rlhf.tiny import hidden_rule_pairs, workspace_with_pairs  # imports torch: only when a test needs one
 
-    ws = Workspace(root)
-    ws.root.mkdir(parents=True)
-    ws.config_path.write_text(f'[model]\nname = "{model_dir.as_posix()}"\n{TINY_SETTINGS}', encoding="utf-8")
-    pairs_file = root.parent / f"{root.name}-pairs.jsonl"
-    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in hidden_rule_pairs(num_prompts=8, pairs_per_prompt=3)),
-                          encoding="utf-8")
-    with Store(ws.db_path) as store:
-        import_pairs(store, pairs_file)
-    return ws
+    return workspace_with_pairs(root, model_dir, hidden_rule_pairs(num_prompts=8, pairs_per_prompt=3),
+                                TINY_SETTINGS)
 
 
 def rlhf_tui(*args: str | Path, timeout: float = SUBPROCESS_TIMEOUT_S) -> subprocess.CompletedProcess:
