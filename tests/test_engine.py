@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -111,17 +113,26 @@ def test_sampler_cuts_long_prompts_from_the_left(tiny_policy):
 # -- a real engine process -----------------------------------------------------------------------
 
 
+# Events polled but not yet consumed, per client: one poll can return several events (two pairs
+# sampled back to back), and a waiter that returned the first must not drop the rest.
+_unconsumed: weakref.WeakKeyDictionary[EngineClient, deque[protocol.Event]] = weakref.WeakKeyDictionary()
+
+
 def wait_for(client: EngineClient, kind: type, timeout_s: float = EVENT_TIMEOUT_S,
              seen: list | None = None) -> protocol.Event:
-    """Poll until an event of `kind` arrives; every event polled is appended to `seen`."""
+    """The next event of `kind`, polling until it arrives; events before it are appended to `seen`.
+    An Error while waiting for something else fails at once, with its message."""
+    backlog = _unconsumed.setdefault(client, deque())
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for event in client.poll():
+        backlog.extend(client.poll())
+        while backlog:
+            event = backlog.popleft()
             if seen is not None:
                 seen.append(event)
             if isinstance(event, kind):
                 return event
-            assert not (isinstance(event, protocol.Error) and event.fatal), event
+            assert not isinstance(event, protocol.Error), event
         time.sleep(0.02)
     raise AssertionError(f"no {kind.__name__} within {timeout_s}s")
 
