@@ -28,7 +28,7 @@ from .data_io import EXPORT_FORMATS, export_pairs, import_pairs, import_prompts,
 from .demo_mode import (DEMO_NOTICE, DEMO_PROMPT_TAG, import_demo_prompts, is_demo, use_demo_threads,
                         with_demo_defaults)
 from .errors import RlhfError
-from .hooks import RunHooks
+from .hooks import RunHooks, RunResult
 from .store import Store
 
 PROG = "rlhf-tui"
@@ -242,32 +242,53 @@ def stopped_exit_code(received: list[int]) -> int:
     return 128 + (received[0] if received else signal.SIGINT)
 
 
+def _refuse_settings_on_resume(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    if args.resume and (getattr(args, "reward", None) or hasattr(args, "model")
+                        or any(v is not None for v in overrides.values())):
+        raise RlhfError(f"--resume {args.resume} continues the run with the settings it started with: "
+                        "drop the other options")
+
+
 def _cmd_train_reward(args: argparse.Namespace) -> int:
     overrides = {"reward.epochs": args.epochs, "reward.lr": args.lr, "reward.quantization": args.quantization,
                  "reward.batch_size": args.batch_size}
+    _refuse_settings_on_resume(args, overrides)
     with open_workspace(args, overrides) as session:
         _enter_demo_mode(session.config)
-        from .reward import read_reward_meta, train_reward
+        from .reward import train_reward
 
         progress = ConsoleProgress(("loss", "train_acc", "heldout_acc"))
         with stop_on_ctrl_c(progress) as received:
             try:
-                result = train_reward(session.workspace, session.config, hooks=progress, store=session.store)
+                result = train_reward(session.workspace, session.config, hooks=progress, store=session.store,
+                                      resume_run=args.resume)
             finally:
                 progress.finish()
+        total = session.store.run(result.run_id)["total_steps"]
     if result.status == "failed":
-        print(f"{PROG}: reward run {result.run_id} failed: {result.message}", file=sys.stderr)
+        saved = f"; those weights are saved in {result.checkpoint}" if result.checkpoint else ""
+        print(f"reward run {result.run_id}: failed: {result.message}{saved}", file=sys.stderr)
+        return 1
+    print(_reward_summary(result, total))
+    return 0 if result.status == "finished" else stopped_exit_code(received)
+
+
+def _reward_summary(result: RunResult, total_steps: int) -> str:
+    """The one line `train-reward` ends with: how far it got, how good the model is, what it learned from."""
+    from .reward import read_reward_meta
+
     meta = read_reward_meta(Path(result.checkpoint))
-    counts = meta["counts"]
+    counts, epochs = meta["counts"], meta["config"]["reward"]["epochs"]
     acc = "not measured" if meta["heldout_acc"] is None else f"{meta['heldout_acc']:.3f}"
-    print(f"reward run {result.run_id}: {result.status} after {meta['epochs_completed']} of "
-          f"{meta['config']['reward']['epochs']} epochs ({meta['steps']} steps) in {meta['seconds']:.1f}s")
-    print(f"held-out accuracy: {acc} ({_plural(counts['heldout'], 'pair')} on "
-          f"{_plural(counts['heldout_prompts'], 'prompt')})")
-    print(f"pairs used: {counts['train']} for training ({counts['ties']} ties, {counts['truncated']} truncated of "
-          f"{counts['pairs']}), {counts['identical_skipped']} with identical answers skipped")
-    print(f"saved: {result.checkpoint}")
-    return {"finished": 0, "stopped": stopped_exit_code(received)}.get(result.status, 1)
+    if result.status == "finished":
+        progress = f"finished {_plural(epochs, 'epoch')} ({meta['steps']} steps)"
+    else:
+        progress = f"stopped at step {meta['steps']}/{total_steps} ({meta['epochs_completed']} of {epochs} epochs)"
+    resume = f"; resume with `{PROG} train-reward --resume {result.run_id}`" if result.status == "stopped" else ""
+    return (f"reward run {result.run_id}: {progress} in {meta['seconds']:.1f}s; held-out accuracy {acc} on "
+            f"{_plural(counts['heldout'], 'pair')} ({_plural(counts['heldout_prompts'], 'prompt')}); trained on "
+            f"{_plural(counts['train'], 'pair')} ({counts['ties']} ties, {counts['truncated']} truncated, "
+            f"{counts['identical_skipped']} identical skipped); saved {result.checkpoint}{resume}")
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -293,9 +314,7 @@ PPO_FLAGS = {"steps": "ppo.steps", "batch_size": "ppo.batch_size", "minibatches"
 
 def _cmd_ppo(args: argparse.Namespace) -> int:
     overrides = {key: getattr(args, flag) for flag, key in PPO_FLAGS.items()}
-    if args.resume and (args.reward or hasattr(args, "model") or any(v is not None for v in overrides.values())):
-        raise RlhfError(f"--resume {args.resume} continues the run with the settings it started with: "
-                        "drop the other options")
+    _refuse_settings_on_resume(args, overrides)
     with open_workspace(args, overrides) as session:
         _enter_demo_mode(session.config)
         from .ppo import run_ppo
@@ -438,6 +457,9 @@ def _register_train_reward(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, metavar="X", help="learning rate")
     parser.add_argument("--quantization", choices=("4bit", "8bit", "none"), help="reward base weights")
     parser.add_argument("--batch-size", type=int, metavar="B", help="pairs per optimizer step")
+    parser.add_argument("--resume", metavar="RUN",
+                        help="continue this stopped, failed or interrupted run from its last checkpoint, with its "
+                             "own settings and pairs")
     _add_model_option(parser)
 
 
@@ -464,7 +486,8 @@ def _register_ppo(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--sft-adapter", metavar="DIR",
                         help="start from this SFT LoRA adapter; the frozen adapter is then the KL reference")
     parser.add_argument("--resume", metavar="RUN",
-                        help="continue this stopped or interrupted run from its last checkpoint, with its own settings")
+                        help="continue this stopped, failed or interrupted run from its last checkpoint, with its own "
+                             "settings")
     _add_model_option(parser)
 
 

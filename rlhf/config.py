@@ -81,6 +81,8 @@ class RewardConfig:
     center_coef: float = _f(0.01, "Centering term coef * mean((r_c + r_r)^2); 0 = off.", lo=0.0)
     use_ties: bool = _f(False, "Train on ties with a symmetric loss.")
     min_pairs: int = _f(8, "Refuse to train on fewer usable pairs.", lo=1)
+    checkpoint_every: int = _f(50, "Save a resumable checkpoint every K steps (also after each epoch and on stop).",
+                               lo=1)
     seed: int = _f(0, "Seed for the split, init and shuffling.", lo=0)
 
 

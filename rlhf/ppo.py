@@ -13,10 +13,8 @@ them. `run_ppo` turns steps into a run: store rows, hooks, checkpoints, stop and
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
@@ -26,13 +24,14 @@ from typing import Any, Protocol
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from .config import SECTIONS, Config, PPOConfig, Workspace
-from .errors import ConfigError, RlhfError, describe_write_error
+from .checkpoints import (CheckpointWriteError, checkpoint_path, config_of_run, load_training_state,
+                          prune_checkpoints, resumable_run, save_training_state, write_checkpoint)
+from .config import Config, PPOConfig, Workspace
+from .errors import ConfigError, RlhfError
 from .hooks import RunHooks, RunResult
 from .models import (adapter_active, encode_prompt, eos_token_ids, format_prompt, load_causal_lm, load_tokenizer, pick_device,
                      resolve_model_name)
@@ -48,7 +47,6 @@ from .store import Store, _pid_alive
 POLICY_ADAPTER = "policy"
 REWARD_ADAPTER = "reward"
 REFERENCE_ADAPTER = "reference"  # the frozen SFT adapter, when PPO starts from one
-CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = "ppo.lock"
 SAMPLES_PER_STEP = 4
 # Mean k1 per response below this means sampling and log-probs disagree (see field notes).
@@ -57,10 +55,6 @@ NEGATIVE_KL_WARNING = -0.1
 
 class NonFiniteError(Exception):
     """A loss or reward turned NaN/inf: the step cannot be trusted."""
-
-
-class CheckpointWriteError(Exception):
-    """A checkpoint could not be written (e.g. a full disk); the previous one is left as it was."""
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -356,50 +350,19 @@ class PPOTrainer:
 
 # -- checkpoints -------------------------------------------------------------------------------
 
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return run_dir / CHECKPOINTS_DIR / f"step-{step}"
-
-
 def save_checkpoint(trainer: PPOTrainer, run_dir: Path, step: int) -> Path:
-    """Write runs/<id>/checkpoints/step-<k>/ atomically (temp dir, then rename): a write that fails half
-    way (a full disk) raises CheckpointWriteError and leaves the older checkpoints as they were.
+    """Write runs/<id>/checkpoints/step-<k>/ atomically: a write that fails half way (a full disk) raises
+    CheckpointWriteError and leaves the older checkpoints as they were.
 
     Holds: policy/ (PEFT adapter, safetensors), value_head, optimizer and rng (safetensors), state.json
     (step, KL controller, optimizer param groups, Python RNG).
     """
-    final = checkpoint_path(run_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        trainer.model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
-        save_file(trainer.value_head.state_dict(), tmp / "value_head.safetensors")
-        optimizer_state = trainer.optimizer.state_dict()
-        save_file({f"{index}.{name}": value.detach().cpu().contiguous()
-                   for index, state in optimizer_state["state"].items() for name, value in state.items()},
-                  tmp / "optimizer.safetensors")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
-        save_file(rng, tmp / "rng.safetensors")
-        (tmp / "state.json").write_text(json.dumps({
-            "step": step, "kl_controller": trainer.kl_ctl.state_dict(),
-            "optimizer_param_groups": optimizer_state["param_groups"], "python_rng": random.getstate(),
-        }), encoding="utf-8")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except (OSError, SafetensorError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"cannot write the checkpoint of step {step}: {describe_write_error(exc)}") from None
-    return final
+    def write(folder: Path) -> None:
+        trainer.model.save_pretrained(folder, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
+        save_file(trainer.value_head.state_dict(), folder / "value_head.safetensors")
+        save_training_state(folder, trainer.optimizer, {"step": step, "kl_controller": trainer.kl_ctl.state_dict()})
 
-
-def prune_checkpoints(keep: Path) -> None:
-    """Remove the run's other checkpoints (and leftover temp dirs); called once the store points at `keep`,
-    so a kill in between never leaves the store naming a deleted checkpoint."""
-    for old in keep.parent.glob("step-*"):
-        if old != keep:
-            shutil.rmtree(old, ignore_errors=True)
+    return write_checkpoint(run_dir, step, write)
 
 
 def failure_message(exc: Exception, step: int, saved_step: int, run_id: str, cfg: PPOConfig) -> str:
@@ -416,21 +379,9 @@ def failure_message(exc: Exception, step: int, saved_step: int, run_id: str, cfg
 
 def load_checkpoint(trainer: PPOTrainer, path: Path) -> None:
     """Restore value head, optimizer, KL controller and RNG states (the adapter is loaded with the model)."""
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     trainer.value_head.load_state_dict(load_file(path / "value_head.safetensors"))
-    per_param: dict[int, dict[str, Tensor]] = {}
-    # Loaded on the CPU: load_state_dict moves Adam's moments to each parameter's device and keeps `step` here.
-    for key, value in load_file(path / "optimizer.safetensors").items():
-        index, name = key.split(".", 1)
-        per_param.setdefault(int(index), {})[name] = value
-    trainer.optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
+    state = load_training_state(path, trainer.optimizer)
     trainer.kl_ctl.load_state_dict(state["kl_controller"])
-    rng = load_file(path / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count())])
-    version, internal, gauss = state["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -482,21 +433,6 @@ def find_reward_run(store: Store, reward_run: str | None) -> dict[str, Any]:
         raise RlhfError(f"run {reward_run!r} is a {run['status']} {run['kind']} run, not a finished reward run "
                         "(see `rlhf-tui runs`)")
     return run
-
-
-def _resume_target(store: Store, run_id: str) -> dict[str, Any]:
-    run = store.run(run_id)
-    if run["kind"] != "ppo":
-        raise RlhfError(f"run {run_id!r} is a {run['kind']} run; only PPO runs can be resumed")
-    if run["status"] in ("running", "stopping") and run["pid"] and _pid_alive(run["pid"]):
-        raise RlhfError(f"run {run_id!r} is still running (pid {run['pid']})")
-    if run["status"] == "finished":
-        raise RlhfError(f"run {run_id!r} already finished its {run['total_steps']} steps")
-    return run
-
-
-def _config_of(run: dict[str, Any]) -> Config:
-    return Config.from_dict({k: v for k, v in run["config"].items() if k in SECTIONS}, source=f"run {run['id']}")
 
 
 def _prompt_rows(store: Store, tag: str) -> list[dict[str, Any]]:
@@ -554,8 +490,8 @@ def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None,
     hooks = hooks or RunHooks()
     with ppo_lock(workspace), (nullcontext(store) if store is not None else Store(workspace.db_path)) as db:
         if resume_run is not None:
-            run = _resume_target(db, resume_run)
-            cfg, reward = _config_of(run), db.run(run["parent_run"])
+            run = resumable_run(db, resume_run, "ppo")
+            cfg, reward = config_of_run(run), db.run(run["parent_run"])
             checkpoint_step = run["checkpoint_step"] or 0
         else:
             cfg = cfg.override({"model.name": resolve_model_name(cfg)})
@@ -591,7 +527,7 @@ def _train_loop(trainer: PPOTrainer, store: Store, run_dir: Path, run_id: str, p
         nonlocal saved_step
         path = save_checkpoint(trainer, run_dir, step)
         store.update_run(run_id, checkpoint=str(path), checkpoint_step=step)
-        prune_checkpoints(path)
+        prune_checkpoints(path, run_dir)
         hooks.on_checkpoint(run_id, step, str(path))
         saved_step = step
 

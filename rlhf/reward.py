@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +29,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .checkpoints import (STATE_FILE, CheckpointWriteError, checkpoint_path, config_of_run, load_training_state,
+                          prune_checkpoints, resumable_run, resume_command, save_training_state, write_checkpoint,
+                          write_folder_atomically)
 from .config import Config, Workspace
-from .errors import RlhfError, describe_write_error
+from .errors import RlhfError
 from .hooks import RunHooks, RunResult
 from .models import (adapter_active, encode_prompt, format_prompt, load_causal_lm, load_tokenizer,
                      resolve_model_name, tokenizer_fingerprint)
@@ -50,6 +50,7 @@ ADAPTER_SUBDIR = "adapter"
 SCORE_HEAD_FILE = "score_head.safetensors"
 META_FILE = "reward.json"
 META_FORMAT = 1
+PAIRS_FILE = "pairs.json"  # the comparisons a run trains on: a resumed run trains on the same ones
 MAX_GRAD_NORM = 1.0  # trl's default; keeps one odd batch from throwing the LoRA far off
 STD_FLOOR = 1e-6
 
@@ -385,38 +386,72 @@ def _usable_pairs(store: Store, cfg: Config) -> tuple[list[dict[str, Any]], int]
     return usable, len(pairs) - len(usable)
 
 
-def _lora_model(base: PreTrainedModel, cfg: Config) -> PeftModel:
+def _lora_model(base: PreTrainedModel, cfg: Config, adapter: Path | None = None) -> PeftModel:
+    """The trainable reward LoRA on `base`: fresh, or the one saved in `adapter` (a resumed run)."""
     if cfg.reward.quantization != "none":
         # Casts norms to fp32 and lets gradients reach the LoRA through frozen quantized layers.
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    if adapter is not None:
+        return PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
     lora = LoraConfig(r=cfg.reward.lora_r, lora_alpha=cfg.reward.lora_alpha, lora_dropout=cfg.reward.lora_dropout,
                       target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
     return get_peft_model(base, lora)
 
 
 def train_reward(workspace: Workspace, cfg: Config, *, hooks: RunHooks | None = None,
-                 store: Store | None = None) -> RunResult:
+                 store: Store | None = None, resume_run: str | None = None) -> RunResult:
     """Train a LoRA Bradley-Terry reward model on the workspace's preference pairs.
 
-    Writes a `runs` row (kind "reward") and its metrics as training goes; saves the adapter, score
-    head and reward.json under runs/<run_id>/reward/ also when stopped (status "stopped") or on a
-    non-finite loss (status "failed", the weights from before that step).
+    Writes a `runs` row (kind "reward") and its metrics as training goes, and a resumable checkpoint
+    every [reward] checkpoint_every steps, after each epoch and on stop. Saves the adapter, score head
+    and reward.json under runs/<run_id>/reward/ when it finishes, and also when stopped (status
+    "stopped") or on a non-finite loss (status "failed", the weights from before that step).
+
+    `resume_run` continues a stopped, failed or interrupted reward run from its last checkpoint, with the
+    config and the preference pairs it started with.
     """
     hooks = hooks or RunHooks()
     own_store = store is None
     store = store or Store(workspace.db_path)
     try:
-        return _train(workspace, cfg, hooks, store)
+        return _train(workspace, cfg, hooks, store, resume_run)
     finally:
         if own_store:
             store.close()
 
 
-def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store) -> RunResult:
+def _pairs_of_run(usable: list[dict[str, Any]], recorded: dict[str, Any], run_id: str,
+                  hooks: RunHooks) -> list[dict[str, Any]]:
+    """The pairs a resumed run started with, as the store holds them now; an error if any changed."""
+    by_id = {p["comparison_id"]: p for p in usable}
+    pairs = [by_id[i] for i in recorded["comparison_ids"] if i in by_id]
+    if len(pairs) < len(recorded["comparison_ids"]) or data_hash(pairs) != recorded["data_hash"]:
+        raise RlhfError(f"the preference pairs run {run_id} trained on changed since it started (labels undone or "
+                        "edited): it cannot resume; train a new reward model with `rlhf-tui train-reward`")
+    if len(usable) > len(pairs):
+        hooks.on_warning(run_id, f"{len(usable) - len(pairs)} pairs labeled since this run started are not used "
+                                 "by it: train a new reward model to include them")
+    return pairs
+
+
+def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, resume_run: str | None) -> RunResult:
+    resumed = resumable_run(store, resume_run, "reward") if resume_run is not None else None
+    if resumed is not None:
+        cfg = config_of_run(resumed)
     rc = cfg.reward
     policy_base = resolve_model_name(cfg)
     base_name = rc.base or policy_base
     pairs, identical = _usable_pairs(store, cfg)
+    start_step, checkpoint = 0, None
+    if resumed is not None:
+        run_dir = workspace.run_dir(resumed["id"])
+        recorded = json.loads((run_dir / PAIRS_FILE).read_text(encoding="utf-8"))
+        pairs, identical = _pairs_of_run(pairs, recorded, resumed["id"], hooks), recorded["identical_skipped"]
+        start_step = resumed["checkpoint_step"] or 0
+        checkpoint = checkpoint_path(run_dir, start_step) if start_step else None
+        if checkpoint is not None and not (checkpoint / STATE_FILE).is_file():
+            raise RlhfError(f"{checkpoint}: the checkpoint of run {resumed['id']} is missing or incomplete: it "
+                            "cannot resume; train a new reward model with `rlhf-tui train-reward`")
     tokenizer = load_tokenizer(base_name, trust_remote_code=cfg.model.trust_remote_code)
     _check_tokenizers(base_name, policy_base, tokenizer, cfg.model.trust_remote_code)
 
@@ -430,8 +465,19 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store) -> 
     torch.manual_seed(rc.seed)
     # Loaded before the run row is written: a model that cannot load leaves no failed run behind.
     base = load_causal_lm(base_name, rc.quantization, trust_remote_code=cfg.model.trust_remote_code)
-    run_id = store.create_run("reward", cfg.to_dict(), total_steps=total_steps)
-    hooks.on_start(run_id, "reward", total_steps)
+    if resumed is None:
+        run_id = store.create_run("reward", cfg.to_dict(), total_steps=total_steps)
+        run_dir = workspace.run_dir(run_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / PAIRS_FILE).write_text(json.dumps({
+            "comparison_ids": [p["comparison_id"] for p in pairs], "data_hash": data_hash(pairs),
+            "identical_skipped": identical}), encoding="utf-8")
+    else:
+        run_id = resumed["id"]
+        store.resume_run(run_id)
+        store.delete_metrics_after(run_id, start_step)
+        store.update_run(run_id, step=start_step)
+    hooks.on_start(run_id, "reward", total_steps, start_step)
     counts = {"pairs": len(pairs), "train": len(train), "heldout": len(heldout),
               "heldout_prompts": len({p.prompt_id for p in heldout}), "ties": sum(p.is_tie for p in encoded),
               "truncated": sum(p.truncated for p in encoded), "identical_skipped": identical}
@@ -442,22 +488,31 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store) -> 
         hooks.on_warning(run_id, "no held-out pairs (too few prompts or heldout_fraction 0): "
                                  "held-out accuracy is not measured")
     try:
-        model = _lora_model(base, cfg)
+        model = _lora_model(base, cfg, checkpoint / ADAPTER_SUBDIR if checkpoint else None)
         device = _model_device(model)
         head = nn.Linear(base.config.hidden_size, 1, bias=False, device=device)
         nn.init.normal_(head.weight, std=getattr(base.config, "initializer_range", 0.02))
-        trainer = _Trainer(model, head, tokenizer.pad_token_id, cfg, run_id, store, hooks, device)
-        started = time.monotonic()
-        status, message = trainer.run(train, heldout, steps_per_epoch)
+        trainer = _Trainer(model, head, tokenizer.pad_token_id, cfg, run_id, store, hooks, device, run_dir,
+                           steps_per_epoch)
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+        try:
+            status, message = trainer.run(train, heldout)
+        except CheckpointWriteError as exc:  # a full disk: the final save would fail the same way
+            kept = f"last checkpoint: step {trainer.saved_step}" if trainer.saved_step else "no checkpoint yet"
+            message = (f"{exc}; the run stopped ({kept}). Resume it with `{resume_command('reward', run_id)}` "
+                       "once there is room")
+            store.update_run(run_id, status="failed", error=message)
+            return RunResult(run_id, "failed", message, step=trainer.step)
         mean, std = _training_response_stats(model, head, train, rc.batch_size, tokenizer.pad_token_id, device)
-        reward_dir = workspace.run_dir(run_id) / REWARD_SUBDIR
+        reward_dir = run_dir / REWARD_SUBDIR
         meta = {
             "format": META_FORMAT, "run_id": run_id, "status": status, "base_model": base_name,
             "quantization": rc.quantization, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "hidden_size": base.config.hidden_size, "normalisation": {"mean": mean, "std": std},
             "max_length": rc.max_length, "config": cfg.to_dict(), "data_hash": data_hash(pairs), "counts": counts,
-            "heldout_acc": trainer.heldout_acc, "steps": trainer.step, "epochs_completed": trainer.epochs_done,
-            "seconds": round(time.monotonic() - started, 3),
+            "heldout_acc": trainer.heldout_acc, "steps": trainer.step,
+            "epochs_completed": trainer.step // steps_per_epoch, "seconds": round(trainer.seconds(), 3),
         }
         save_reward_model(reward_dir, model, head, meta)
     except BaseException as exc:
@@ -466,6 +521,8 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store) -> 
         raise
     store.update_run(run_id, status=status, step=trainer.step, checkpoint=str(reward_dir),
                      checkpoint_step=trainer.step, **({"error": message} if status == "failed" else {}))
+    if status == "finished":
+        prune_checkpoints(None, run_dir)  # the reward model is whole: nothing is left to resume
     hooks.on_checkpoint(run_id, trainer.step, str(reward_dir))
     if status != "failed":
         message = _summary(trainer.heldout_acc, counts)
@@ -473,19 +530,17 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store) -> 
 
 
 def save_reward_model(reward_dir: Path, model: PeftModel, head: nn.Linear, meta: dict[str, Any]) -> None:
-    """Write the adapter, score head and reward.json to a temp folder renamed to `reward_dir` once whole:
-    a failed write (a full disk) leaves no half-written reward model, and says why in one line."""
-    tmp = reward_dir.with_name(reward_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write the adapter, score head and reward.json atomically: a failed write (a full disk) leaves no
+    half-written reward model (a previous one stays), and says why in one line."""
+    def write(folder: Path) -> None:
+        model.save_pretrained(str(folder / ADAPTER_SUBDIR), safe_serialization=True)
+        save_file({"weight": head.weight.detach().cpu().contiguous()}, str(folder / SCORE_HEAD_FILE))
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
     try:
-        model.save_pretrained(str(tmp / ADAPTER_SUBDIR), safe_serialization=True)
-        save_file({"weight": head.weight.detach().cpu().contiguous()}, str(tmp / SCORE_HEAD_FILE))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        os.replace(tmp, reward_dir)
-    except (OSError, SafetensorError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RlhfError(f"{reward_dir}: cannot save the reward model: {describe_write_error(exc)}; "
-                        "then train again") from None
+        write_folder_atomically(reward_dir, write)
+    except CheckpointWriteError as exc:
+        raise RlhfError(f"{reward_dir}: cannot save the reward model: {exc}; then train again") from None
 
 
 def _summary(heldout_acc: float | None, counts: dict[str, int]) -> str:
@@ -495,17 +550,45 @@ def _summary(heldout_acc: float | None, counts: dict[str, int]) -> str:
 
 
 class _Trainer:
-    """The optimisation loop: one optimizer step per batch, held-out evaluation after each epoch."""
+    """The optimisation loop: one optimizer step per batch, held-out evaluation after each epoch, a
+    resumable checkpoint every `checkpoint_every` steps, after each epoch and when it stops early."""
 
     def __init__(self, model: PeftModel, head: nn.Linear, pad_id: int, cfg: Config, run_id: str, store: Store,
-                 hooks: RunHooks, device: torch.device) -> None:
+                 hooks: RunHooks, device: torch.device, run_dir: Path, steps_per_epoch: int) -> None:
         self.model, self.head, self.pad_id, self.rc = model, head, pad_id, cfg.reward
         self.run_id, self.store, self.hooks, self.device = run_id, store, hooks, device
+        self.run_dir, self.steps_per_epoch = run_dir, steps_per_epoch
+        self.total_steps = self.rc.epochs * steps_per_epoch
         self.params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=self.rc.lr, weight_decay=0.0)
-        self.step = 0
-        self.epochs_done = 0
+        self.step = self.saved_step = 0
         self.heldout_acc: float | None = None
+        self._seconds_before = 0.0  # training time of the run's earlier sessions (before a resume)
+        self._started = time.monotonic()
+
+    def seconds(self) -> float:
+        """Time spent training, over every session of the run."""
+        return self._seconds_before + time.monotonic() - self._started
+
+    def checkpoint(self) -> None:
+        def write(folder: Path) -> None:
+            self.model.save_pretrained(str(folder / ADAPTER_SUBDIR), safe_serialization=True)
+            save_file({"weight": self.head.weight.detach().cpu().contiguous()}, str(folder / SCORE_HEAD_FILE))
+            save_training_state(folder, self.optimizer, {"step": self.step, "heldout_acc": self.heldout_acc,
+                                                         "seconds": self.seconds()})
+
+        path = write_checkpoint(self.run_dir, self.step, write)
+        self.store.update_run(self.run_id, checkpoint=str(path), checkpoint_step=self.step)
+        prune_checkpoints(path, self.run_dir)
+        self.hooks.on_checkpoint(self.run_id, self.step, str(path))
+        self.saved_step = self.step
+
+    def restore(self, folder: Path) -> None:
+        """Continue from a checkpoint: score head, optimizer, RNGs, step (the adapter is loaded with the model)."""
+        self.head.weight.data.copy_(load_file(str(folder / SCORE_HEAD_FILE))["weight"])
+        state = load_training_state(folder, self.optimizer)
+        self.step = self.saved_step = state["step"]
+        self.heldout_acc, self._seconds_before = state["heldout_acc"], state["seconds"]
 
     def _log(self, metrics: dict[str, float]) -> None:
         self.store.log_metrics(self.run_id, self.step, metrics)
@@ -534,15 +617,26 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.item(), "grad_norm": grad_norm.item(), **_batch_metrics(r_c, r_r, batch.is_tie)}
 
-    def run(self, train: list[EncodedPair], heldout: list[EncodedPair], steps_per_epoch: int) -> tuple[str, str]:
-        """Returns (status, message): finished, stopped (on request) or failed (non-finite loss)."""
-        self._log_heldout(heldout)  # step 0: the untrained model, the start of the accuracy curve
-        for epoch in range(self.rc.epochs):
+    def run(self, train: list[EncodedPair], heldout: list[EncodedPair]) -> tuple[str, str]:
+        """Train from `self.step` on. Returns (status, message): finished, stopped (on request) or failed
+        (non-finite loss, out of memory); an early end first checkpoints the last good weights."""
+        status, message = self._steps(train, heldout)
+        if status != "finished" and self.step > self.saved_step:
+            self.checkpoint()
+        return status, message
+
+    def _steps(self, train: list[EncodedPair], heldout: list[EncodedPair]) -> tuple[str, str]:
+        if self.step == 0:
+            self._log_heldout(heldout)  # the untrained model: the start of the accuracy curve
+        first_epoch, first_batch = divmod(self.step, self.steps_per_epoch)
+        for epoch in range(first_epoch, self.rc.epochs):
+            # The order is a function of (seed, epoch) alone, so a resumed epoch goes on where it stopped.
             order = list(train)
             random.Random(f"{self.rc.seed}:{epoch}").shuffle(order)
-            for start in range(0, len(order), self.rc.batch_size):
+            for batch_index in range(first_batch if epoch == first_epoch else 0, self.steps_per_epoch):
                 if self.hooks.should_stop():
-                    return "stopped", f"stopped at step {self.step} of {self.rc.epochs * steps_per_epoch}"
+                    return "stopped", f"stopped at step {self.step} of {self.total_steps}"
+                start = batch_index * self.rc.batch_size
                 try:
                     metrics = self._train_step(_batch(order[start:start + self.rc.batch_size], self.pad_id,
                                                       self.device))
@@ -557,6 +651,9 @@ class _Trainer:
                 done = min(start + self.rc.batch_size, len(order))
                 self._log({**metrics, "epoch": epoch + done / len(order)})
                 self.store.update_run(self.run_id, step=self.step)
-            self.epochs_done = epoch + 1
+                if self.step % self.rc.checkpoint_every == 0 and batch_index < self.steps_per_epoch - 1:
+                    self.checkpoint()
             self._log_heldout(heldout)
+            if self.step < self.total_steps:
+                self.checkpoint()  # after the held-out evaluation: a resume here starts the next epoch
         return "finished", ""

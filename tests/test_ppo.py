@@ -26,7 +26,8 @@ from rlhf.config import Config, Workspace
 from rlhf.errors import RlhfError
 from rlhf.models import load_causal_lm
 from rlhf.hooks import RunHooks
-from rlhf.ppo import (CHECKPOINTS_DIR, LOCK_FILE, POLICY_ADAPTER, REFERENCE_ADAPTER, REWARD_ADAPTER, SeparateReward, SharedBaseReward,
+from rlhf.checkpoints import CHECKPOINTS_DIR
+from rlhf.ppo import (LOCK_FILE, POLICY_ADAPTER, REFERENCE_ADAPTER, REWARD_ADAPTER, SeparateReward, SharedBaseReward,
                       build_trainer, ppo_lock, prepare_prompts, prompt_batch, response_forward, run_ppo)
 from rlhf.ppo_math import logprobs_from_logits
 from rlhf.reward import RewardScorer, train_reward

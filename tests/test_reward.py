@@ -242,6 +242,72 @@ def test_stop_keeps_a_loadable_adapter(tmp_path, tiny_model_dir):
     assert math.isfinite(RewardScorer.from_run(ws, result.run_id).score("Hi", " A good boat."))
 
 
+def _saved_weights(result) -> dict[str, torch.Tensor]:
+    folder = Path(result.checkpoint)
+    return {**load_file(folder / "adapter" / "adapter_model.safetensors"), **load_file(folder / "score_head.safetensors")}
+
+
+class Warnings(RunHooks):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def on_warning(self, run_id, message):
+        self.messages.append(message)
+
+
+def test_a_stopped_run_resumes_to_the_very_model_an_unbroken_run_trains(tmp_path, tiny_model_dir):
+    settings = {"epochs": 3, "checkpoint_every": 3, "lora_dropout": 0.1}  # dropout: the RNG state must come back too
+    ws_a, cfg_a = _workspace(tmp_path / "a", tiny_model_dir, hidden_rule_pairs(10, 4), **settings)
+    unbroken = train_reward(ws_a, cfg_a)
+    per_epoch = unbroken.step // 3
+    ws, cfg = _workspace(tmp_path / "b", tiny_model_dir, hidden_rule_pairs(10, 4), **settings)
+    stop_at = per_epoch + 2  # mid-epoch 2, after a mid-epoch and an epoch-end checkpoint
+    stopped = train_reward(ws, cfg, hooks=StopAfter(stop_at))
+    checkpoints = ws.run_dir(stopped.run_id) / "checkpoints"
+    assert stopped.status == "stopped" and [p.name for p in checkpoints.iterdir()] == [f"step-{stop_at}"]
+    with Store(ws.db_path) as store:
+        assert store.run(stopped.run_id)["checkpoint_step"] == stop_at
+
+    # The run keeps its own settings: the config passed in (1 epoch) is not used.
+    resumed = train_reward(ws, cfg.override({"reward.epochs": 1}), resume_run=stopped.run_id)
+    assert (resumed.run_id, resumed.status, resumed.step) == (stopped.run_id, "finished", unbroken.step)
+    expected, got = _saved_weights(unbroken), _saved_weights(resumed)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    with Store(ws.db_path) as store:
+        run, losses = store.run(resumed.run_id), store.metrics(resumed.run_id, "loss")
+        heldout = [row["step"] for row in store.metrics(resumed.run_id, "heldout_acc")]
+    assert run["status"] == "finished" and run["checkpoint"] == resumed.checkpoint and run["error"] is None
+    assert [row["step"] for row in losses] == list(range(1, unbroken.step + 1))  # no step counted twice
+    assert heldout == [0, per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert not checkpoints.exists()  # the finished model is whole: nothing is left to resume
+    with pytest.raises(RlhfError, match=f"run '{resumed.run_id}' already finished its {unbroken.step} steps"):
+        train_reward(ws, cfg, resume_run=resumed.run_id)
+
+
+def test_resume_trains_on_the_pairs_it_started_with(tmp_path, tiny_model_dir):
+    ws, cfg = _workspace(tmp_path / "ws", tiny_model_dir, hidden_rule_pairs(10, 4), epochs=2)
+    first, second = (train_reward(ws, cfg, hooks=StopAfter(2)) for _ in range(2))
+    with Store(ws.db_path) as store:
+        from rlhf.data_io import import_pairs
+
+        extra = tmp_path / "extra.jsonl"
+        extra.write_text("".join(json.dumps(p) + "\n" for p in hidden_rule_pairs(3, 2, seed=5)))
+        import_pairs(store, extra)
+    hooks = Warnings()
+    resumed = train_reward(ws, cfg, hooks=hooks, resume_run=first.run_id)
+    meta = json.loads((Path(resumed.checkpoint) / "reward.json").read_text())
+    assert resumed.status == "finished" and meta["counts"]["pairs"] == 40
+    assert "6 pairs labeled since this run started are not used by it" in hooks.messages[0]
+
+    with Store(ws.db_path) as store:
+        store.delete_comparison(store.preference_pairs()[0]["comparison_id"])  # an undone label
+    with pytest.raises(RlhfError, match=f"the preference pairs run {second.run_id} trained on changed"):
+        train_reward(ws, cfg, resume_run=second.run_id)
+    with Store(ws.db_path) as store:
+        assert store.run(second.run_id)["status"] == "stopped"  # refused before anything changed
+
+
 def test_non_finite_loss_fails_the_run_and_keeps_the_last_good_adapter(tmp_path, tiny_model_dir, monkeypatch):
     ws, cfg = _workspace(tmp_path / "ws", tiny_model_dir, hidden_rule_pairs(10, 4))
     real_loss, calls = reward.reward_loss, []
@@ -315,7 +381,9 @@ def test_cli_ctrl_c_stops_training_and_keeps_the_adapter(tmp_path, tiny_model_di
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "stopping after this step" in err and re.search(r": stopped after \d+ of 1000 epochs", out)
+    assert "stopping after this step" in err and out.count("\n") == 1  # one summary line
+    assert re.search(r": stopped at step \d+/\d+ \(\d+ of 1000 epochs\) in .*; held-out accuracy .*; saved .*"
+                     r"; resume with `rlhf-tui train-reward --resume reward-\S+`$", out.strip()), out
     with Store(ws.db_path) as store:
         run = store.runs("reward")[0]
     assert run["status"] == "stopped" and run["step"] < run["total_steps"]

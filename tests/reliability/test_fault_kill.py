@@ -1,5 +1,5 @@
 """kill -9 of headless training commands (the same code the engine runs for the app): the next start marks
-the run interrupted, the database checks clean, the last checkpoint loads and `ppo --resume` continues.
+the run interrupted, the database checks clean, the last checkpoint loads and `--resume` continues.
 
 Covered elsewhere: the app killed mid-labeling (every decision on disk, integrity_check ok, no engine left),
 tests/test_label_screen.py::test_sigkill_mid_labeling_loses_no_decision_and_leaves_no_engine; the engine killed
@@ -47,16 +47,20 @@ def _listed_run(ws, run_id: str) -> dict:
     return next(run for run in json.loads(done.stdout) if run["id"] == run_id)
 
 
-def test_kill_9_during_reward_training_is_marked_interrupted_and_never_used(labeled, capsys):
-    proc = start_rlhf_tui("train-reward", "--workspace", labeled.root, "--epochs", "1000")
+def test_kill_9_during_reward_training_then_resume_finishes_the_run(labeled, capsys):
+    proc = start_rlhf_tui("train-reward", "--workspace", labeled.root, "--epochs", "60")
     try:
-        LineFollower(proc.stderr).wait_for(lambda line: _progress_step(line) > 0)  # training steps have run
+        # Off a terminal a progress line comes after each epoch's held-out evaluation, which is followed by a
+        # checkpoint: at the second line, the first epoch's checkpoint is on disk.
+        progress = LineFollower(proc.stderr)
+        first = _progress_step(progress.wait_for(lambda line: _progress_step(line) > 0))
+        progress.wait_for(lambda line: _progress_step(line) > first)
         _kill_9(proc)
     finally:
         proc.kill()
     with Store(labeled.db_path) as store:  # opening a store alone changes nothing: the commands mark runs
         (run,) = store.runs("reward")
-    assert run["status"] == "running" and run["pid"] == proc.pid
+    assert run["status"] == "running" and run["pid"] == proc.pid and run["checkpoint_step"] >= first
     assert _integrity(labeled.db_path) == [("ok",)]
 
     listed = _listed_run(labeled, run["id"])
@@ -64,6 +68,16 @@ def test_kill_9_during_reward_training_is_marked_interrupted_and_never_used(labe
     assert not (labeled.run_dir(run["id"]) / "reward").exists()  # nothing half-written passes for a model
     assert cli.main(["ppo", "--workspace", str(labeled.root)]) == 2
     assert "no finished reward run" in capsys.readouterr().err  # PPO never picks the interrupted run
+
+    assert cli.main(["train-reward", "--workspace", str(labeled.root), "--resume", run["id"]]) == 0
+    out, err = capsys.readouterr()
+    assert f"(resuming at step {run['checkpoint_step']})" in err and "Traceback" not in err
+    assert out.startswith(f"reward run {run['id']}: finished 60 epochs ({run['total_steps']} steps)")
+    with Store(labeled.db_path) as store:
+        after, latest = store.run(run["id"]), store.latest_run("reward")
+        losses = [row["step"] for row in store.metrics(run["id"], "loss")]
+    assert after["status"] == "finished" and latest["id"] == run["id"]  # now PPO's reward model
+    assert losses == list(range(1, run["total_steps"] + 1))  # steps after the checkpoint redone once
 
 
 def test_kill_9_during_ppo_then_resume_continues_from_the_last_checkpoint(rewarded, capsys, monkeypatch):

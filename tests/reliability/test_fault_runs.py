@@ -19,7 +19,8 @@ import torch
 from safetensors import SafetensorError
 
 from fault_kit import assert_one_line_error, tree_snapshot
-from rlhf import cli, models, ppo, reward
+from rlhf import checkpoints, cli, models, ppo, reward
+from rlhf.checkpoints import CHECKPOINTS_DIR
 from rlhf.reward import RewardScorer
 from rlhf.store import PromptItem, Store
 
@@ -69,7 +70,8 @@ def test_reward_out_of_memory_names_the_settings_and_keeps_the_last_good_adapter
     with Store(labeled.db_path) as store:
         run = store.runs("reward")[-1]
     assert (run["status"], run["step"]) == ("failed", 2) and run["error"] in line
-    assert "saved:" in out and _scores_finite(labeled, run["id"])
+    assert f"those weights are saved in {labeled.run_dir(run['id']) / 'reward'}" in line and out == ""
+    assert _scores_finite(labeled, run["id"])
 
 
 def test_out_of_memory_while_loading_the_base_names_the_setting_and_writes_nothing(labeled, tiny_model_dir, capsys,
@@ -103,13 +105,13 @@ def test_reward_disk_full_while_saving_leaves_no_half_model_and_the_previous_one
     assert line == (f"rlhf-tui: error: {ws.run_dir(failed['id']) / 'reward'}: cannot save the reward model: "
                     "disk full (free some space); then train again")
     assert failed["status"] == "failed" and failed["error"] in line
-    assert [p.name for p in ws.run_dir(failed["id"]).iterdir()] == []  # neither reward/ nor reward.tmp/
+    assert [p.name for p in ws.run_dir(failed["id"]).iterdir()] == ["pairs.json"]  # no reward/, no reward.tmp/
     monkeypatch.undo()
     assert latest["id"] == previous and _scores_finite(ws, previous)  # what PPO will use is intact
 
 
 def _checkpoints(ws, run_id: str) -> list[str]:
-    return sorted(p.name for p in (ws.run_dir(run_id) / ppo.CHECKPOINTS_DIR).iterdir())
+    return sorted(p.name for p in (ws.run_dir(run_id) / CHECKPOINTS_DIR).iterdir())
 
 
 def _metric_steps(ws, run_id: str) -> list[int]:
@@ -150,7 +152,8 @@ def test_ppo_disk_full_mid_checkpoint_keeps_the_previous_one_valid(rewarded, cap
             raise SafetensorError(DISK_FULL)
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(ppo, "save_file", full_on_the_second_checkpoint)
+    for module in (ppo, checkpoints):  # the value head, then the optimizer and RNG states
+        monkeypatch.setattr(module, "save_file", full_on_the_second_checkpoint)
     code, _, err = _main(capsys, "ppo", "--workspace", ws.root, "--steps", "4")
     run = _latest_ppo_run(ws)
     line = _only_problem_line(err, "failed")
@@ -178,9 +181,10 @@ def test_sigterm_to_train_reward_stops_with_143_and_a_loadable_adapter(labeled, 
     code, out, err = _main(capsys, "train-reward", "--workspace", labeled.root, "--epochs", "1000")
     assert code == 128 + signal.SIGTERM
     assert sum("stopping after this step" in line for line in err) == 1 and not any("Traceback" in l for l in err)
-    assert "stopped after 0 of 1000 epochs (1 steps)" in out
     with Store(labeled.db_path) as store:
         run = store.runs("reward")[-1]
+    assert out.startswith(f"reward run {run['id']}: stopped at step 1/") and "(0 of 1000 epochs)" in out
+    assert out.count("\n") == 1 and out.rstrip().endswith(f"`rlhf-tui train-reward --resume {run['id']}`")
     assert (run["status"], run["step"]) == ("stopped", 1) and _scores_finite(labeled, run["id"])
 
 

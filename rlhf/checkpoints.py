@@ -1,0 +1,141 @@
+"""Checkpoints and resuming, shared by reward training and PPO: atomic folder writes, training state, which runs resume.
+
+A checkpoint is a folder `runs/<id>/checkpoints/step-<k>/` written to a temp folder and renamed once
+whole, so a kill or a full disk half way never leaves a broken checkpoint where a good one was. Weights
+and optimizer moments are safetensors (no pickle); everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .config import SECTIONS, Config
+from .errors import RlhfError, describe_write_error
+from .store import Store, _pid_alive
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+
+
+class CheckpointWriteError(Exception):
+    """A folder could not be written (e.g. a full disk); whatever was at its path is left as it was."""
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS_DIR / f"step-{step}"
+
+
+def write_folder_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` to fill a temp folder beside `final`, then put it in `final`'s place.
+
+    An existing `final` is moved aside first and removed only once the new folder is in place. A write
+    that fails (OSError, a safetensors error) raises CheckpointWriteError and leaves `final` untouched.
+    """
+    tmp = final.with_name(final.name + ".tmp")
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        raise CheckpointWriteError(describe_write_error(exc)) from None
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None]) -> Path:
+    """Write the checkpoint of `step` with `write(folder)`, atomically; CheckpointWriteError names the step."""
+    try:
+        return write_folder_atomically(checkpoint_path(run_dir, step), write)
+    except CheckpointWriteError as exc:
+        raise CheckpointWriteError(f"cannot write the checkpoint of step {step}: {exc}") from None
+
+
+def prune_checkpoints(keep: Path | None, run_dir: Path) -> None:
+    """Remove the run's checkpoints other than `keep` (all of them for None) and leftover temp folders.
+    Call it once the store no longer names them, so a kill in between never leaves it naming a deleted one."""
+    for old in (run_dir / CHECKPOINTS_DIR).glob("step-*"):
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+    if keep is None:
+        with suppress(OSError):
+            (run_dir / CHECKPOINTS_DIR).rmdir()
+
+
+def save_training_state(folder: Path, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> None:
+    """Optimizer moments and torch RNG states as safetensors, plus state.json: `extra`, the optimizer's
+    param groups and Python's RNG state, so that a resumed run draws what the uninterrupted one would have."""
+    optimizer_state = optimizer.state_dict()
+    save_file({f"{index}.{name}": value.detach().cpu().contiguous()
+               for index, state in optimizer_state["state"].items() for name, value in state.items()},
+              folder / OPTIMIZER_FILE)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(rng, folder / RNG_FILE)
+    state = {**extra, "optimizer_param_groups": optimizer_state["param_groups"], "python_rng": random.getstate()}
+    (folder / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+
+
+def load_training_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore what save_training_state wrote into `optimizer` and the RNGs; returns state.json."""
+    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    per_param: dict[int, dict[str, Tensor]] = {}
+    # Loaded on the CPU: load_state_dict moves Adam's moments to each parameter's device and keeps `step` here.
+    for key, value in load_file(folder / OPTIMIZER_FILE).items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
+    rng = load_file(folder / RNG_FILE)
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count())])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return state
+
+
+# `rlhf-tui <command> --resume RUN` for each kind of run.
+RESUME_COMMANDS = {"reward": "train-reward", "ppo": "ppo"}
+
+
+def resume_command(kind: str, run_id: str) -> str:
+    return f"rlhf-tui {RESUME_COMMANDS[kind]} --resume {run_id}"
+
+
+def resumable_run(store: Store, run_id: str, kind: str) -> dict[str, Any]:
+    """The run row, when it is a `kind` run that can resume: stopped, failed or interrupted."""
+    run = store.run(run_id)
+    if run["kind"] != kind:
+        raise RlhfError(f"run {run_id!r} is a {run['kind']} run: resume it with `{resume_command(run['kind'], run_id)}`")
+    if run["status"] in ("running", "stopping") and run["pid"] and _pid_alive(run["pid"]):
+        raise RlhfError(f"run {run_id!r} is still running (pid {run['pid']})")
+    if run["status"] == "finished":
+        raise RlhfError(f"run {run_id!r} already finished its {run['total_steps']} steps")
+    return run
+
+
+def config_of_run(run: dict[str, Any]) -> Config:
+    """The config a run started with (a resumed run keeps its own settings)."""
+    return Config.from_dict({k: v for k, v in run["config"].items() if k in SECTIONS}, source=f"run {run['id']}")
