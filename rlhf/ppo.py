@@ -37,8 +37,8 @@ from .models import (adapter_active, encode_prompt, eos_token_ids, format_prompt
                      resolve_model_name)
 from .ppo_math import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, clipped_policy_loss,
                        clipped_value_loss, entropy_from_logits, explained_variance, gae, kl_k3,
-                       logprobs_from_logits, masked_mean, masked_sum, masked_whiten, per_token_rewards,
-                       response_mask)
+                       kl_negative_beyond_noise, logprobs_from_logits, masked_mean, masked_sum, masked_whiten,
+                       per_token_rewards, response_mask, standard_error)
 from .reward import (RewardHead, RewardScorer, load_reward_onto, pad_left, read_reward_meta,
                      reward_tokenizer_matches)
 from .sampling import truncate_left
@@ -49,8 +49,6 @@ REWARD_ADAPTER = "reward"
 REFERENCE_ADAPTER = "reference"  # the frozen SFT adapter, when PPO starts from one
 LOCK_FILE = "ppo.lock"
 SAMPLES_PER_STEP = 4
-# Mean k1 per response below this means sampling and log-probs disagree (see field notes).
-NEGATIVE_KL_WARNING = -0.1
 
 
 class NonFiniteError(Exception):
@@ -329,6 +327,7 @@ class PPOTrainer:
             "score_std": scored.scores.std().item() if len(prompts) > 1 else 0.0,
             "rlhf_reward": masked_sum(rewards, mask, dim=1).mean().item(),
             "kl_k1": kl_per_response.mean().item(),
+            "kl_k1_sem": standard_error(kl_per_response),
             "kl_k3": masked_sum(kl_k3(scored.logp, scored.ref_logp), mask, dim=1).mean().item(),
             "kl_coef": kl_coef,
             "entropy": masked_mean(scored.entropy, mask).item(),
@@ -549,8 +548,9 @@ def _train_loop(trainer: PPOTrainer, store: Store, run_dir: Path, run_id: str, p
             store.update_run(run_id, step=step)
             hooks.on_step(run_id, step, metrics)
             hooks.on_samples(run_id, step, samples)
-            if metrics["kl_k1"] < NEGATIVE_KL_WARNING:
-                hooks.on_warning(run_id, f"step {step}: KL is negative ({metrics['kl_k1']:.3f}): sampling and "
+            if kl_negative_beyond_noise(metrics["kl_k1"], metrics["kl_k1_sem"]):
+                hooks.on_warning(run_id, f"step {step}: KL is negative ({metrics['kl_k1']:.3f} ± "
+                                         f"{metrics['kl_k1_sem']:.3f}, beyond noise): sampling and "
                                          "log-probs disagree (check temperature, top-k/top-p)")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint(step)

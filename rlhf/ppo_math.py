@@ -90,6 +90,18 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.expm1(log_r) - log_r
 
 
+def standard_error(values: Tensor) -> float:
+    """Standard error of the mean: sample std (n - 1) / sqrt(n); 0 for fewer than two values."""
+    n = values.numel()
+    return (values.float().std() / n ** 0.5).item() if n > 1 else 0.0
+
+
+def kl_negative_beyond_noise(k1_mean: float, k1_sem: float, floor: float = -0.1, z: float = 3.0) -> bool:
+    """Negative-KL check: the true KL is >= 0, so a batch's mean k1 below `floor` that is also more than `z`
+    standard errors below zero is not noise: sampling and log-probs disagree (top-k/top-p, temperature)."""
+    return k1_mean < floor and k1_mean + z * k1_sem < 0
+
+
 def last_token_index(mask: Tensor) -> Tensor:
     """Index of the last real token of each row: T - 1 - argmax(flip(mask)) ([B, T] -> [B])."""
     return mask.shape[1] - 1 - mask.int().flip(1).argmax(dim=1)

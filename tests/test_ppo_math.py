@@ -16,6 +16,7 @@ from rlhf.ppo_math import (
     gae,
     kl_k1,
     kl_k3,
+    kl_negative_beyond_noise,
     last_token_index,
     logprobs_from_logits,
     masked_mean,
@@ -23,6 +24,7 @@ from rlhf.ppo_math import (
     masked_whiten,
     per_token_rewards,
     response_mask,
+    standard_error,
 )
 
 F64 = torch.float64
@@ -101,6 +103,19 @@ def test_kl_k1_k3_hand_numbers():
     assert kl_k1(ref, logp).item() == approx(-math.log(2))
     assert kl_k3(ref, logp).item() == approx(0.3068528194)
     assert kl_k3(logp, logp).item() == 0.0
+
+
+def test_standard_error_hand_numbers():
+    # values 1, 2, 3, 6: mean 3, sample variance (4 + 1 + 0 + 9) / 3 = 14/3, sem = sqrt(14/3) / 2
+    assert standard_error(torch.tensor([1.0, 2.0, 3.0, 6.0])) == approx(math.sqrt(14 / 3) / 2, rel=1e-6)
+    assert standard_error(torch.tensor([5.0])) == 0.0
+
+
+def test_negative_kl_warns_only_beyond_noise():
+    assert not kl_negative_beyond_noise(-0.05, 0.0)  # above the floor
+    assert not kl_negative_beyond_noise(-0.2, 0.1)  # -0.2 + 3 * 0.1 = 0.1 >= 0: noise of a small batch
+    assert kl_negative_beyond_noise(-0.5, 0.1)  # -0.5 + 0.3 = -0.2 < 0: the estimate is really negative
+    assert kl_negative_beyond_noise(-0.2, 0.0)  # one response: no spread to excuse it
 
 
 def test_kl_k3_is_never_negative():
