@@ -21,7 +21,8 @@ from app.widgets.run_feed import (SAMPLES_KEPT, DbFollower, RunFeed, RunUpdate, 
 from app.widgets.run_view import SamplesPane
 from rlhf.engine import protocol
 from rlhf.store import PromptItem
-from test_reward_screen import ENGINE_TIMEOUT_S, db_metric, db_run, wait_until
+from app.screens.reward import RewardScreen
+from test_reward_screen import ENGINE_TIMEOUT_S, db_metric, db_run, make_workspace, wait_until
 from test_train_screen import rewarded  # noqa: F401 - the fixture: a workspace with a finished reward run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,11 +145,12 @@ def test_db_follower_reads_only_what_is_new(workspace, store):
     assert resumed.reset and set(resumed.steps) == {1, 2} and resumed.status == "running"
     assert final_metrics_text(store, store.run(run_id)) == "score 0.2"
     refusal = resume_refusal(store.run(run_id))
-    assert refusal == f"{run_id} is running: only stopped, interrupted or failed PPO runs resume"
+    assert refusal == f"{run_id} is running: only stopped, interrupted or failed runs resume"
     store.update_run(run_id, status="interrupted")
     assert resume_refusal(store.run(run_id)) is None
     reward_id = store.create_run("reward", {}, total_steps=1)
-    assert "only PPO runs resume" in resume_refusal(store.run(reward_id))
+    store.update_run(reward_id, status="stopped")
+    assert resume_refusal(store.run(reward_id)) is None
 
 
 # -- the screen, following a run another process is training -----------------------------------------
@@ -213,5 +215,34 @@ async def test_follow_a_headless_run_live_then_open_finished_runs(rewarded):  # 
         assert screen.view.chart("chart-accuracy").points["heldout_acc"] == db_metric(ws, reward_run, "heldout_acc")
         assert screen.check_action("resume", ()) is False
         await pilot.press("escape")
-        await pilot.press("r")  # the reward run is still selected: refused with a reason
+        await pilot.press("r")  # the finished reward run is still selected: refused with a reason
         assert app.current_mode == "runs"
+
+
+async def test_a_stopped_reward_run_resumes_from_the_list_on_the_reward_screen(tmp_path, tiny_model_dir):
+    from rlhf.hooks import RunHooks
+    from rlhf.reward import train_reward
+
+    class StopAtFirstStep(RunHooks):
+        def on_step(self, run_id, step, metrics):
+            if "loss" in metrics:  # not the untrained model's held-out evaluation at step 0
+                self.stop_requested.set()
+
+    ws = make_workspace(tmp_path / "ws", tiny_model_dir)
+    stopped = train_reward(ws, ws.load_config(), hooks=StopAtFirstStep())
+    assert (stopped.status, stopped.step) == ("stopped", 1)
+    app = RlhfApp(ws, ws.load_config(), annotator="t")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("tab", "tab", "tab")
+        table = app.screen.query_one(DataTable)
+        assert table.get_row(stopped.run_id)[2:4] == ["stopped", f"1/{db_run(ws, stopped.run_id)['total_steps']}"]
+        await pilot.press("r")
+        screen = app.screen
+        assert isinstance(screen, RewardScreen)
+        await wait_until(pilot, lambda: screen.run_id == stopped.run_id and screen.view.feed.final,
+                         ENGINE_TIMEOUT_S, "the resumed run to finish")
+        row = db_run(ws, stopped.run_id)
+        assert screen.view.feed.status == row["status"] == "finished" and row["step"] == row["total_steps"]
+        losses = db_metric(ws, stopped.run_id, "loss")
+        assert list(losses) == list(range(1, row["total_steps"] + 1))  # step 1 kept, the rest trained once
+        assert screen.view.chart("chart-loss").points["loss"] == losses

@@ -59,7 +59,6 @@ class LiveRunScreen(Screen):
     KIND: ClassVar[str]  # "reward" or "ppo": the runs this screen launches and watches
     REQUEST: ClassVar[str]  # the start request's type name, as named by a failed request's Error
     LABEL: ClassVar[str]  # how messages name the run, e.g. "PPO"
-    RESUMABLE: ClassVar[bool] = False
 
     BINDINGS = [Binding("s", "stop", "stop", id="stop_run")]
 
@@ -103,6 +102,14 @@ class LiveRunScreen(Screen):
     def action_start(self) -> None:
         """Launch a run with the screen's form (the subclass builds the request and calls `launch`)."""
         raise NotImplementedError
+
+    def resume_request(self, run_id: str) -> protocol.Request:
+        """The request that continues a run of this kind from its last checkpoint, with its own settings."""
+        raise NotImplementedError
+
+    def resume(self, run_id: str) -> None:
+        """Continue a stopped, failed or interrupted run of this kind; it is adopted like a new one."""
+        self.launch(self.resume_request(run_id))
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "start":
@@ -223,7 +230,7 @@ class LiveRunScreen(Screen):
         self.view.sync()
         feed = self.view.feed
         saved = f"checkpoint at step {feed.checkpoint_step}" if feed.checkpoint_step else "no checkpoint"
-        hint = "; resume it from Runs" if self.RESUMABLE and feed.checkpoint_step else ""
+        hint = "; resume it from Runs" if feed.checkpoint_step else ""
         message = f"{reason}: run {self.run_id} is {feed.status} at step {feed.step} ({saved}){hint}"
         self.view.apply(RunUpdate(message=message))
         self.notify(message, title=f"{self.LABEL} run lost", severity="error", timeout=15)

@@ -2,8 +2,9 @@
 
 A one-row form (epochs, learning rate, batch size, quantization; the rest comes from rlhf.toml) starts
 training; loss and pairwise-accuracy charts (train per step, held-out per epoch, chance as a line), a
-progress bar and a status line follow it; `s` stops it (the adapter so far is saved). A finished run
-is what PPO uses: `p` takes it to the Train screen. The screen opens on the latest finished run.
+progress bar and a status line follow it; `s` stops it (the adapter so far is saved, and the run can be
+resumed from the Runs screen). A finished run is what PPO uses: `p` takes it to the Train screen. The
+screen opens on the latest finished run.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class RewardScreen(LiveRunScreen):
             self.show_start_error("fix the settings marked above first")
             return
         self.launch(protocol.StartReward(values))
+
+    def resume_request(self, run_id: str) -> protocol.Request:
+        return protocol.StartReward(resume_run=run_id)
 
     async def action_use_for_ppo(self) -> None:
         feed = self.view.feed

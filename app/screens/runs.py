@@ -3,7 +3,8 @@
 The table re-reads the database every RUNS_REFRESH_S, so runs started anywhere (the app, or
 `rlhf-tui ppo` in another terminal) appear and move; runs whose process is gone are marked
 interrupted as they are found. Enter (or o) opens a run: its panes are read from the database and keep
-following it while it runs. `r` resumes a stopped, interrupted or failed PPO run on the Train screen.
+following it while it runs. `r` resumes a stopped, interrupted or failed run on the screen of its kind
+(Reward model or Train), where it is watched and stopped like a new one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rlhf.store import Store
 
 from ..widgets.run_feed import format_number
 from ..widgets.run_view import SCROLL_SAMPLES_BINDINGS, RunView
-from .live_run import switch_to
+from .live_run import RUN_MODES, switch_to
 
 RUNS_REFRESH_S = 2.0
 DB_FOLLOW_INTERVAL_S = 0.5
@@ -41,23 +42,21 @@ def final_metrics_text(store: Store, run: dict[str, Any]) -> str:
 
 def resume_refusal(run: dict[str, Any]) -> str | None:
     """Why this run cannot be resumed, or None when it can."""
-    if run["kind"] != "ppo":
-        return f"{run['id']} is a reward run: only PPO runs resume (train a new reward model instead)"
     if run["status"] not in RESUMABLE_STATUSES:
-        return f"{run['id']} is {run['status']}: only stopped, interrupted or failed PPO runs resume"
+        return f"{run['id']} is {run['status']}: only stopped, interrupted or failed runs resume"
     return None
 
 
-async def resume_ppo(app, run_id: str) -> None:  # noqa: ANN001 - the RlhfApp
-    """Resume a PPO run on the Train screen, where it is then watched and stopped like any other."""
-    train = await switch_to(app, "train")
-    train.resume(run_id)
+async def resume_run(app, run: dict[str, Any]) -> None:  # noqa: ANN001 - the RlhfApp
+    """Resume a run on the screen of its kind, where it is then watched and stopped like any other."""
+    screen = await switch_to(app, RUN_MODES[run["kind"]])
+    screen.resume(run["id"])
 
 
 class RunsScreen(Screen):
     BINDINGS = [
         Binding("o", "open", "open (or enter)", id="open_run"),  # the table's own enter selects a row
-        Binding("r", "resume", "resume PPO", id="resume_run"),
+        Binding("r", "resume", "resume", id="resume_run"),
     ]
 
     def __init__(self) -> None:
@@ -128,11 +127,12 @@ class RunsScreen(Screen):
         if run_id is None:
             self.app.bell()
             return
-        refusal = resume_refusal(self.app.store.run(run_id))
+        run = self.app.store.run(run_id)
+        refusal = resume_refusal(run)
         if refusal:
             self.notify(refusal, severity="warning")
             return
-        await resume_ppo(self.app, run_id)
+        await resume_run(self.app, run)
 
 
 class RunScreen(Screen):
@@ -141,7 +141,7 @@ class RunScreen(Screen):
     BINDINGS = [
         Binding("escape,q", "close", "back", id="close_run"),
         Binding("m", "more", "more metrics", id="more_metrics"),
-        Binding("r", "resume", "resume PPO", id="resume_run"),
+        Binding("r", "resume", "resume", id="resume_run"),
         *SCROLL_SAMPLES_BINDINGS,
     ]
 
@@ -164,8 +164,10 @@ class RunScreen(Screen):
         self.set_interval(DB_FOLLOW_INTERVAL_S, self.view.sync)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in ("more", "resume", "scroll_samples"):
+        if action in ("more", "scroll_samples"):
             return self.run_row["kind"] == "ppo"
+        if action == "resume":
+            return self.view.feed.status in RESUMABLE_STATUSES
         return True
 
     def action_close(self) -> None:
@@ -178,9 +180,10 @@ class RunScreen(Screen):
         self.view.scroll_samples(lines)
 
     async def action_resume(self) -> None:
-        refusal = resume_refusal(self.app.store.run(self.run_row["id"]))
+        run = self.app.store.run(self.run_row["id"])
+        refusal = resume_refusal(run)
         if refusal:
             self.notify(refusal, severity="warning")
             return
         self.dismiss()
-        await resume_ppo(self.app, self.run_row["id"])
+        await resume_run(self.app, run)

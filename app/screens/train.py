@@ -47,7 +47,6 @@ class TrainScreen(LiveRunScreen):
     KIND = "ppo"
     REQUEST = "StartPPO"
     LABEL = "PPO"
-    RESUMABLE = True
 
     BINDINGS = [
         *LiveRunScreen.BINDINGS,
@@ -138,10 +137,8 @@ class TrainScreen(LiveRunScreen):
         if self.launch(protocol.StartPPO(reward_run=None if select.is_blank() else select.value, overrides=values)):
             self.show_setup(False)
 
-    def resume(self, run_id: str) -> None:
-        """Continue a stopped or interrupted PPO run from its last checkpoint, with its own settings."""
-        if self.launch(protocol.StartPPO(resume_run=run_id)):
-            self.show_setup(False)
+    def resume_request(self, run_id: str) -> protocol.Request:
+        return protocol.StartPPO(resume_run=run_id)
 
     def action_toggle_setup(self) -> None:
         self.show_setup(self.showing_panes)

@@ -32,9 +32,11 @@ class Regenerate:
 
 @dataclass(frozen=True)
 class StartReward:
-    """Train a reward model; `overrides` are dotted `section.key` -> value on top of the engine's config."""
+    """Train a reward model, or resume a stopped reward run; `overrides` are dotted `section.key` -> value on
+    top of the engine's config (a resumed run keeps its own)."""
 
     overrides: dict[str, Any] = field(default_factory=dict)
+    resume_run: str | None = None
 
 
 @dataclass(frozen=True)

@@ -258,7 +258,8 @@ class Engine:
         elif isinstance(request, protocol.StartReward):
             from ..reward import train_reward
 
-            self._run(lambda cfg, hooks: train_reward(self.workspace, cfg, hooks=hooks, store=self.store),
+            self._run(lambda cfg, hooks: train_reward(self.workspace, cfg, hooks=hooks, store=self.store,
+                                                      resume_run=request.resume_run),
                       request.overrides)
         elif isinstance(request, protocol.StartPPO):
             from ..ppo import run_ppo
