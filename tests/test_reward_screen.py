@@ -157,7 +157,7 @@ async def test_train_from_the_screen_watch_the_charts_stop_and_hand_to_ppo(tmp_p
         await type_into(pilot, "#setting-reward-epochs", "200")
         await type_into(pilot, "#setting-reward-batch_size", "4")
         assert screen.form.errors == {}
-        await pilot.click("#start")
+        await pilot.press("enter")  # from the keyboard: enter in a field starts, then s must reach the screen
         assert screen.pending and screen.check_action("stop", ()) is True  # stoppable while starting
         loss = screen.view.chart("chart-loss")
         await wait_until(pilot, lambda: len(loss.points["loss"]) >= 3, ENGINE_TIMEOUT_S, "three training steps")
@@ -167,6 +167,7 @@ async def test_train_from_the_screen_watch_the_charts_stop_and_hand_to_ppo(tmp_p
         assert 0 in accuracy.points["heldout_acc"]  # the untrained model's held-out accuracy, at step 0
         await wait_until(pilot, lambda: re.search(r"train -?\d", plain(loss.border_title)), what="a redraw")
 
+        assert app.focused is None  # out of the form once the run started: s is not typed into a field
         await pilot.press("s")
         # The step may have ended (and the stop with it) before the key press returns.
         assert "stopping…" in screen.view.status_text() or screen.view.feed.status == "stopped"

@@ -239,8 +239,9 @@ async def test_a_stopped_reward_run_resumes_from_the_list_on_the_reward_screen(t
         await pilot.press("r")
         screen = app.screen
         assert isinstance(screen, RewardScreen)
-        await wait_until(pilot, lambda: screen.run_id == stopped.run_id and screen.view.feed.final,
-                         ENGINE_TIMEOUT_S, "the resumed run to finish")
+        await wait_until(pilot, lambda: screen.run_id == stopped.run_id, ENGINE_TIMEOUT_S, "the resumed run")
+        assert app.focused is None  # not in the form the screen opened on: s stops the run, not typed into a field
+        await wait_until(pilot, lambda: screen.view.feed.final, ENGINE_TIMEOUT_S, "the resumed run to finish")
         row = db_run(ws, stopped.run_id)
         assert screen.view.feed.status == row["status"] == "finished" and row["step"] == row["total_steps"]
         losses = db_metric(ws, stopped.run_id, "loss")
