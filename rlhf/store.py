@@ -121,7 +121,13 @@ def _migrate_1_to_2(db: sqlite_utils.Database) -> None:
         )""")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_0_to_1, _migrate_1_to_2]
+def _migrate_2_to_3(db: sqlite_utils.Database) -> None:
+    # A resumed run's running time: its earlier sessions' seconds, and when the current session began.
+    db.execute("ALTER TABLE runs ADD COLUMN earlier_seconds REAL NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE runs ADD COLUMN session_started_at TEXT")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -434,10 +440,13 @@ class Store:
             self.db.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*fields.values(), run_id])
 
     def resume_run(self, run_id: str) -> None:
-        """Mark a stopped/failed/interrupted run as running again in this process."""
+        """Mark a stopped/failed/interrupted run as running again in this process, a new session of it: the
+        time it ran so far is kept in earlier_seconds (the time it stood still does not count)."""
         with self.transaction():
-            self.db.execute("UPDATE runs SET status = 'running', ended_at = NULL, error = NULL, pid = ? "
-                            "WHERE id = ?", [os.getpid(), run_id])
+            ran = run_seconds(self.run(run_id), datetime.now(timezone.utc))
+            self.db.execute("UPDATE runs SET status = 'running', ended_at = NULL, error = NULL, pid = ?, "
+                            "earlier_seconds = ?, session_started_at = ? WHERE id = ?",
+                            [os.getpid(), ran, now_iso(), run_id])
 
     def run(self, run_id: str) -> dict[str, Any]:
         rows = self._query("SELECT * FROM runs WHERE id = ?", [run_id])
@@ -533,6 +542,18 @@ def _decode_prompt(row: dict[str, Any]) -> dict[str, Any]:
     row["messages"] = json.loads(row["messages"]) if row["messages"] else None
     row["tags"] = json.loads(row["tags"]) if row["tags"] else []
     return row
+
+
+# The columns of a `runs` row that say how long it has run (see run_seconds).
+RUN_TIMING = ("started_at", "ended_at", "session_started_at", "earlier_seconds")
+
+
+def run_seconds(run: dict[str, Any], now: datetime) -> float:
+    """How long a run has been running: its earlier sessions, plus the current (or last) session from its
+    start to its end, or to `now` while it runs. A resumed run's stopped time does not count."""
+    session_start = datetime.fromisoformat(run["session_started_at"] or run["started_at"])
+    end = datetime.fromisoformat(run["ended_at"]) if run["ended_at"] else now
+    return run["earlier_seconds"] + max(0.0, (end - session_start).total_seconds())
 
 
 def _decode_run(row: dict[str, Any]) -> dict[str, Any]:

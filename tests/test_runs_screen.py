@@ -40,12 +40,20 @@ def test_seconds_per_step_and_eta():
     assert eta_seconds(3.0, step=7, total_steps=None) is None
 
 
+def timing(started_at: str, ended_at: str | None = None, session_started_at: str | None = None,
+           earlier_seconds: float = 0.0) -> dict:
+    return {"started_at": started_at, "ended_at": ended_at, "session_started_at": session_started_at,
+            "earlier_seconds": earlier_seconds}
+
+
 def test_elapsed_and_durations():
     start = "2026-01-01T10:00:00.000+00:00"
     now = datetime(2026, 1, 1, 10, 2, 5, tzinfo=timezone.utc)
-    assert elapsed_seconds(start, None, now) == 125.0
-    assert elapsed_seconds(start, "2026-01-01T10:00:30.500+00:00", now) == 30.5  # ended: the clock stopped
-    assert elapsed_seconds(None, None, now) is None
+    assert elapsed_seconds(timing(start), now) == 125.0
+    assert elapsed_seconds(timing(start, "2026-01-01T10:00:30.500+00:00"), now) == 30.5  # ended: the clock stopped
+    # Resumed at 10:02:00 after 30 s of running: 30 s + the 5 s since, not the 2 minutes it stood still.
+    assert elapsed_seconds(timing(start, None, "2026-01-01T10:02:00.000+00:00", 30.0), now) == 35.0
+    assert elapsed_seconds(None, now) is None
     assert [format_duration(s) for s in (None, 0, 59.4, 125, 3725)] == ["–", "0:00", "0:59", "2:05", "1:02:05"]
 
 
@@ -90,7 +98,7 @@ def test_feed_merges_updates_idempotently_and_times_new_steps():
 def test_status_rows():
     feed = RunFeed("ppo-1", "ppo")
     assert status_line(RunFeed(), notice="starting PPO…") == "starting PPO…"
-    feed.apply(RunUpdate(status="running", step=0, total_steps=10, started_at="2026-01-01T10:00:00+00:00",
+    feed.apply(RunUpdate(status="running", step=0, total_steps=10, timing=timing("2026-01-01T10:00:00+00:00"),
                          config={"ppo": {"target_kl": 6.0, "adaptive_kl": True}}), now=0.0)
     feed.apply(RunUpdate(steps={2: {"tokens_per_s": 512.4, "time_rollout": 1.234, "time_score": 0.5,
                                     "time_train": 2.0}}, step=2, checkpoint_step=2), now=8.0)
@@ -100,7 +108,7 @@ def test_status_rows():
     feed.add_warning("step 2: KL is negative")
     assert detail_line(feed) == "⚠ step 2: KL is negative · 512 tok/s · rollout 1.23s score 0.50s train 2.00s"
     feed.apply(RunUpdate(status="stopped", message="stopped at step 2/10",
-                         ended_at="2026-01-01T10:00:05+00:00"))
+                         timing=timing("2026-01-01T10:00:00+00:00", "2026-01-01T10:00:05+00:00")))
     assert status_line(feed, now + timedelta(hours=1)) == "stopped · step 2/10 · elapsed 0:05 · checkpoint at 2"
     assert detail_line(feed).startswith("stopped at step 2/10 · ⚠ step 2")
 
@@ -137,7 +145,7 @@ def test_db_follower_reads_only_what_is_new(workspace, store):
     store.update_run(run_id, step=3, checkpoint_step=2, status="stopped")
     third = follower.poll()
     assert set(third.steps) == {2, 3} and list(third.samples) == [3] and third.status == "stopped"
-    assert third.checkpoint_step == 2 and third.ended_at is not None
+    assert third.checkpoint_step == 2 and third.timing["ended_at"] is not None
     # Resumed from its checkpoint: the steps after it are recomputed, so everything is read afresh.
     store.resume_run(run_id)
     store.delete_metrics_after(run_id, 2)

@@ -10,13 +10,14 @@ import sqlite3
 import stat
 import tempfile
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from rlhf import store as store_module
 from rlhf.errors import StoreError
-from rlhf.store import SCHEMA_VERSION, PromptItem, Store
+from rlhf.store import SCHEMA_VERSION, PromptItem, Store, run_seconds
 
 NOBODY = 65534
 
@@ -305,6 +306,31 @@ def test_metrics_and_samples_are_stored_per_step(empty_store: Store):
     assert empty_store.metrics_by_step(run_id) == {1: {"kl": 0.5, "score": 1.0}, 2: {"kl": 0.25}}
     assert empty_store.metrics_by_step(run_id, after_step=1) == {2: {"kl": 0.25}}
     assert [(s["step"], s["response"]) for s in empty_store.samples(run_id)] == [(2, "r")]
+
+
+def test_a_resumed_run_counts_only_the_time_it_ran(empty_store: Store):
+    run_id = empty_store.create_run("ppo", {}, total_steps=4)
+    started = datetime.fromisoformat(empty_store.run(run_id)["started_at"])
+    empty_store.update_run(run_id, status="stopped", ended_at=(started + timedelta(seconds=30)).isoformat())
+    assert run_seconds(empty_store.run(run_id), started + timedelta(hours=5)) == 30.0  # stopped: the clock stands
+    empty_store.resume_run(run_id)  # hours later: the stopped time is not running time
+    run = empty_store.run(run_id)
+    session = datetime.fromisoformat(run["session_started_at"])
+    assert run["earlier_seconds"] == 30.0 and run["ended_at"] is None and session > started
+    assert run_seconds(run, session + timedelta(seconds=5)) == 35.0
+
+
+def test_a_version_2_database_gains_the_timing_of_resumed_runs(db_path: Path):
+    with sqlite3.connect(db_path) as conn:  # a database as rlhf-tui with schema v2 left it
+        store_module._migrate_0_to_1(store_module.sqlite_utils.Database(conn))
+        store_module._migrate_1_to_2(store_module.sqlite_utils.Database(conn))
+        conn.execute("INSERT INTO runs (id, kind, config, status, step, started_at, ended_at) VALUES "
+                     "('ppo-1', 'ppo', '{}', 'stopped', 3, '2026-01-01T10:00:00+00:00', '2026-01-01T10:01:00+00:00')")
+        conn.execute("PRAGMA user_version = 2")
+    with Store(db_path) as store:
+        run = store.run("ppo-1")
+        assert (run["earlier_seconds"], run["session_started_at"]) == (0.0, None)
+        assert run_seconds(run, datetime.now(timezone.utc)) == 60.0
 
 
 def test_labeling_order_puts_unseen_prompts_first(empty_store: Store):

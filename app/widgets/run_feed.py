@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from rlhf.engine import protocol
-from rlhf.store import FINAL_STATUSES, Store
+from rlhf.store import FINAL_STATUSES, RUN_TIMING, Store, run_seconds
 
 from .answer import visible_text
 
@@ -34,8 +34,7 @@ class RunUpdate:
     total_steps: int | None = None
     checkpoint_step: int | None = None
     message: str | None = None
-    started_at: str | None = None
-    ended_at: str | None = None
+    timing: dict[str, Any] | None = None  # the row's RUN_TIMING columns, for how long it has run
     config: dict[str, Any] | None = None
     reset: bool = False  # the run restarted from a checkpoint: what was shown past it is void
 
@@ -58,8 +57,8 @@ def update_from_event(event: protocol.Event) -> RunUpdate | None:
 def update_from_row(run: dict[str, Any]) -> RunUpdate:
     """The facts of a `runs` row."""
     return RunUpdate(status=run["status"], step=run["step"], total_steps=run["total_steps"],
-                     checkpoint_step=run["checkpoint_step"], message=run["error"], started_at=run["started_at"],
-                     ended_at=run["ended_at"], config=run["config"])
+                     checkpoint_step=run["checkpoint_step"], message=run["error"],
+                     timing={name: run[name] for name in RUN_TIMING}, config=run["config"])
 
 
 class DbFollower:
@@ -101,8 +100,7 @@ class RunFeed:
         self.total_steps: int | None = None
         self.checkpoint_step: int | None = None
         self.message: str | None = None
-        self.started_at: str | None = None
-        self.ended_at: str | None = None
+        self.timing: dict[str, Any] | None = None
         self.config: dict[str, Any] = {}
         self.metrics: dict[int, dict[str, float]] = {}
         self.samples: list[dict[str, Any]] = []  # newest first
@@ -120,7 +118,7 @@ class RunFeed:
         fresh = [s for step in sorted(update.samples, reverse=True) if step not in sample_steps
                  for s in update.samples[step]]
         self.samples = sorted(fresh + self.samples, key=lambda s: s["step"], reverse=True)[:SAMPLES_KEPT]
-        for name in ("status", "total_steps", "checkpoint_step", "message", "started_at", "ended_at", "config"):
+        for name in ("status", "total_steps", "checkpoint_step", "message", "timing", "config"):
             value = getattr(update, name)
             if value is not None:
                 setattr(self, name, value)
@@ -165,12 +163,9 @@ def eta_seconds(per_step: float | None, step: int, total_steps: int | None) -> f
     return per_step * max(0, total_steps - step)
 
 
-def elapsed_seconds(started_at: str | None, ended_at: str | None, now: datetime) -> float | None:
-    """Seconds from a run's start (ISO time) to its end, or to `now` while it has not ended."""
-    if started_at is None:
-        return None
-    end = datetime.fromisoformat(ended_at) if ended_at else now
-    return max(0.0, (end - datetime.fromisoformat(started_at)).total_seconds())
+def elapsed_seconds(timing: dict[str, Any] | None, now: datetime) -> float | None:
+    """How long the run has been running (not counting time stopped before a resume); None before its row is read."""
+    return None if timing is None else run_seconds(timing, now)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -193,7 +188,7 @@ def status_line(feed: RunFeed, now: datetime | None = None, notice: str | None =
     now = now or datetime.now(timezone.utc)
     total = feed.total_steps if feed.total_steps is not None else "?"
     parts = [notice or feed.status or "?", f"step {feed.step}/{total}",
-             f"elapsed {format_duration(elapsed_seconds(feed.started_at, feed.ended_at, now))}"]
+             f"elapsed {format_duration(elapsed_seconds(feed.timing, now))}"]
     if not feed.final:
         eta = eta_seconds(seconds_per_step(feed.arrivals), feed.step, feed.total_steps)
         parts.append(f"ETA {format_duration(eta)}")
