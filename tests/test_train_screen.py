@@ -149,6 +149,13 @@ async def test_launch_watch_stop_resume_and_hard_stop(rewarded):
         assert app.screen is screen and view.feed.status == "running"
         assert min(reward.points["score_mean"]) == 1  # the steps before the stop are still drawn
 
+        # Labeling meanwhile: the one engine is training, and the Label screen says why no new pairs come.
+        await app.switch_mode("label")
+        label_status = app.screen.query_one("#status")
+        await wait_until(pilot, lambda: "engine training: new pairs after the run" in str(label_status.content),
+                         what="the label status line")
+        await app.switch_mode("train")
+
         # Stop hard: "Stop run" from the palette asks gracefully, the Stop key's action again ends it at once
         # (called directly: a key press could come after the graceful stop had already ended the step).
         old_engine = app.engine.pid

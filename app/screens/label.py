@@ -296,6 +296,9 @@ class LabelScreen(Screen):
             message.update(f"loading model… {status.message if status else ''}")
             progress.display = True
             progress.update(progress=status.progress if status and status.progress is not None else 0.0)
+        elif self.app.engine.running_runs:  # one engine: it samples again when the run ends
+            message.update("the engine is training: the next pair is sampled when the run ends or is stopped")
+            progress.display = False
         else:
             message.update("sampling the next pair…")
             progress.display = False
@@ -308,5 +311,7 @@ class LabelScreen(Screen):
             policy = "base + policy adapter" if info.adapter else "base"
             parts += [f"model {info.model_label} ({policy})", sampling_summary(info.sampling)]
         parts.append(f"{len(self.queue)} ready")
+        if self.app.engine.running_runs:
+            parts.append("engine training: new pairs after the run")
         return " · ".join(parts)
 
