@@ -36,9 +36,9 @@ from rlhf.tiny import build_tiny_llama, generated_sentences
 
 pytestmark = pytest.mark.slow
 
-METRICS = {"score_mean", "score_std", "rlhf_reward", "kl_k1", "kl_k3", "kl_coef", "entropy", "policy_loss",
-           "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl", "explained_variance", "response_length",
-           "eos_rate", "time_rollout", "time_score", "time_train", "tokens_per_s"}
+METRICS = {"score_mean", "score_std", "rlhf_reward", "kl_k1", "kl_k1_sem", "kl_k3", "kl_coef", "entropy",
+           "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl", "explained_variance",
+           "response_length", "eos_rate", "time_rollout", "time_score", "time_train", "tokens_per_s"}
 TIMINGS = {"time_rollout", "time_score", "time_train", "tokens_per_s"}
 PPO_SETTINGS = {"ppo.batch_size": 16, "ppo.minibatches": 2, "ppo.ppo_epochs": 4, "ppo.lr": 1e-3,
                 "ppo.max_new_tokens": 32, "ppo.checkpoint_every": 2}
