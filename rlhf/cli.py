@@ -291,18 +291,38 @@ def _reward_summary(result: RunResult, total_steps: int) -> str:
             f"{counts['identical_skipped']} identical skipped); saved {result.checkpoint}{resume}")
 
 
+def _reward_run_id(store: Store, run_id: str | None) -> str:
+    """The reward run a command was given, or the latest finished one."""
+    if run_id is not None:
+        return run_id
+    latest = store.latest_run("reward")
+    if latest is None:
+        raise RlhfError("no finished reward run yet: train one with `rlhf-tui train-reward`")
+    return latest["id"]
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     with open_workspace(args) as session:
-        run_id = args.reward
-        if run_id is None:
-            latest = session.store.latest_run("reward")
-            if latest is None:
-                raise RlhfError("no finished reward run yet: train one with `rlhf-tui train-reward`")
-            run_id = latest["id"]
+        run_id = _reward_run_id(session.store, args.reward)
         from .reward import RewardScorer
 
         score = RewardScorer.from_run(session.workspace, run_id).score(args.prompt, args.response)
     print(f"{score:.4f}")
+    return 0
+
+
+def _cmd_export_reward(args: argparse.Namespace) -> int:
+    with open_workspace(args) as session:
+        run_id = _reward_run_id(session.store, args.reward)
+        run_dir = session.workspace.run_dir(run_id)
+        if not run_dir.is_dir():
+            raise RlhfError(f"no run {run_id!r} in {session.workspace.runs_dir} (see `rlhf-tui runs`)")
+        from .reward import export_sequence_classifier
+
+        out = export_sequence_classifier(run_dir, Path(args.out))
+    print(f"reward run {run_id} exported to {out}: load it with PeftModel.from_pretrained("
+          f"AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=1), {str(out)!r}); "
+          "reward.json there has BASE and the mean/std that standardise its scores")
     return 0
 
 
@@ -471,6 +491,14 @@ def _register_score(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("response", metavar="RESPONSE")
 
 
+def _register_export_reward(commands: argparse._SubParsersAction) -> None:
+    parser = _add_command(commands, "export-reward", _cmd_export_reward,
+                          "write a reward run as a PEFT adapter for AutoModelForSequenceClassification "
+                          "(num_labels=1), for trl or transformers")
+    parser.add_argument("--reward", metavar="RUN", help="reward run id (default: the latest finished one)")
+    parser.add_argument("out", metavar="DIR", help="a new (or empty) folder to write it to")
+
+
 def _register_ppo(commands: argparse._SubParsersAction) -> None:
     parser = _add_command(commands, "ppo", _cmd_ppo,
                           "run PPO against a trained reward model, one progress line per step; Ctrl+C or SIGTERM "
@@ -508,6 +536,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_config,
     _register_train_reward,
     _register_score,
+    _register_export_reward,
     _register_ppo,
     _register_runs,
 ]

@@ -260,6 +260,35 @@ def reward_tokenizer_matches(run_dir: Path, tokenizer: PreTrainedTokenizerBase) 
     return read_reward_meta(run_dir)["tokenizer_fingerprint"] == tokenizer_fingerprint(tokenizer)
 
 
+def export_sequence_classifier(run_dir: Path, out_dir: Path) -> Path:
+    """Write a reward run as a PEFT adapter for `AutoModelForSequenceClassification(num_labels=1)` on its
+    base (task SEQ_CLS, the score head as the `score` module), so other tools (trl, transformers) load it
+    with `PeftModel.from_pretrained`. Its logits are our raw scores; reward.json beside it holds the
+    mean/std that standardise them. Nothing is loaded: the files are rewritten.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise RlhfError(f"{out_dir} already exists and is not an empty folder: name a new one")
+    reward_dir = reward_dir_of(run_dir)
+    meta = read_reward_meta(reward_dir)
+    adapter = reward_dir / ADAPTER_SUBDIR
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    weights["base_model.model.score.weight"] = load_file(str(reward_dir / SCORE_HEAD_FILE))["weight"]
+    config |= {"task_type": "SEQ_CLS", "modules_to_save": ["score"],
+               "base_model_name_or_path": meta["base_model"]}
+
+    def write(folder: Path) -> None:
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        save_file(weights, str(folder / "adapter_model.safetensors"))
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+    try:
+        return write_folder_atomically(out_dir, write)
+    except CheckpointWriteError as exc:
+        raise RlhfError(f"{out_dir}: cannot write the reward model: {exc}") from None
+
+
 class RewardScorer:
     """A trained reward model loaded on its own (base + adapter + head), for `rlhf-tui score`."""
 

@@ -24,8 +24,9 @@ import rlhf.reward as reward
 from rlhf.config import Config, Workspace
 from rlhf.errors import RlhfError
 from rlhf.hooks import RunHooks
-from rlhf.models import load_causal_lm, load_tokenizer
-from rlhf.reward import (RewardScorer, bradley_terry_loss, centering_penalty, encode_response, fit_to_length,
+from rlhf.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+from rlhf.reward import (RewardScorer, bradley_terry_loss, centering_penalty, encode_response, export_sequence_classifier,
+                         fit_to_length,
                          is_heldout, load_reward_onto, pad_left, pairwise_accuracy, reward_loss,
                          reward_tokenizer_matches, standardise, symmetric_tie_loss, train_reward)
 from rlhf.store import Store
@@ -340,6 +341,29 @@ def test_ties_and_truncation_are_counted_not_dropped(tmp_path, tiny_model_dir):
     assert meta["counts"]["pairs"] == 20 and meta["counts"]["ties"] == 0
 
 
+def test_export_loads_as_a_sequence_classifier_that_scores_the_same(trained, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    ws, _, result = trained
+    out = export_sequence_classifier(ws.run_dir(result.run_id), tmp_path / "exported")
+    tok = load_tokenizer(str(tiny_model_dir))
+    classifier = PeftModel.from_pretrained(load_sequence_classifier(str(tiny_model_dir), pad_token_id=tok.pad_token_id),
+                                           str(out)).eval()
+    items = [("Hi", " A dog likes a good cake, a good tree and a good boat."), ("Tell me", " A cold boat.")]
+    seqs = [encode_response(tok, p, r, 512)[0] for p, r in items]
+    width = max(map(len, seqs))  # right padding: the classifier pools the last token before the padding
+    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad():
+        logits = classifier(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    norm = json.loads((out / "reward.json").read_text())["normalisation"]
+    ours = torch.tensor(RewardScorer.from_run(ws, result.run_id).score_many(items))
+    assert torch.allclose(standardise(logits, norm["mean"], norm["std"]), ours, atol=1e-5)
+    assert logits[0] > logits[1]  # the hidden rule: "good" wins
+    with pytest.raises(RlhfError, match="already exists and is not an empty folder"):
+        export_sequence_classifier(ws.run_dir(result.run_id), out)
+
+
 # -- command line ----------------------------------------------------------------------------
 
 
@@ -355,6 +379,20 @@ def test_cli_score_prints_the_standardised_score(trained, capsys):
     assert capsys.readouterr().out == f"{expected:.4f}\n"
     assert main(["score", "--workspace", str(ws.root), "--reward", "nope", prompt, response]) == 2
     assert capsys.readouterr().err.strip() == f"rlhf-tui: error: no run 'nope' in {ws.runs_dir} (see `rlhf-tui runs`)"
+
+
+def test_cli_export_reward_writes_the_latest_run_once(trained, tmp_path, capsys):
+    from rlhf.cli import main
+
+    ws, _, result = trained
+    out = tmp_path / "rm"
+    assert main(["export-reward", "--workspace", str(ws.root), str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"reward run {result.run_id} exported to {out}: load it with ")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "reward.json"]
+    assert main(["export-reward", "--workspace", str(ws.root), str(out)]) == 2  # never over an existing folder
+    assert capsys.readouterr().err.strip() == f"rlhf-tui: error: {out} already exists and is not an empty folder: name a new one"
 
 
 def test_cli_train_reward_too_few_pairs_is_one_line(tmp_path, tiny_model_dir, capsys):
