@@ -316,7 +316,7 @@ def test_a_resumed_run_counts_only_the_time_it_ran(empty_store: Store):
     empty_store.resume_run(run_id)  # hours later: the stopped time is not running time
     run = empty_store.run(run_id)
     session = datetime.fromisoformat(run["session_started_at"])
-    assert run["earlier_seconds"] == 30.0 and run["ended_at"] is None and session > started
+    assert run["earlier_seconds"] == 30.0 and run["ended_at"] is None and session >= started
     assert run_seconds(run, session + timedelta(seconds=5)) == 35.0
 
 
