@@ -110,9 +110,9 @@ class SeparateReward:
         self.scorer = scorer
 
     def score(self, rollout: "Rollout") -> Tensor:
-        # One call per answer: each prompt may carry its own chat messages.
-        scores = [self.scorer.score(prompt.text, text, prompt.messages)
-                  for prompt, text in zip(rollout.prompts, rollout.response_texts)]
+        scores = self.scorer.score_many([(prompt.text, text) for prompt, text in zip(rollout.prompts,
+                                                                                   rollout.response_texts)],
+                                        [prompt.messages for prompt in rollout.prompts])
         return torch.tensor(scores, device=rollout.input_ids.device)
 
 

@@ -312,14 +312,17 @@ class RewardScorer:
         reward.adapter_name = "reward"
         return cls(model, tokenizer, reward, meta["max_length"])
 
-    def score_many(self, items: list[tuple[str, str]], messages: list[dict[str, str]] | None = None) -> list[float]:
-        """Standardised scores of (prompt, response) items."""
-        seqs = [encode_response(self.tokenizer, p, r, self.max_length, messages)[0] for p, r in items]
+    def score_many(self, items: list[tuple[str, str]],
+                   messages: list[list[dict[str, str]] | None] | None = None) -> list[float]:
+        """Standardised scores of (prompt, response) items in one batch; `messages[i]` is item i's chat
+        prompt, when it has one (padding does not change a row's score: positions count real tokens)."""
+        per_item = messages or [None] * len(items)
+        seqs = [encode_response(self.tokenizer, p, r, self.max_length, m)[0] for (p, r), m in zip(items, per_item)]
         ids, mask = pad_left(seqs, self.tokenizer.pad_token_id, _model_device(self.model))
         return self.reward.score(self.model, ids, mask).tolist()
 
     def score(self, prompt: str, response: str, messages: list[dict[str, str]] | None = None) -> float:
-        return self.score_many([(prompt, response)], messages)[0]
+        return self.score_many([(prompt, response)], [messages])[0]
 
 
 # -- training ----------------------------------------------------------------------------------

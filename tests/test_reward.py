@@ -341,6 +341,16 @@ def test_ties_and_truncation_are_counted_not_dropped(tmp_path, tiny_model_dir):
     assert meta["counts"]["pairs"] == 20 and meta["counts"]["ties"] == 0
 
 
+def test_a_batch_scores_each_item_as_alone_with_its_own_chat_prompt(trained):
+    ws, _, result = trained
+    scorer = RewardScorer.from_run(ws, result.run_id)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about boats"}]
+    items = [("Hi", " A dog likes a good cake."), ("Tell me about boats", " A good boat, a cold tree and a red cake.")]
+    batch = scorer.score_many(items, [None, chat])
+    alone = [scorer.score(*items[0]), scorer.score(*items[1], chat)]
+    assert batch == pytest.approx(alone, abs=1e-5) and alone[1] != pytest.approx(scorer.score(*items[1]), abs=1e-5)
+
+
 def test_export_loads_as_a_sequence_classifier_that_scores_the_same(trained, tiny_model_dir, tmp_path):
     from peft import PeftModel
 
