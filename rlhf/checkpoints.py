@@ -128,7 +128,8 @@ def resumable_run(store: Store, run_id: str, kind: str) -> dict[str, Any]:
     """The run row, when it is a `kind` run that can resume: stopped, failed or interrupted."""
     run = store.run(run_id)
     if run["kind"] != kind:
-        raise RlhfError(f"run {run_id!r} is a {run['kind']} run: resume it with `{resume_command(run['kind'], run_id)}`")
+        raise RlhfError(f"run {run_id!r} is a {run['kind']} run: "
+                        f"resume it with `{resume_command(run['kind'], run_id)}`")
     if run["status"] in ("running", "stopping") and run["pid"] and _pid_alive(run["pid"]):
         raise RlhfError(f"run {run_id!r} is still running (pid {run['pid']})")
     if run["status"] == "finished":

@@ -37,7 +37,7 @@ from .checkpoints import (STATE_FILE, CheckpointWriteError, checkpoint_path, con
                           prune_checkpoints, resumable_run, resume_command, save_training_state, write_checkpoint,
                           write_folder_atomically)
 from .config import Config, Workspace
-from .errors import RlhfError
+from .errors import RlhfError, describe_write_error
 from .hooks import RunHooks, RunResult
 from .models import (adapter_active, encode_prompt, format_prompt, load_causal_lm, load_tokenizer,
                      resolve_model_name, tokenizer_fingerprint)
@@ -477,6 +477,9 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
     start_step, checkpoint = 0, None
     if resumed is not None:
         run_dir = workspace.run_dir(resumed["id"])
+        if not (run_dir / PAIRS_FILE).is_file():
+            raise RlhfError(f"{run_dir}: no {PAIRS_FILE} (a run of an older rlhf-tui, or a folder that was moved): "
+                            "it cannot resume; train a new reward model with `rlhf-tui train-reward`")
         recorded = json.loads((run_dir / PAIRS_FILE).read_text(encoding="utf-8"))
         pairs, identical = _pairs_of_run(pairs, recorded, resumed["id"], hooks), recorded["identical_skipped"]
         start_step = resumed["checkpoint_step"] or 0
@@ -500,10 +503,15 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
     if resumed is None:
         run_id = store.create_run("reward", cfg.to_dict(), total_steps=total_steps)
         run_dir = workspace.run_dir(run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / PAIRS_FILE).write_text(json.dumps({
-            "comparison_ids": [p["comparison_id"] for p in pairs], "data_hash": data_hash(pairs),
-            "identical_skipped": identical}), encoding="utf-8")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / PAIRS_FILE).write_text(json.dumps({
+                "comparison_ids": [p["comparison_id"] for p in pairs], "data_hash": data_hash(pairs),
+                "identical_skipped": identical}), encoding="utf-8")
+        except OSError as exc:
+            message = f"{run_dir / PAIRS_FILE}: cannot write it: {describe_write_error(exc)}"
+            store.update_run(run_id, status="failed", error=message)
+            raise RlhfError(message) from None
     else:
         run_id = resumed["id"]
         store.resume_run(run_id)

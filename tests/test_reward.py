@@ -25,8 +25,8 @@ from rlhf.config import Config, Workspace
 from rlhf.errors import RlhfError
 from rlhf.hooks import RunHooks
 from rlhf.models import load_causal_lm, load_sequence_classifier, load_tokenizer
-from rlhf.reward import (RewardScorer, bradley_terry_loss, centering_penalty, encode_response, export_sequence_classifier,
-                         fit_to_length,
+from rlhf.reward import (RewardScorer, bradley_terry_loss, centering_penalty, encode_response,
+                         export_sequence_classifier, fit_to_length,
                          is_heldout, load_reward_onto, pad_left, pairwise_accuracy, reward_loss,
                          reward_tokenizer_matches, standardise, symmetric_tie_loss, train_reward)
 from rlhf.store import Store
@@ -245,7 +245,8 @@ def test_stop_keeps_a_loadable_adapter(tmp_path, tiny_model_dir):
 
 def _saved_weights(result) -> dict[str, torch.Tensor]:
     folder = Path(result.checkpoint)
-    return {**load_file(folder / "adapter" / "adapter_model.safetensors"), **load_file(folder / "score_head.safetensors")}
+    return {**load_file(folder / "adapter" / "adapter_model.safetensors"),
+            **load_file(folder / "score_head.safetensors")}
 
 
 class Warnings(RunHooks):
@@ -307,6 +308,9 @@ def test_resume_trains_on_the_pairs_it_started_with(tmp_path, tiny_model_dir):
         train_reward(ws, cfg, resume_run=second.run_id)
     with Store(ws.db_path) as store:
         assert store.run(second.run_id)["status"] == "stopped"  # refused before anything changed
+    (ws.run_dir(second.run_id) / "pairs.json").unlink()  # a run folder from elsewhere, or an older rlhf-tui
+    with pytest.raises(RlhfError, match="no pairs.json .* it cannot resume; train a new reward model"):
+        train_reward(ws, cfg, resume_run=second.run_id)
 
 
 def test_non_finite_loss_fails_the_run_and_keeps_the_last_good_adapter(tmp_path, tiny_model_dir, monkeypatch):
@@ -402,7 +406,8 @@ def test_cli_export_reward_writes_the_latest_run_once(trained, tmp_path, capsys)
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "reward.json"]
     assert main(["export-reward", "--workspace", str(ws.root), str(out)]) == 2  # never over an existing folder
-    assert capsys.readouterr().err.strip() == f"rlhf-tui: error: {out} already exists and is not an empty folder: name a new one"
+    assert capsys.readouterr().err.strip() == (f"rlhf-tui: error: {out} already exists and is not an empty folder: "
+                                               "name a new one")
 
 
 def test_cli_train_reward_too_few_pairs_is_one_line(tmp_path, tiny_model_dir, capsys):

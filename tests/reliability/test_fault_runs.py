@@ -110,6 +110,34 @@ def test_reward_disk_full_while_saving_leaves_no_half_model_and_the_previous_one
     assert latest["id"] == previous and _scores_finite(ws, previous)  # what PPO will use is intact
 
 
+def test_reward_disk_full_mid_run_keeps_the_last_checkpoint_and_resumes(labeled, capsys, monkeypatch):
+    real_save, calls = checkpoints.save_file, []
+
+    def full_on_the_second_checkpoint(*args, **kwargs):  # 2 files per checkpoint: optimizer, RNG
+        calls.append(1)
+        if len(calls) == 3:
+            raise SafetensorError(DISK_FULL)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_file", full_on_the_second_checkpoint)
+    code, out, err = _main(capsys, "train-reward", "--workspace", labeled.root, "--epochs", "3")
+    with Store(labeled.db_path) as store:
+        run = store.runs("reward")[-1]
+    per_epoch = run["total_steps"] // 3
+    line = _only_problem_line(err, "failed")
+    assert code == 1 and out == "" and line == (
+        f"reward run {run['id']}: failed: cannot write the checkpoint of step {2 * per_epoch}: disk full (free "
+        f"some space); the run stopped (last checkpoint: step {per_epoch}). Resume it with "
+        f"`rlhf-tui train-reward --resume {run['id']}` once there is room")
+    assert (run["status"], run["checkpoint_step"]) == ("failed", per_epoch)
+    assert _checkpoints(labeled, run["id"]) == [f"step-{per_epoch}"]  # intact; no half-written one beside it
+
+    monkeypatch.undo()
+    code, out, _ = _main(capsys, "train-reward", "--workspace", labeled.root, "--resume", run["id"])
+    assert code == 0 and out.startswith(f"reward run {run['id']}: finished 3 epochs")
+    assert _scores_finite(labeled, run["id"])
+
+
 def _checkpoints(ws, run_id: str) -> list[str]:
     return sorted(p.name for p in (ws.run_dir(run_id) / CHECKPOINTS_DIR).iterdir())
 
