@@ -249,22 +249,34 @@ def _refuse_settings_on_resume(args: argparse.Namespace, overrides: dict[str, An
                         "drop the other options")
 
 
-def _cmd_train_reward(args: argparse.Namespace) -> int:
-    overrides = {"reward.epochs": args.epochs, "reward.lr": args.lr, "reward.quantization": args.quantization,
-                 "reward.batch_size": args.batch_size}
+def _run_headless(args: argparse.Namespace, overrides: dict[str, Any], shown: tuple[str, ...],
+                  train: Callable[[Session, RunHooks], RunResult]) -> tuple[RunResult, int, list[int]]:
+    """Run `train(session, hooks)` in the workspace with a progress bar, Ctrl+C or SIGTERM stopping it after
+    the step; returns how it ended, the run's total steps and the signals received."""
     _refuse_settings_on_resume(args, overrides)
     with open_workspace(args, overrides) as session:
         _enter_demo_mode(session.config)
-        from .reward import train_reward
-
-        progress = ConsoleProgress(("loss", "train_acc", "heldout_acc"))
+        progress = ConsoleProgress(shown)
         with stop_on_ctrl_c(progress) as received:
             try:
-                result = train_reward(session.workspace, session.config, hooks=progress, store=session.store,
-                                      resume_run=args.resume)
+                result = train(session, progress)
             finally:
                 progress.finish()
         total = session.store.run(result.run_id)["total_steps"]
+    return result, total, received
+
+
+def _cmd_train_reward(args: argparse.Namespace) -> int:
+    overrides = {"reward.epochs": args.epochs, "reward.lr": args.lr, "reward.quantization": args.quantization,
+                 "reward.batch_size": args.batch_size}
+
+    def train(session: Session, hooks: RunHooks) -> RunResult:
+        from .reward import train_reward
+
+        return train_reward(session.workspace, session.config, hooks=hooks, store=session.store,
+                            resume_run=args.resume)
+
+    result, total, received = _run_headless(args, overrides, ("loss", "train_acc", "heldout_acc"), train)
     if result.status == "failed":
         saved = f"; those weights are saved in {result.checkpoint}" if result.checkpoint else ""
         print(f"reward run {result.run_id}: failed: {result.message}{saved}", file=sys.stderr)
@@ -334,19 +346,14 @@ PPO_FLAGS = {"steps": "ppo.steps", "batch_size": "ppo.batch_size", "minibatches"
 
 def _cmd_ppo(args: argparse.Namespace) -> int:
     overrides = {key: getattr(args, flag) for flag, key in PPO_FLAGS.items()}
-    _refuse_settings_on_resume(args, overrides)
-    with open_workspace(args, overrides) as session:
-        _enter_demo_mode(session.config)
+
+    def train(session: Session, hooks: RunHooks) -> RunResult:
         from .ppo import run_ppo
 
-        progress = ConsoleProgress(("score_mean", "kl_k1", "entropy"))
-        with stop_on_ctrl_c(progress) as received:
-            try:
-                result = run_ppo(session.workspace, session.config, reward_run=args.reward, resume_run=args.resume,
-                                 hooks=progress, store=session.store)
-            finally:
-                progress.finish()
-        total = session.store.run(result.run_id)["total_steps"]
+        return run_ppo(session.workspace, session.config, reward_run=args.reward, resume_run=args.resume,
+                       hooks=hooks, store=session.store)
+
+    result, total, received = _run_headless(args, overrides, ("score_mean", "kl_k1", "entropy"), train)
     where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
     if result.status == "failed":
         print(f"ppo run {result.run_id}: failed: {result.message}", file=sys.stderr)
