@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from .checkpoints import (CheckpointWriteError, checkpoint_path, config_of_run, load_training_state,
-                          prune_checkpoints, resumable_run, save_training_state, write_checkpoint)
+                          prune_checkpoints, resumable_run, resume_command, save_training_state, write_checkpoint)
 from .config import Config, PPOConfig, Workspace
 from .errors import ConfigError, RlhfError
 from .hooks import RunHooks, RunResult
@@ -368,7 +368,7 @@ def failure_message(exc: Exception, step: int, saved_step: int, run_id: str, cfg
     """The one line a run that cannot go on reports: what failed at which step, the checkpoint kept, what to do."""
     kept = f"last checkpoint: step {saved_step}" if saved_step else "no checkpoint yet"
     if isinstance(exc, CheckpointWriteError):
-        return f"{exc}; the run stopped ({kept}). Resume it with `rlhf-tui ppo --resume {run_id}` once there is room"
+        return f"{exc}; the run stopped ({kept}). Resume it with `{resume_command('ppo', run_id)}` once there is room"
     if isinstance(exc, torch.OutOfMemoryError):
         return (f"step {step + 1}: out of GPU memory; the run stopped ({kept}). Lower --batch-size (now "
                 f"{cfg.batch_size}) or ppo.max_new_tokens (now {cfg.max_new_tokens}), or set model.quantization = "
