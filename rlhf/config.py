@@ -44,6 +44,9 @@ class ModelConfig:
     quantization: str = _f("none", "Base weights: none, 4bit (bitsandbytes NF4) or 8bit.", choices=QUANTIZATION)
     trust_remote_code: bool = _f(False, "Run model code shipped with the checkpoint (off: security).")
     max_prompt_tokens: int = _f(256, "Prompts longer than this are cut from the left, with a notice.", lo=8)
+    free_during_runs: str = _f("auto", "Free the labeling model while a reward or PPO run trains (they load their "
+                               "own base), reloading it after: auto (on a GPU), always or never.",
+                               choices=("auto", "always", "never"))
 
 
 @dataclass

@@ -280,6 +280,31 @@ def test_engine_runs_reward_training_with_graceful_and_hard_stops(workspace, sto
         client.stop()
 
 
+def test_the_labeling_model_is_freed_during_a_run_and_samples_again_after(workspace, store):
+    # "auto" frees it on a GPU only; "always" takes the same path on this CPU.
+    workspace.config_path.write_text(workspace.config_path.read_text().replace(
+        "[model]\n", '[model]\nfree_during_runs = "always"\n') + "[sampling]\nmax_new_tokens = 3\n")
+    add_labeled_pairs(store, 12)
+    client = EngineClient(workspace)
+    client.start()
+    try:
+        wait_for(client, protocol.Ready)
+        client.send(protocol.StartReward({"reward.epochs": 1, "reward.batch_size": 4}))
+        seen: list = []
+        ended = wait_for(client, protocol.RunEnded, seen=seen)
+        statuses = [e.message for e in seen if isinstance(e, protocol.Status)]
+        assert ended.status == "finished" and statuses == ["freeing the labeling model for the run…"]
+        after: list = []
+        wait_for(client, protocol.Ready, seen=after)  # the model is loaded again once the run has ended
+        assert [e.message for e in after if isinstance(e, protocol.Status)] == [
+            f"loading model {workspace.load_config().model.name} again…"]
+        client.send(protocol.NeedPairs(1))
+        pair = wait_for(client, protocol.PairReady)
+        assert store.response(pair.a.id)["model"] == workspace.load_config().model.name
+    finally:
+        client.stop()
+
+
 def test_a_model_that_cannot_load_is_one_fatal_error_in_the_users_words(workspace, tmp_path):
     workspace.config_path.write_text(f'[model]\nname = "{(tmp_path / "no-such-model").as_posix()}"\n')
     client = EngineClient(workspace)

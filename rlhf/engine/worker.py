@@ -8,6 +8,7 @@ keeps serving; running out of memory is fatal (the state of the model is then un
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
@@ -223,11 +224,25 @@ class Engine:
         tokenizer = load_tokenizer(self.model_name, trust_remote_code=self.cfg.model.trust_remote_code,
                                    padding_side="left")
         self.outbox.send(protocol.Status("loading", f"loading model {self.model_name}…", 0.4))
-        model = load_causal_lm(self.model_name, self.cfg.model.quantization,
-                               trust_remote_code=self.cfg.model.trust_remote_code, device=pick_device())
-        model.eval()
-        self.sampler = PairSampler(model, tokenizer, self.cfg.sampling, self.cfg.model.max_prompt_tokens)
+        self.sampler = PairSampler(self._load_base(), tokenizer, self.cfg.sampling, self.cfg.model.max_prompt_tokens)
         self._use_latest_policy()
+
+    def _load_base(self) -> Any:
+        return load_causal_lm(self.model_name, self.cfg.model.quantization,
+                              trust_remote_code=self.cfg.model.trust_remote_code, device=pick_device()).eval()
+
+    def _free_labeling_model(self) -> bool:
+        """Give a training run the labeling model's memory (on a GPU, a second copy of the base, as runs load
+        their own) when [model] free_during_runs says so: no pair is sampled while a run trains anyway."""
+        setting = self.cfg.model.free_during_runs
+        if setting == "never" or (setting == "auto" and not next(self.sampler.model.parameters()).is_cuda):
+            return False
+        self.outbox.send(protocol.Status("loading", "freeing the labeling model for the run…", None))
+        self.sampler.model, self.adapter = None, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return True
 
     def _use_latest_policy(self) -> None:
         """Sample from base + the newest PPO policy adapter when there is one, then announce Ready."""
@@ -267,7 +282,6 @@ class Engine:
             self._run(lambda cfg, hooks: run_ppo(self.workspace, cfg, reward_run=request.reward_run,
                                                  resume_run=request.resume_run, hooks=hooks, store=self.store),
                       request.overrides)
-            self._use_latest_policy()
         else:
             raise TypeError(f"unknown request {request!r}")
 
@@ -300,14 +314,22 @@ class Engine:
                                   b=views[1], notice="; ".join(sampled.notices) or None, regenerated=regenerated)
 
     def _run(self, train: Any, overrides: dict[str, Any]) -> None:
-        """Run a training function with hooks the reader thread can stop; report how it ended."""
+        """Run a training function with hooks the reader thread can stop; report how it ended, then sample
+        from the newest policy (a PPO run leaves one), loading the labeling model again if it was freed."""
         cfg = self.cfg.override(overrides)
         hooks = PipeHooks(self.outbox)
-        with self._run_lock:
-            self._run_hooks = hooks
+        freed = self._free_labeling_model()
         try:
-            result = train(cfg, hooks)
-        finally:
             with self._run_lock:
-                self._run_hooks = None
-        self.outbox.send(protocol.RunEnded(result.run_id, result.status, result.message, result.checkpoint))
+                self._run_hooks = hooks
+            try:
+                result = train(cfg, hooks)
+            finally:
+                with self._run_lock:
+                    self._run_hooks = None
+            self.outbox.send(protocol.RunEnded(result.run_id, result.status, result.message, result.checkpoint))
+        finally:
+            if freed:
+                self.outbox.send(protocol.Status("loading", f"loading model {self.model_name} again…", 0.4))
+                self.sampler.model = self._load_base()
+            self._use_latest_policy()
