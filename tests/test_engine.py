@@ -10,6 +10,8 @@ import textwrap
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,17 @@ def test_sampler_cuts_long_prompts_from_the_left(tiny_policy):
 # -- a real engine process -----------------------------------------------------------------------
 
 
+@contextmanager
+def running_engine(workspace: Workspace) -> Iterator[EngineClient]:
+    """A real engine process on the test's workspace, stopped when the test is done with it."""
+    client = EngineClient(workspace)
+    client.start()
+    try:
+        yield client
+    finally:
+        client.stop()
+
+
 # Events polled but not yet consumed, per client: one poll can return several events (two pairs
 # sampled back to back), and a waiter that returned the first must not drop the rest.
 _unconsumed: weakref.WeakKeyDictionary[EngineClient, deque[protocol.Event]] = weakref.WeakKeyDictionary()
@@ -144,9 +157,7 @@ def configure(workspace: Workspace, **sampling) -> None:
 
 def test_engine_serves_pairs_with_stored_provenance_and_survives_errors(workspace, store, tiny_model_dir):
     configure(workspace, max_new_tokens=5, temperature=1.3, top_k=50)
-    client = EngineClient(workspace)
-    client.start()
-    try:
+    with running_engine(workspace) as client:
         seen: list = []
         ready = wait_for(client, protocol.Ready, seen=seen)
         assert isinstance(seen[0], protocol.Status) and seen[0].stage == protocol.STARTING
@@ -193,8 +204,6 @@ def test_engine_serves_pairs_with_stored_provenance_and_survives_errors(workspac
         assert death.fatal and "SIGKILL" in death.message
         assert not client.alive and client.poll() == []  # reported once
         assert not client.send(protocol.NeedPairs(1))
-    finally:
-        client.stop()
 
 
 def save_ppo_policy(store: Store, workspace: Workspace, model_dir: Path, model_name: str) -> Path:
@@ -227,15 +236,11 @@ def test_engine_samples_from_the_ppo_policy_and_stops_cleanly(workspace, store, 
     configure(workspace, max_new_tokens=3)
     adapter = save_ppo_policy(store, workspace, tiny_model_dir, str(tiny_model_dir))
     store.add_prompts([PromptItem("How do I roast vegetables?")], "test")
-    client = EngineClient(workspace)
-    client.start()
-    try:
+    with running_engine(workspace) as client:
         assert wait_for(client, protocol.Ready).adapter == str(adapter)
         client.send(protocol.NeedPairs(1))
         pair = wait_for(client, protocol.PairReady)
         assert store.response(pair.a.id)["adapter"] == store.response(pair.b.id)["adapter"] == str(adapter)
-    finally:
-        client.stop()
     assert client.exitcode == 0 and not client.alive
 
 
@@ -249,9 +254,7 @@ def add_labeled_pairs(store: Store, count: int) -> None:
 
 def test_engine_runs_reward_training_with_graceful_and_hard_stops(workspace, store):
     add_labeled_pairs(store, 12)
-    client = EngineClient(workspace)
-    client.start()
-    try:
+    with running_engine(workspace) as client:
         wait_for(client, protocol.Ready)
         # Graceful: the run ends at its next step with status "stopped".
         client.send(protocol.StartReward({"reward.epochs": 500, "reward.batch_size": 2}))
@@ -276,8 +279,6 @@ def test_engine_runs_reward_training_with_graceful_and_hard_stops(workspace, sto
         wait_for(client, protocol.Ready)
         run = store.run(started.run_id)
         assert run["status"] == "stopped" and "hard stop" in run["error"]
-    finally:
-        client.stop()
 
 
 def test_the_labeling_model_is_freed_during_a_run_and_samples_again_after(workspace, store):
@@ -285,9 +286,7 @@ def test_the_labeling_model_is_freed_during_a_run_and_samples_again_after(worksp
     workspace.config_path.write_text(workspace.config_path.read_text().replace(
         "[model]\n", '[model]\nfree_during_runs = "always"\n') + "[sampling]\nmax_new_tokens = 3\n")
     add_labeled_pairs(store, 12)
-    client = EngineClient(workspace)
-    client.start()
-    try:
+    with running_engine(workspace) as client:
         wait_for(client, protocol.Ready)
         client.send(protocol.StartReward({"reward.epochs": 1, "reward.batch_size": 4}))
         seen: list = []
@@ -301,15 +300,11 @@ def test_the_labeling_model_is_freed_during_a_run_and_samples_again_after(worksp
         client.send(protocol.NeedPairs(1))
         pair = wait_for(client, protocol.PairReady)
         assert store.response(pair.a.id)["model"] == workspace.load_config().model.name
-    finally:
-        client.stop()
 
 
 def test_a_model_that_cannot_load_is_one_fatal_error_in_the_users_words(workspace, tmp_path):
     workspace.config_path.write_text(f'[model]\nname = "{(tmp_path / "no-such-model").as_posix()}"\n')
-    client = EngineClient(workspace)
-    client.start()
-    try:
+    with running_engine(workspace) as client:
         error = wait_for(client, protocol.Error)
         assert error.fatal and error.message.startswith("cannot load model") and "--model" in error.message
         deadline = time.monotonic() + 30
@@ -317,8 +312,6 @@ def test_a_model_that_cannot_load_is_one_fatal_error_in_the_users_words(workspac
             time.sleep(0.05)
         assert client.exitcode == 1
         assert [e for e in client.poll() if isinstance(e, protocol.Error)] == []  # not reported twice
-    finally:
-        client.stop()
 
 
 def pid_running(pid: int) -> bool:
