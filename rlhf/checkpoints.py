@@ -72,7 +72,7 @@ def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None]) ->
         raise CheckpointWriteError(f"cannot write the checkpoint of step {step}: {exc}") from None
 
 
-def prune_checkpoints(keep: Path | None, run_dir: Path) -> None:
+def prune_checkpoints(run_dir: Path, keep: Path | None = None) -> None:
     """Remove the run's checkpoints other than `keep` (all of them for None) and leftover temp folders.
     Call it once the store no longer names them, so a kill in between never leaves it naming a deleted one."""
     for old in (run_dir / CHECKPOINTS_DIR).glob("step-*"):

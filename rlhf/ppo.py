@@ -503,9 +503,7 @@ def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None,
         prompts, cut = prepare_prompts(prompt_rows, trainer.tokenizer, cfg.model.max_prompt_tokens)
         if resume_run is not None:
             run_id = resume_run
-            db.resume_run(run_id)
-            db.delete_metrics_after(run_id, checkpoint_step)
-            db.update_run(run_id, step=checkpoint_step)
+            db.resume_run(run_id, checkpoint_step)
             if checkpoint is not None:
                 load_checkpoint(trainer, checkpoint)
         else:
@@ -526,7 +524,7 @@ def _train_loop(trainer: PPOTrainer, store: Store, run_dir: Path, run_id: str, p
         nonlocal saved_step
         path = save_checkpoint(trainer, run_dir, step)
         store.update_run(run_id, checkpoint=str(path), checkpoint_step=step)
-        prune_checkpoints(path, run_dir)
+        prune_checkpoints(run_dir, keep=path)
         hooks.on_checkpoint(run_id, step, str(path))
         saved_step = step
 

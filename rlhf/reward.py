@@ -452,9 +452,27 @@ def train_reward(workspace: Workspace, cfg: Config, *, hooks: RunHooks | None = 
             store.close()
 
 
-def _pairs_of_run(usable: list[dict[str, Any]], recorded: dict[str, Any], run_id: str,
-                  hooks: RunHooks) -> list[dict[str, Any]]:
-    """The pairs a resumed run started with, as the store holds them now; an error if any changed."""
+def _record_pairs(store: Store, run_dir: Path, run_id: str, pairs: list[dict[str, Any]], identical: int) -> None:
+    """Write which comparisons a new run trains on (pairs.json), so that a resume trains on the same ones."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / PAIRS_FILE).write_text(json.dumps({
+            "comparison_ids": [p["comparison_id"] for p in pairs], "data_hash": data_hash(pairs),
+            "identical_skipped": identical}), encoding="utf-8")
+    except OSError as exc:
+        message = f"{run_dir / PAIRS_FILE}: cannot write it: {describe_write_error(exc)}"
+        store.update_run(run_id, status="failed", error=message)
+        raise RlhfError(message) from None
+
+
+def _pairs_of_run(run_dir: Path, usable: list[dict[str, Any]], run_id: str,
+                  hooks: RunHooks) -> tuple[list[dict[str, Any]], int]:
+    """The pairs a resumed run started with, as the store holds them now, and how many identical ones it left
+    out; an error if any of them changed."""
+    if not (run_dir / PAIRS_FILE).is_file():
+        raise RlhfError(f"{run_dir}: no {PAIRS_FILE} (a run of an older rlhf-tui, or a folder that was moved): "
+                        "it cannot resume; train a new reward model with `rlhf-tui train-reward`")
+    recorded = json.loads((run_dir / PAIRS_FILE).read_text(encoding="utf-8"))
     by_id = {p["comparison_id"]: p for p in usable}
     pairs = [by_id[i] for i in recorded["comparison_ids"] if i in by_id]
     if len(pairs) < len(recorded["comparison_ids"]) or data_hash(pairs) != recorded["data_hash"]:
@@ -463,7 +481,7 @@ def _pairs_of_run(usable: list[dict[str, Any]], recorded: dict[str, Any], run_id
     if len(usable) > len(pairs):
         hooks.on_warning(run_id, f"{len(usable) - len(pairs)} pairs labeled since this run started are not used "
                                  "by it: train a new reward model to include them")
-    return pairs
+    return pairs, recorded["identical_skipped"]
 
 
 def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, resume_run: str | None) -> RunResult:
@@ -477,11 +495,7 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
     start_step, checkpoint = 0, None
     if resumed is not None:
         run_dir = workspace.run_dir(resumed["id"])
-        if not (run_dir / PAIRS_FILE).is_file():
-            raise RlhfError(f"{run_dir}: no {PAIRS_FILE} (a run of an older rlhf-tui, or a folder that was moved): "
-                            "it cannot resume; train a new reward model with `rlhf-tui train-reward`")
-        recorded = json.loads((run_dir / PAIRS_FILE).read_text(encoding="utf-8"))
-        pairs, identical = _pairs_of_run(pairs, recorded, resumed["id"], hooks), recorded["identical_skipped"]
+        pairs, identical = _pairs_of_run(run_dir, pairs, resumed["id"], hooks)
         start_step = resumed["checkpoint_step"] or 0
         checkpoint = checkpoint_path(run_dir, start_step) if start_step else None
         if checkpoint is not None and not (checkpoint / STATE_FILE).is_file():
@@ -503,20 +517,10 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
     if resumed is None:
         run_id = store.create_run("reward", cfg.to_dict(), total_steps=total_steps)
         run_dir = workspace.run_dir(run_id)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / PAIRS_FILE).write_text(json.dumps({
-                "comparison_ids": [p["comparison_id"] for p in pairs], "data_hash": data_hash(pairs),
-                "identical_skipped": identical}), encoding="utf-8")
-        except OSError as exc:
-            message = f"{run_dir / PAIRS_FILE}: cannot write it: {describe_write_error(exc)}"
-            store.update_run(run_id, status="failed", error=message)
-            raise RlhfError(message) from None
+        _record_pairs(store, run_dir, run_id, pairs, identical)
     else:
         run_id = resumed["id"]
-        store.resume_run(run_id)
-        store.delete_metrics_after(run_id, start_step)
-        store.update_run(run_id, step=start_step)
+        store.resume_run(run_id, start_step)
     hooks.on_start(run_id, "reward", total_steps, start_step)
     counts = {"pairs": len(pairs), "train": len(train), "heldout": len(heldout),
               "heldout_prompts": len({p.prompt_id for p in heldout}), "ties": sum(p.is_tie for p in encoded),
@@ -562,7 +566,7 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
     store.update_run(run_id, status=status, step=trainer.step, checkpoint=str(reward_dir),
                      checkpoint_step=trainer.step, **({"error": message} if status == "failed" else {}))
     if status == "finished":
-        prune_checkpoints(None, run_dir)  # the reward model is whole: nothing is left to resume
+        prune_checkpoints(run_dir)  # the reward model is whole: nothing is left to resume
     hooks.on_checkpoint(run_id, trainer.step, str(reward_dir))
     if status != "failed":
         message = _summary(trainer.heldout_acc, counts)
@@ -619,7 +623,7 @@ class _Trainer:
 
         path = write_checkpoint(self.run_dir, self.step, write)
         self.store.update_run(self.run_id, checkpoint=str(path), checkpoint_step=self.step)
-        prune_checkpoints(path, self.run_dir)
+        prune_checkpoints(self.run_dir, keep=path)
         self.hooks.on_checkpoint(self.run_id, self.step, str(path))
         self.saved_step = self.step
 

@@ -439,14 +439,17 @@ class Store:
         with self.transaction():
             self.db.execute(f"UPDATE runs SET {sets} WHERE id = ?", [*fields.values(), run_id])
 
-    def resume_run(self, run_id: str) -> None:
-        """Mark a stopped/failed/interrupted run as running again in this process, a new session of it: the
-        time it ran so far is kept in earlier_seconds (the time it stood still does not count)."""
+    def resume_run(self, run_id: str, from_step: int) -> None:
+        """Mark a stopped/failed/interrupted run as running again in this process from its checkpoint's step:
+        rows logged past that step are dropped (the resumed run computes them again), and the time it ran
+        so far is kept in earlier_seconds (the time it stood still does not count)."""
         with self.transaction():
             ran = run_seconds(self.run(run_id), datetime.now(timezone.utc))
-            self.db.execute("UPDATE runs SET status = 'running', ended_at = NULL, error = NULL, pid = ?, "
+            self.db.execute("UPDATE runs SET status = 'running', ended_at = NULL, error = NULL, pid = ?, step = ?, "
                             "earlier_seconds = ?, session_started_at = ? WHERE id = ?",
-                            [os.getpid(), ran, now_iso(), run_id])
+                            [os.getpid(), from_step, ran, now_iso(), run_id])
+            self.db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, from_step])
+            self.db.execute("DELETE FROM samples WHERE run_id = ? AND step > ?", [run_id, from_step])
 
     def run(self, run_id: str) -> dict[str, Any]:
         rows = self._query("SELECT * FROM runs WHERE id = ?", [run_id])
@@ -497,12 +500,6 @@ class Store:
                              [run_id, after_step]):
             out.setdefault(r["step"], {})[r["name"]] = r["value"]
         return out
-
-    def delete_metrics_after(self, run_id: str, step: int) -> None:
-        """Drop rows past a checkpoint before a resumed run recomputes those steps."""
-        with self.transaction():
-            self.db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, step])
-            self.db.execute("DELETE FROM samples WHERE run_id = ? AND step > ?", [run_id, step])
 
     def add_samples(self, run_id: str, step: int, rows: list[dict[str, Any]]) -> None:
         created = now_iso()

@@ -147,8 +147,7 @@ def test_db_follower_reads_only_what_is_new(workspace, store):
     assert set(third.steps) == {2, 3} and list(third.samples) == [3] and third.status == "stopped"
     assert third.checkpoint_step == 2 and third.timing["ended_at"] is not None
     # Resumed from its checkpoint: the steps after it are recomputed, so everything is read afresh.
-    store.resume_run(run_id)
-    store.delete_metrics_after(run_id, 2)
+    store.resume_run(run_id, 2)
     resumed = follower.poll()
     assert resumed.reset and set(resumed.steps) == {1, 2} and resumed.status == "running"
     assert final_metrics_text(store, store.run(run_id)) == "score 0.2"

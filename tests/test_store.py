@@ -313,7 +313,7 @@ def test_a_resumed_run_counts_only_the_time_it_ran(empty_store: Store):
     started = datetime.fromisoformat(empty_store.run(run_id)["started_at"])
     empty_store.update_run(run_id, status="stopped", ended_at=(started + timedelta(seconds=30)).isoformat())
     assert run_seconds(empty_store.run(run_id), started + timedelta(hours=5)) == 30.0  # stopped: the clock stands
-    empty_store.resume_run(run_id)  # hours later: the stopped time is not running time
+    empty_store.resume_run(run_id, 0)  # hours later: the stopped time is not running time
     run = empty_store.run(run_id)
     session = datetime.fromisoformat(run["session_started_at"])
     assert run["earlier_seconds"] == 30.0 and run["ended_at"] is None and session >= started

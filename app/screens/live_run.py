@@ -167,6 +167,9 @@ class LiveRunScreen(Screen):
             if run_id == event.run_id:
                 self._show_warning(message)
         self._early_warnings.clear()
+        # Keys go to the screen (s stops it), not into a form field: a screen switched to for a resume is
+        # auto-focused on its form after launch() cleared the focus.
+        self.set_focus(None)
         self.on_run_started()
         self.refresh_bindings()
 

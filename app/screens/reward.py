@@ -59,10 +59,6 @@ class RewardScreen(LiveRunScreen):
             return self.view.feed.status == "finished"
         return super().check_action(action, parameters)
 
-    def on_run_started(self) -> None:
-        # Keys go to the screen again (s stops, p hands on): in a form field they would be typed into it.
-        self.set_focus(None)
-
     def show_start_error(self, message: str | None) -> None:
         error = self.query_one("#form-error", Static)
         error.update(message or "")
