@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -33,6 +33,7 @@ from .checkpoints import (CheckpointWriteError, checkpoint_path, config_of_run, 
 from .config import Config, PPOConfig, Workspace
 from .errors import ConfigError, RlhfError
 from .hooks import RunHooks, RunResult
+from .lora import lora_config
 from .models import (adapter_active, encode_prompt, eos_token_ids, format_prompt, load_causal_lm, load_tokenizer, pick_device,
                      resolve_model_name)
 from .ppo_math import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, clipped_policy_loss,
@@ -463,9 +464,8 @@ def build_trainer(workspace: Workspace, cfg: Config, reward_run: str, checkpoint
         start = checkpoint / POLICY_ADAPTER if checkpoint is not None else sft
         model = PeftModel.from_pretrained(base, start, adapter_name=POLICY_ADAPTER, is_trainable=True)
     else:
-        lora = LoraConfig(r=cfg.ppo.lora_r, lora_alpha=cfg.ppo.lora_alpha, lora_dropout=0.0,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
-        model = get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
+        model = get_peft_model(base, lora_config(base, cfg.ppo.lora_r, cfg.ppo.lora_alpha, 0.0),
+                               adapter_name=POLICY_ADAPTER)
     if sft:
         model.load_adapter(sft, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         model.set_adapter(POLICY_ADAPTER)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -39,6 +39,7 @@ from .checkpoints import (STATE_FILE, CheckpointWriteError, checkpoint_path, con
 from .config import Config, Workspace
 from .errors import RlhfError, describe_write_error
 from .hooks import RunHooks, RunResult
+from .lora import lora_config
 from .models import (adapter_active, encode_prompt, format_prompt, load_causal_lm, load_tokenizer,
                      resolve_model_name, tokenizer_fingerprint)
 from .ppo_math import last_token_index
@@ -174,7 +175,7 @@ def _transformer(model: PreTrainedModel | PeftModel) -> nn.Module:
     """The decoder stack (no LM head) of a causal LM, through a PeftModel wrapper if there is one."""
     if isinstance(model, PeftModel):
         model = model.get_base_model()
-    return model.base_model
+    return model.get_decoder()
 
 
 def raw_scores(model: PreTrainedModel | PeftModel, head: nn.Linear, input_ids: Tensor,
@@ -425,9 +426,7 @@ def _lora_model(base: PreTrainedModel, cfg: Config, adapter: Path | None = None)
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     if adapter is not None:
         return PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
-    lora = LoraConfig(r=cfg.reward.lora_r, lora_alpha=cfg.reward.lora_alpha, lora_dropout=cfg.reward.lora_dropout,
-                      target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(base, lora)
+    return get_peft_model(base, lora_config(base, cfg.reward.lora_r, cfg.reward.lora_alpha, cfg.reward.lora_dropout))
 
 
 def train_reward(workspace: Workspace, cfg: Config, *, hooks: RunHooks | None = None,

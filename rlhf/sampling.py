@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import SamplingConfig
-from .models import encode_prompt, format_prompt
+from .models import encode_prompt, eos_token_ids, format_prompt
 
 ANSWERS_PER_PAIR = 2
 
@@ -84,9 +84,7 @@ class PairSampler:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.max_prompt_tokens = max_prompt_tokens
-        eos = model.generation_config.eos_token_id
-        eos = eos if eos is not None else tokenizer.eos_token_id
-        self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        self.eos_ids = set(eos_token_ids(model, tokenizer))
 
     def sample(self, prompt_text: str, messages: list[dict[str, str]] | None, *, prompt_id: int,
                draw: int) -> SampledPair:
@@ -112,7 +110,8 @@ class PairSampler:
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
             num_return_sequences=ANSWERS_PER_PAIR, temperature=self.cfg.temperature, top_k=self.cfg.top_k,
             top_p=self.cfg.top_p, repetition_penalty=self.cfg.repetition_penalty,
-            max_new_tokens=self.cfg.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+            max_new_tokens=self.cfg.max_new_tokens, eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.tokenizer.pad_token_id)
         answers = []
         for row in output[:, len(prompt_ids):].tolist():
             tokens, finished = cut_at_eos(row, self.eos_ids)

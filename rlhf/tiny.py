@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+import transformers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .config import Workspace
 from .data_io import import_pairs
@@ -121,6 +122,58 @@ def build_tiny_llama(out_dir: Path | str, *, corpus: Iterable[str] | None = None
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# Each popular family at tiny size: its transformers config class and the settings that make it that family
+# (the sizes are shared: hidden 64, 2 layers, 4 heads, intermediate 128). SmolLM 1/2 are Llama shapes and
+# Phi-4 is the Phi-3 architecture, so "llama" and "phi3" stand for them.
+FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
+    "llama": ("LlamaConfig", {"tie_word_embeddings": False}),
+    "qwen2": ("Qwen2Config", {"num_key_value_heads": 2, "tie_word_embeddings": True}),  # q/k/v carry a bias
+    "qwen3": ("Qwen3Config", {"num_key_value_heads": 2, "head_dim": 32, "tie_word_embeddings": True}),  # q/k norm
+    "gemma2": ("Gemma2Config", {"num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 32,
+                                "sliding_window": 8, "final_logit_softcapping": 30.0,
+                                "attn_logit_softcapping": 50.0, "tie_word_embeddings": True}),
+    "gemma3": ("Gemma3TextConfig", {"num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 32,
+                                    "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
+                                    "tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", {"num_key_value_heads": 2, "tie_word_embeddings": False}),
+    "phi3": ("Phi3Config", {"tie_word_embeddings": False}),  # fused qkv_proj and gate_up_proj
+    "gpt_neox": ("GPTNeoXConfig", {"tie_word_embeddings": False}),  # fused query_key_value, parallel residual
+    "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128, "n_positions": 512}),  # Conv1D
+    "smollm3": ("SmolLM3Config", {"num_key_value_heads": 2, "no_rope_layers": [1, 0],
+                                  "tie_word_embeddings": True}),  # no rotary embedding on every 4th layer
+}
+_TINY_SIZES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+               "intermediate_size": 128, "max_position_embeddings": 512}
+
+
+def build_tiny_model(out_dir: Path | str, family: str, *, tokenizer: PreTrainedTokenizerFast | None = None,
+                     vocab_size: int = 384, seed: int = 0) -> Path:
+    """A seeded random causal LM of `family` (a key of FAMILIES) with `tokenizer` (default: a byte-level BPE
+    of `vocab_size` with the tiny chat template), saved (safetensors) to `out_dir`, which it returns.
+
+    The global torch RNG is left as it was.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILIES)}")
+    if tokenizer is None:
+        tokenizer = train_byte_level_tokenizer(generated_sentences(seed=seed), vocab_size)
+        tokenizer.chat_template = CHAT_TEMPLATE
+    config_class, settings = FAMILIES[family]
+    sizes = {} if family == "gpt2" else _TINY_SIZES
+    config = getattr(transformers, config_class)(
+        **(sizes | settings), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

@@ -1,0 +1,136 @@
+"""Every popular model family through our own code paths, in full precision and in 4-bit.
+
+Tiny random models are built at test time from transformers' config classes (`rlhf.tiny.FAMILIES`): per
+family, a labeling pair is sampled the way the engine samples it, a reward model trains, its export loads
+in plain transformers + peft and scores as ours does, and PPO runs two steps with its value head on the
+model's hidden size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from rlhf.checkpoints import checkpoint_path
+from rlhf.lora import lora_config
+from rlhf.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+from rlhf.ppo import run_ppo
+from rlhf.reward import RewardScorer, encode_response, export_sequence_classifier, standardise, train_reward
+from rlhf.sampling import PairSampler
+from rlhf.tiny import FAMILIES, build_tiny_model, hidden_rule_pairs, workspace_with_pairs
+
+QUANTIZATIONS = ("none", "4bit")
+# bitsandbytes 0.50's CPU packed-weight path adds a layer's bias in place on a leaf that requires grad (see
+# rlhf/quantization.py): families with biased linear layers crash in 4-bit training until that is worked around.
+BIASED_4BIT = {"qwen2", "gpt_neox", "gpt2"}
+SETTINGS = """quantization = "{q}"
+[sampling]
+max_new_tokens = 8
+[reward]
+quantization = "{q}"
+epochs = 1
+batch_size = 8
+heldout_fraction = 0.25
+max_length = 64
+[ppo]
+steps = 2
+batch_size = 4
+minibatches = 2
+ppo_epochs = 1
+max_new_tokens = 8
+checkpoint_every = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Each family's tiny model, built on first use."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_model(tmp_path_factory.mktemp(family), family)
+        return built[family]
+
+    return get
+
+
+def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear-like module (nn.Linear and its 4-bit subclass, GPT-2's Conv1D) by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_covers_every_decoder_linear_layer_and_never_the_lm_head(family_dirs, family, quantization):
+    base = load_causal_lm(str(family_dirs(family)), quantization)
+    layers = _linear_layers(base.get_decoder())
+    assert layers, "the decoder has linear layers to adapt"
+    lm_head = base.get_output_embeddings()
+    model = get_peft_model(base, lora_config(base, r=4, alpha=8, dropout=0.0))
+    adapted = {name for name, m in model.get_base_model().get_decoder().named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(layers)
+    assert not hasattr(model.get_base_model().get_output_embeddings(), "lora_A")
+    assert model.get_base_model().get_output_embeddings() is lm_head
+    # GPT-2 keeps Conv1D (weights stored [in, out]) in full precision only: LoRA must know, or its update is
+    # the transpose of what it should be; 4-bit loads turn Conv1D into ordinary [out, in] layers.
+    conv1d = any(isinstance(m, Conv1D) for m in layers.values())
+    assert model.peft_config["default"].fan_in_fan_out == conv1d
+    assert conv1d == (family == "gpt2" and quantization == "none")
+
+
+def _scores_of_export(export_dir: Path, model_dir: Path, quantization: str,
+                      items: list[tuple[str, str]]) -> torch.Tensor:
+    """Standardised scores from the exported adapter on AutoModelForSequenceClassification (right padding)."""
+    tok = load_tokenizer(str(model_dir))
+    base = load_sequence_classifier(str(model_dir), quantization, pad_token_id=tok.pad_token_id)
+    classifier = PeftModel.from_pretrained(base, str(export_dir)).eval()
+    seqs = [encode_response(tok, p, r, 64)[0] for p, r in items]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad():
+        logits = classifier(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
+    norm = json.loads((export_dir / "reward.json").read_text())["normalisation"]
+    return standardise(logits, norm["mean"], norm["std"])
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_whole_loop_runs_on_every_family(family_dirs, family, quantization, tmp_path, request):
+    if quantization == "4bit" and family in BIASED_4BIT:
+        request.applymarker(pytest.mark.xfail(reason="bitsandbytes CPU 4-bit: in-place bias add on a leaf",
+                                              raises=RuntimeError, strict=True))
+    model_dir = family_dirs(family)
+    ws = workspace_with_pairs(tmp_path / "ws", model_dir, hidden_rule_pairs(8, 2),
+                              SETTINGS.format(q=quantization))
+    cfg = ws.load_config()
+
+    # Labeling: the engine's sampler on the policy base.
+    tokenizer = load_tokenizer(str(model_dir))
+    sampler = PairSampler(load_causal_lm(str(model_dir), quantization), tokenizer, cfg.sampling,
+                          cfg.model.max_prompt_tokens)
+    pair = sampler.sample("Tell me about the river.", None, prompt_id=1, draw=0)
+    assert len(pair.answers) == 2 and all(0 < a.tokens <= 8 for a in pair.answers)
+
+    # Reward model: trains, and its export scores the same in plain transformers + peft.
+    reward = train_reward(ws, cfg)
+    assert reward.status == "finished", reward.message
+    items = [("Hi", " A dog likes a good cake."), ("Tell me", " A cold boat and a red tree.")]
+    ours = torch.tensor(RewardScorer.from_run(ws, reward.run_id, cfg).score_many(items))
+    exported = export_sequence_classifier(ws.run_dir(reward.run_id), tmp_path / "exported")
+    assert torch.allclose(_scores_of_export(exported, model_dir, quantization, items), ours, atol=1e-4)
+
+    # PPO: two steps on one shared base; the value head sits on the model's hidden size.
+    result = run_ppo(ws, cfg)
+    assert result.status == "finished", result.message
+    value_head = load_file(checkpoint_path(ws.run_dir(result.run_id), 2) / "value_head.safetensors")
+    hidden = load_causal_lm(str(model_dir)).config.get_text_config().hidden_size
+    assert value_head["linear.weight"].shape == (1, hidden)
