@@ -24,7 +24,8 @@ from typing import Any
 
 from . import __version__
 from .config import Config, Workspace, describe_defaults, keys_set_in
-from .data_io import EXPORT_FORMATS, export_pairs, import_pairs, import_prompts, read_pairs, read_prompts
+from .data_io import (EXPORT_FORMATS, export_pairs, import_pairs, import_prompts, printable, read_pairs,
+                      read_prompts)
 from .demo_mode import (DEMO_NOTICE, DEMO_PROMPT_TAG, import_demo_prompts, is_demo, use_demo_threads,
                         with_demo_defaults)
 from .errors import RlhfError
@@ -123,8 +124,7 @@ def _cmd_prompts_list(args: argparse.Namespace) -> int:
         _print_json(prompts)
     else:
         for p in prompts:
-            one_line = p["text"].replace("\n", "\\n")
-            print(f"{p['id']}\t{','.join(p['tags'])}\t{one_line}")
+            print(f"{p['id']}\t{printable(','.join(p['tags']))}\t{printable(p['text'])}")
     return 0
 
 
@@ -139,8 +139,10 @@ def _cmd_import_pairs(args: argparse.Namespace) -> int:
     read_pairs(args.file)  # a bad file fails before the database is created
     with open_workspace(args, create=True) as session:
         summary = import_pairs(session.store, args.file)
+    identical = f", {summary.identical} skipped as chosen == rejected" if summary.identical else ""
     print(f"imported {_plural(summary.pairs, 'pair')} "
-          f"({_plural(summary.new_prompts, 'new prompt')}, {summary.known_prompts} already present)")
+          f"({_plural(summary.new_prompts, 'new prompt')}, {summary.known_prompts} already present; "
+          f"{_plural(summary.duplicates, 'duplicate')} skipped{identical})")
     return 0
 
 

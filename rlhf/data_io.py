@@ -8,24 +8,37 @@ conversational, so `export` -> `import_pairs` round-trips. No torch here.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
-import math
 import os
+import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputFileError, RlhfError
+from .config import Workspace
+from .errors import InputFileError, RlhfError, describe_write_error
 from .store import PromptItem, Store
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
 PAIR_SUFFIXES = (".jsonl",)
 EXPORT_FORMATS = ("trl", "messages", "openai")
 ROLES = ("system", "user", "assistant")
+# Margins are reward differences (trl's RewardTrainer subtracts them from r_chosen - r_rejected); datasets use
+# 0 to about 10. Far beyond that the loss only measures the margin, and past float32's 3.4e38 it is inf.
+MAX_ABS_MARGIN = 100.0
+# Byte order marks of the UTF-16/32 files Windows tools write (Notepad's "Unicode", PowerShell's `>`): the
+# text is decoded by the mark. UTF-32 first: its little-endian mark begins with UTF-16's.
+BOM_ENCODINGS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                 (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+LINE_BREAK = re.compile(r"\r\n|\r|\n")  # universal newlines: Unix, Windows and old Mac (CR only)
+# What a terminal acts on instead of showing: C0/C1 controls (ESC starts colour, cursor and title sequences),
+# DEL, line separators and the bidirectional overrides that make text display in another order than it reads.
+TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass
@@ -41,9 +54,17 @@ class PairItem:
 
 @dataclass
 class PairImportSummary:
-    pairs: int
+    pairs: int  # stored
     new_prompts: int
     known_prompts: int
+    duplicates: int = 0  # the same prompt, answers and label as a pair already stored (or earlier in the file)
+    identical: int = 0  # chosen == rejected: no preference to learn from
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on one terminal line: each control character written as its Python escape
+    (`\\n`, `\\t`, `\\x1b`, `\\u202e`), so a prompt cannot move the cursor, recolour or retitle the terminal."""
+    return TERMINAL_CONTROLS.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
 # -- reading files ---------------------------------------------------------------------------
@@ -64,6 +85,9 @@ def _read_text(path: Path, suffixes: tuple[str, ...], what: str) -> str:
         raise InputFileError(f"{path}: cannot read ({exc.strerror})") from None
     if not data.strip():
         raise InputFileError(f"{path}: empty file, no {what} to import")
+    for bom, encoding in BOM_ENCODINGS:
+        if data.startswith(bom):
+            return _decode_with_bom(path, data, encoding)
     nul = data.find(b"\0")
     if nul >= 0:
         raise InputFileError(f"{path}:{_line_of(data, nul)}: binary file (NUL byte at offset {nul}); "
@@ -76,13 +100,26 @@ def _read_text(path: Path, suffixes: tuple[str, ...], what: str) -> str:
     return text.removeprefix("\ufeff")
 
 
+def _decode_with_bom(path: Path, data: bytes, encoding: str) -> str:
+    """A UTF-16/32 file's text (the codec reads the byte order mark and drops it)."""
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise InputFileError(f"{path}: not valid {encoding.upper()} despite its byte order mark (at offset "
+                             f"{exc.start}); save the file as UTF-8") from None
+    if "\0" in text:
+        raise InputFileError(f"{path}: binary file (a NUL character in {encoding.upper()} text); "
+                             "expected text")
+    return text
+
+
 def _line_of(data: bytes, offset: int) -> int:
-    return data.count(b"\n", 0, offset) + 1
+    return len(LINE_BREAK.findall(data[:offset].decode("latin-1"))) + 1
 
 
 def _lines(text: str) -> list[str]:
-    """Lines without their endings; blank lines at the end of the file are dropped."""
-    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    """Lines without their endings (LF, CRLF or CR); blank lines at the end of the file are dropped."""
+    lines = LINE_BREAK.split(text)
     while lines and not lines[-1].strip():
         lines.pop()
     return lines
@@ -98,9 +135,24 @@ def _jsonl_objects(path: Path, text: str) -> Iterator[tuple[str, dict[str, Any]]
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputFileError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise InputFileError(f"{where}: JSON nested too deeply (arrays or objects inside each other hundreds "
+                                 "of levels down); fix the line") from None
         if not isinstance(obj, dict):
             raise InputFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        _check_no_lone_surrogate(where, obj)
         yield where, obj
+
+
+def _check_no_lone_surrogate(where: str, obj: dict[str, Any]) -> None:
+    """JSON may escape half of a UTF-16 pair (`"\\ud800"`): Python decodes it to a string that is not text
+    and that SQLite refuses to store."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputFileError(f"{where}: a lone UTF-16 surrogate \\u{ord(exc.object[exc.start]):04x} in a string "
+                             "(half of an escaped character pair; not text): fix the program that wrote "
+                             "the file") from None
 
 
 def _messages(where: str, value: Any, name: str) -> list[dict[str, str]]:
@@ -132,6 +184,8 @@ def _prompt(where: str, value: Any, name: str) -> PromptItem:
         raise InputFileError(f"{where}: {name!r} must end with a user message (the model answers it)")
     if not messages[-1]["content"].strip():
         raise InputFileError(f"{where}: empty prompt (the last user message has no text)")
+    if len(messages) == 1:  # the very prompt its text is (the model sees one user turn either way): one key
+        return PromptItem(text=messages[0]["content"].strip())
     return PromptItem(text=messages[-1]["content"], messages=messages)
 
 
@@ -235,10 +289,13 @@ def _response(where: str, value: Any, name: str) -> str:
 
 
 def _margin(where: str, value: Any) -> float | None:
+    """A margin within +-MAX_ABS_MARGIN (NaN and inf fail the comparison; a 400-digit integer too, unconverted)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputFileError(f"{where}: 'margin' must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_ABS_MARGIN <= value <= MAX_ABS_MARGIN:
+        shown = repr(value) if len(repr(value)) <= 24 else repr(value)[:20] + "..."
+        raise InputFileError(f"{where}: 'margin' must be a number from {-MAX_ABS_MARGIN:g} to {MAX_ABS_MARGIN:g} "
+                             f"(a reward difference; datasets use 0 to about 10), got {shown}")
     return float(value)
 
 
@@ -265,23 +322,43 @@ def read_pairs(path: str | Path) -> list[PairItem]:
     return pairs
 
 
+def pair_identity(prompt_id: int, chosen: str, rejected: str, tie: bool) -> tuple[Any, ...]:
+    """What makes two preferences the same one: prompt, both answers and the label (a tie has no order)."""
+    answers = tuple(sorted((chosen, rejected))) if tie else (chosen, rejected)
+    return prompt_id, *answers, tie
+
+
 def import_pairs(store: Store, path: str | Path) -> PairImportSummary:
-    """Store each pair as two responses and a comparison (chosen shown as A), all in one transaction."""
+    """Store each pair as two responses and a comparison (chosen shown as A), all in one transaction.
+
+    Skipped, and counted: pairs whose chosen and rejected answers are the same text, and exact duplicates
+    of a pair already stored or earlier in the file (importing a file twice, or an export, adds nothing).
+    """
     path = Path(path)
-    pairs = read_pairs(path)
+    read = read_pairs(path)
+    pairs = [pair for pair in read if pair.chosen != pair.rejected]
     source = f"import:{path.name}"
+    stored_prompts: list[int] = []
     with store.transaction():
         known_before = {prompt["id"] for prompt in store.prompts()}
+        seen = {pair_identity(p["prompt_id"], p["chosen"], p["rejected"], p["choice"] == "tie")
+                for p in store.preference_pairs(include_ties=True)}
         prompt_ids, _ = store.add_prompts([pair.prompt for pair in pairs], source=source)
         for prompt_id, pair in zip(prompt_ids, pairs):
+            identity = pair_identity(prompt_id, pair.chosen, pair.rejected, pair.tie)
+            if identity in seen:
+                continue
+            seen.add(identity)
             chosen_id = store.add_response(prompt_id, pair.chosen, model=None, source=source)
             rejected_id = store.add_response(prompt_id, pair.rejected, model=None, source=source)
             store.add_comparison(prompt_id, chosen_id, rejected_id, "tie" if pair.tie else "a",
                                  margin=pair.margin, source=source)
+            stored_prompts.append(prompt_id)
     # Distinct prompts: a prompt with four pairs in the file is one new prompt, not one new and three known.
-    distinct = set(prompt_ids)
-    return PairImportSummary(pairs=len(pairs), new_prompts=len(distinct - known_before),
-                             known_prompts=len(distinct & known_before))
+    distinct = set(stored_prompts)
+    return PairImportSummary(pairs=len(stored_prompts), new_prompts=len(distinct - known_before),
+                             known_prompts=len(distinct & known_before),
+                             duplicates=len(pairs) - len(stored_prompts), identical=len(read) - len(pairs))
 
 
 def _export_record(pair: dict[str, Any], fmt: str) -> dict[str, Any]:
@@ -306,28 +383,56 @@ def export_pairs(store: Store, out_path: str | Path, fmt: str = "trl", include_t
     """Write decided comparisons as JSONL (trl, messages or openai); returns the number of pairs.
 
     Ties are written only with `include_ties` (marked `"tie": true`); both_bad and skip never.
-    The file appears whole or not at all (temp file, then rename).
+    Never writes over the workspace's own files (rlhf.db, rlhf.toml, runs/) or any SQLite database. A regular
+    file appears whole or not at all (temp file, then rename); a symlink keeps pointing where it did, at the new
+    file; a FIFO or device (`/dev/stdout`, `/dev/null`) is written into, never replaced.
     """
     if fmt not in EXPORT_FORMATS:
         raise RlhfError(f"unknown export format {fmt!r} (choose {', '.join(EXPORT_FORMATS)})")
     if fmt == "openai" and include_ties:
         raise RlhfError("the openai preference format has no ties: drop --include-ties")
     out = Path(out_path)
-    if out.is_dir():
+    target = out.resolve()  # through symlinks: the file that would be written
+    if target.is_dir():
         raise RlhfError(f"{out}: is a directory, expected an output file name")
-    if not out.parent.is_dir():
-        raise RlhfError(f"{out.parent}: directory does not exist (create it first)")
+    if not target.parent.is_dir():
+        raise RlhfError(f"{target.parent}: directory does not exist (create it first)")
+    if Workspace(store.path.parent).owns(target):
+        raise RlhfError(f"{out}: is this workspace's own state (rlhf.db, rlhf.toml, runs/): "
+                        "export to a new file name, e.g. pairs.jsonl")
+    if _is_sqlite_file(target):
+        raise RlhfError(f"{out}: is a SQLite database, not written over: export to a new file name, e.g. pairs.jsonl")
     pairs = store.preference_pairs(include_ties=include_ties)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    lines = (json.dumps(_export_record(pair, fmt), ensure_ascii=False) + "\n" for pair in pairs)
+    try:
+        if target.exists() and not target.is_file():  # a FIFO or a device: renaming over it would replace it
+            with open(target, "w", encoding="utf-8") as f:
+                f.writelines(lines)
+        else:
+            _write_atomically(target, lines)
+    except OSError as exc:
+        raise RlhfError(f"{out}: cannot write ({describe_write_error(exc)})") from None
+    return len(pairs)
+
+
+def _is_sqlite_file(path: Path) -> bool:
+    if not path.is_file():  # opening a FIFO to peek would block
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
+def _write_atomically(path: Path, lines: Iterator[str]) -> None:
+    """`lines` into a temp file beside `path`, synced, then renamed over it: never half a file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "x", encoding="utf-8") as f:
-            for pair in pairs:
-                f.write(json.dumps(_export_record(pair, fmt), ensure_ascii=False) + "\n")
+            f.writelines(lines)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise RlhfError(f"{out}: cannot write ({exc.strerror})") from None
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # already gone after a successful rename
-    return len(pairs)

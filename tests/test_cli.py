@@ -115,7 +115,7 @@ def test_stats_plain_and_json(capsys, tmp_path: Path, ws: Path):
     pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
                      '{"prompt": "q", "chosen": "c", "rejected": "d", "tie": true}\n', encoding="utf-8")
     assert _run(capsys, "import-pairs", pairs, "--workspace", ws) == \
-        (0, "imported 2 pairs (1 new prompt, 0 already present)\n", "")
+        (0, "imported 2 pairs (1 new prompt, 0 already present; 0 duplicates skipped)\n", "")
     code, out, _ = _run(capsys, "stats", "--workspace", ws)
     assert (code, out) == (0, "prompts: 1\nresponses: 4\n"
                               "comparisons: 2 (a 1, b 0, tie 1, both_bad 0, skip 0)\nruns: none\n")

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.data_io import export_pairs, import_pairs, import_prompts, read_pairs, read_prompts
+from rlhf.data_io import export_pairs, import_pairs, import_prompts, printable, read_pairs, read_prompts
 from rlhf.errors import InputFileError, RlhfError, StoreError
 from rlhf.store import PromptItem, Store
 
+MARGIN_RULE = "'margin' must be a number from -100 to 100 (a reward difference; datasets use 0 to about 10)"
 CHAT = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Say hello."}]
 
 
@@ -143,6 +144,47 @@ def test_non_utf8_file_names_line_and_offset(tmp_path: Path):
     assert _error(path) == f"{path}:2: not UTF-8 (byte 0xef at offset 8); save the file as UTF-8"
 
 
+def test_old_mac_line_endings_split_lines(tmp_path: Path):
+    path = _write(tmp_path, "p.txt", b"one\rtwo\r\nthree\rfour\r")
+    assert [p.text for p in read_prompts(path)] == ["one", "two", "three", "four"]
+    binary = _write(tmp_path, "b.txt", b"one\rtwo\r\x00")
+    assert _error(binary) == f"{binary}:3: binary file (NUL byte at offset 8); expected UTF-8 text"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_utf16_and_utf32_files_with_a_byte_order_mark_are_decoded(tmp_path: Path, encoding: str):
+    text = "Write a haiku\r\nNommez trois rivi\u00e8res \u2713\r\n"
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data = b"\xfe\xff" + data  # the -be codec writes no mark; Windows tools do
+    path = _write(tmp_path, "p.txt", data)
+    assert [p.text for p in read_prompts(path)] == ["Write a haiku", "Nommez trois rivi\u00e8res \u2713"]
+
+
+def test_utf16_file_cut_mid_character_says_so(tmp_path: Path):
+    path = _write(tmp_path, "p.txt", "hello\n".encode("utf-16") + b"\x41")
+    assert _error(path) == (f"{path}: not valid UTF-16 despite its byte order mark (at offset 14); "
+                            "save the file as UTF-8")
+
+
+def test_json_nested_100k_deep_is_one_line(tmp_path: Path):
+    path = _write(tmp_path, "p.jsonl", '{"prompt": "ok"}\n{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    assert _error(path) == (f"{path}:2: JSON nested too deeply (arrays or objects inside each other hundreds of "
+                            "levels down); fix the line")
+
+
+def test_lone_surrogate_escape_is_refused(tmp_path: Path):
+    path = _write(tmp_path, "p.jsonl", '{"prompt": "fine \\ud83d\\ude00"}\n{"prompt": "half \\ud800 of it"}\n')
+    assert _error(path) == (f"{path}:2: a lone UTF-16 surrogate \\ud800 in a string (half of an escaped "
+                            "character pair; not text): fix the program that wrote the file")
+
+
+def test_printable_escapes_what_a_terminal_would_act_on():
+    assert printable("a\nb\tc\x1b]0;title\x07\x1b[2J\x9b\x7f\u202eevil") == \
+        "a\\nb\\tc\\x1b]0;title\\x07\\x1b[2J\\x9b\\x7f\\u202eevil"
+    assert printable("caf\u00e9 \u2713 \u4e2d") == "caf\u00e9 \u2713 \u4e2d"
+
+
 def test_bad_prompt_file_imports_nothing(tmp_path: Path, empty_store: Store):
     path = _write(tmp_path, "p.txt", "one\ntwo\n\nfour\n")
     with pytest.raises(InputFileError):
@@ -178,8 +220,11 @@ def test_read_pairs_plain_and_conversational(tmp_path: Path):
     ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "rejected": []},
      "missing 'prompt' (expected trl preference pairs: prompt, chosen, rejected)"),
     ({"prompt": "q", "chosen": "a"}, "missing 'rejected' (expected trl preference pairs: prompt, chosen, rejected)"),
-    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "'margin' must be a finite number, got 'big'"),
-    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": True}, "'margin' must be a finite number, got True"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, f"{MARGIN_RULE}, got 'big'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": True}, f"{MARGIN_RULE}, got True"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1e308}, f"{MARGIN_RULE}, got 1e+308"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": -100.5}, f"{MARGIN_RULE}, got -100.5"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": 10 ** 400}, f"{MARGIN_RULE}, got 1{'0' * 19}..."),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "tie": 1}, "'tie' must be true or false, got 1"),
     ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
      "'chosen' must hold exactly one assistant message, got user"),
@@ -193,7 +238,7 @@ def test_read_pairs_errors(tmp_path: Path, row: dict, reason: str):
 
 def test_read_pairs_refuses_nan_margin_and_other_extensions(tmp_path: Path):
     path = _write(tmp_path, "pairs.jsonl", '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": NaN}\n')
-    assert _error(path, read_pairs) == f"{path}:1: 'margin' must be a finite number, got nan"
+    assert _error(path, read_pairs) == f"{path}:1: {MARGIN_RULE}, got nan"
     csv_path = _write(tmp_path, "pairs.csv", "prompt,chosen,rejected\nq,a,b\n")
     assert _error(csv_path, read_pairs) == (f"{csv_path}: unknown extension '.csv' for preference pairs "
                                             "(expected .jsonl)")
@@ -217,6 +262,33 @@ def test_import_pairs_stores_prompts_responses_and_comparisons(tmp_path: Path, e
     side_b = empty_store.response(comparisons[1]["response_b_id"])
     assert (side_a["text"], side_b["text"]) == ("Paris", "Lyon")
     assert (side_a["model"], side_a["source"], side_a["prompt_id"]) == (None, "import:prefs.jsonl", 2)
+
+
+def test_import_pairs_skips_exact_duplicates_and_identical_answers(tmp_path: Path, empty_store: Store):
+    path = _jsonl(tmp_path, "prefs.jsonl", [
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2.0},  # the same preference, another margin
+        {"prompt": "q", "chosen": "b", "rejected": "a"},  # the opposite preference: kept
+        {"prompt": "q", "chosen": "c", "rejected": "d", "tie": True},
+        {"prompt": "q", "chosen": "d", "rejected": "c", "tie": True},  # a tie has no order
+        {"prompt": "q", "chosen": "c", "rejected": "d"},  # a tie and a preference differ
+        {"prompt": "new", "chosen": "same", "rejected": "same"},  # nothing to learn: skipped, prompt not added
+    ])
+    summary = import_pairs(empty_store, path)
+    assert (summary.pairs, summary.duplicates, summary.identical, summary.new_prompts) == (4, 2, 1, 1)
+    again = import_pairs(empty_store, path)
+    assert (again.pairs, again.duplicates, again.identical, again.new_prompts, again.known_prompts) == (0, 6, 1, 0, 0)
+    assert (empty_store.stats()["comparisons"], [p["text"] for p in empty_store.prompts()]) == (4, ["q"])
+
+
+def test_import_of_an_export_adds_nothing(tmp_path: Path, labeled_store: Store):
+    out = tmp_path / "out.jsonl"
+    # B won the first pair (its chosen is side B); messages keep the chat prompt's system turn, which trl drops.
+    export_pairs(labeled_store, out, fmt="messages", include_ties=True)
+    before = labeled_store.stats()
+    summary = import_pairs(labeled_store, out)
+    assert (summary.pairs, summary.duplicates) == (0, 3)
+    assert labeled_store.stats() == before
 
 
 def test_import_pairs_bad_line_imports_nothing(tmp_path: Path, empty_store: Store):
