@@ -137,6 +137,8 @@ def resumable_run(store: Store, run_id: str, kind: str) -> dict[str, Any]:
     return run
 
 
-def config_of_run(run: dict[str, Any]) -> Config:
-    """The config a run started with (a resumed run keeps its own settings)."""
-    return Config.from_dict({k: v for k, v in run["config"].items() if k in SECTIONS}, source=f"run {run['id']}")
+def config_of_run(run: dict[str, Any], user_cfg: Config) -> Config:
+    """The config a run started with (a resumed run keeps its own settings), except whether remote code may run:
+    that comes from the user's own config only, never from a database that may have come with the workspace."""
+    stored = Config.from_dict({k: v for k, v in run["config"].items() if k in SECTIONS}, source=f"run {run['id']}")
+    return stored.override({"model.trust_remote_code": user_cfg.model.trust_remote_code})

@@ -17,18 +17,18 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, Workspace, describe_defaults, keys_set_in
+from .config import QUANTIZATION, Config, Workspace, describe_defaults, keys_set_in
 from .data_io import (EXPORT_FORMATS, export_pairs, import_pairs, import_prompts, printable, read_pairs,
                       read_prompts)
 from .demo_mode import (DEMO_NOTICE, DEMO_PROMPT_TAG, import_demo_prompts, is_demo, use_demo_threads,
                         with_demo_defaults)
-from .errors import RlhfError
+from .errors import RlhfError, RunCancelled
 from .hooks import RunHooks, RunResult
 from .store import Store
 
@@ -52,6 +52,7 @@ def load_config(args: argparse.Namespace, overrides: dict[str, Any] | None = Non
     if not workspace.root.is_dir():
         raise RlhfError(f"{workspace.root}: workspace directory does not exist (create it, or pass --workspace DIR)")
     overrides = {"model.name": getattr(args, "model", None), **(overrides or {})}
+    overrides.setdefault("model.quantization", getattr(args, "quantization", None))
     config = workspace.load_config().override(overrides)
     chosen = keys_set_in(workspace.config_path) | {key for key, value in overrides.items() if value is not None}
     return workspace, with_demo_defaults(config, chosen)
@@ -219,19 +220,29 @@ class ConsoleProgress(RunHooks):
             print(file=sys.stderr)
 
 
+# Ctrl+C, `kill`, and a closed terminal or dropped SSH session (SIGHUP): each stops a run with a checkpoint.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
 def stop_on_ctrl_c(hooks: RunHooks) -> Iterator[list[int]]:
-    """The first Ctrl+C (or SIGTERM) asks the run to stop after its current step (keeping a checkpoint); a
-    second aborts. Yields the signals received, so a command can exit 128 + signal (130, 143)."""
+    """The first Ctrl+C, SIGTERM or SIGHUP asks the run to stop after its current step (keeping a checkpoint);
+    a second of the same aborts. Yields the signals received, so a command can exit 128 + signal (130, 143, 129).
+
+    After a SIGHUP the terminal is gone: a write to it would raise (EIO) and kill the run before its checkpoint,
+    so stdout and stderr are sent to /dev/null from then on; the run's outcome is in `rlhf-tui runs`."""
     received: list[int] = []
 
     def request_stop(signum: int, frame: Any) -> None:
         received.append(signum)
         hooks.stop_requested.set()
-        print("\nstopping after this step (Ctrl+C again to abort)", file=sys.stderr)
+        if signum == signal.SIGHUP:
+            _detach_from_terminal()
+        else:
+            print("\nstopping after this step (Ctrl+C again to abort)", file=sys.stderr)
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
-    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
     try:
         yield received
     finally:
@@ -239,13 +250,24 @@ def stop_on_ctrl_c(hooks: RunHooks) -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
+def _detach_from_terminal() -> None:
+    """Point stdout and stderr at /dev/null (after the terminal hung up, writing to it fails)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):
+            stream.flush()
+        os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
 def stopped_exit_code(received: list[int]) -> int:
-    """Exit code of a run stopped by a signal, the shell's way: 128 + its number (130 Ctrl+C, 143 SIGTERM)."""
+    """Exit code of a run stopped by a signal, the shell's way: 128 + its number (130 Ctrl+C, 143 SIGTERM,
+    129 SIGHUP)."""
     return 128 + (received[0] if received else signal.SIGINT)
 
 
 def _refuse_settings_on_resume(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
-    if args.resume and (getattr(args, "reward", None) or hasattr(args, "model")
+    if args.resume and (getattr(args, "reward", None) or hasattr(args, "model") or hasattr(args, "quantization")
                         or any(v is not None for v in overrides.values())):
         raise RlhfError(f"--resume {args.resume} continues the run with the settings it started with: "
                         "drop the other options")
@@ -262,6 +284,9 @@ def _run_headless(args: argparse.Namespace, overrides: dict[str, Any], shown: tu
         with stop_on_ctrl_c(progress) as received:
             try:
                 result = train(session, progress)
+            except RunCancelled as exc:
+                exc.exit_code = stopped_exit_code(received)
+                raise
             finally:
                 progress.finish()
         total = session.store.run(result.run_id)["total_steps"]
@@ -269,7 +294,8 @@ def _run_headless(args: argparse.Namespace, overrides: dict[str, Any], shown: tu
 
 
 def _cmd_train_reward(args: argparse.Namespace) -> int:
-    overrides = {"reward.epochs": args.epochs, "reward.lr": args.lr, "reward.quantization": args.quantization,
+    overrides = {"reward.epochs": args.epochs, "reward.lr": args.lr,
+                 "reward.quantization": getattr(args, "quantization", None), "model.quantization": None,
                  "reward.batch_size": args.batch_size}
 
     def train(session: Session, hooks: RunHooks) -> RunResult:
@@ -305,29 +331,21 @@ def _reward_summary(result: RunResult, total_steps: int) -> str:
             f"{counts['identical_skipped']} identical skipped); saved {result.checkpoint}{resume}")
 
 
-def _reward_run_id(store: Store, run_id: str | None) -> str:
-    """The reward run a command was given, or the latest finished one."""
-    if run_id is not None:
-        return run_id
-    latest = store.latest_run("reward")
-    if latest is None:
-        raise RlhfError("no finished reward run yet: train one with `rlhf-tui train-reward`")
-    return latest["id"]
-
-
 def _cmd_score(args: argparse.Namespace) -> int:
-    with open_workspace(args) as session:
-        run_id = _reward_run_id(session.store, args.reward)
+    with open_workspace(args, {"model.quantization": None}) as session:
+        run_id = session.store.finished_reward_run(args.reward)["id"]
         from .reward import RewardScorer
 
-        score = RewardScorer.from_run(session.workspace, run_id).score(args.prompt, args.response)
+        scorer = RewardScorer.from_run(session.workspace, run_id, session.config,
+                                       quantization=getattr(args, "quantization", None))
+        score = scorer.score(args.prompt, args.response)
     print(f"{score:.4f}")
     return 0
 
 
 def _cmd_export_reward(args: argparse.Namespace) -> int:
     with open_workspace(args) as session:
-        run_id = _reward_run_id(session.store, args.reward)
+        run_id = session.store.finished_reward_run(args.reward)["id"]
         run_dir = session.workspace.run_dir(run_id)
         if not run_dir.is_dir():
             raise RlhfError(f"no run {run_id!r} in {session.workspace.runs_dir} (see `rlhf-tui runs`)")
@@ -425,6 +443,11 @@ def _add_model_option(parser: argparse.ArgumentParser) -> None:
                         help="hub id or local path of the base model (default: model.name in rlhf.toml)")
 
 
+def _add_quantization_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--quantization", choices=QUANTIZATION, default=argparse.SUPPRESS,
+                        help=f"{what}: none, 4bit (bitsandbytes NF4) or 8bit")
+
+
 def _add_command(commands: argparse._SubParsersAction, name: str, handler: Callable[[argparse.Namespace], int],
                  summary: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=summary, description=summary)
@@ -484,7 +507,7 @@ def _register_train_reward(commands: argparse._SubParsersAction) -> None:
                           "the adapter); flags override [reward] in rlhf.toml")
     parser.add_argument("--epochs", type=int, metavar="N", help="passes over the training pairs")
     parser.add_argument("--lr", type=float, metavar="X", help="learning rate")
-    parser.add_argument("--quantization", choices=("4bit", "8bit", "none"), help="reward base weights")
+    _add_quantization_option(parser, "the reward base's weights ([reward] quantization)")
     parser.add_argument("--batch-size", type=int, metavar="B", help="pairs per optimizer step")
     parser.add_argument("--resume", metavar="RUN",
                         help="continue this stopped, failed or interrupted run from its last checkpoint, with its "
@@ -496,6 +519,7 @@ def _register_score(commands: argparse._SubParsersAction) -> None:
     parser = _add_command(commands, "score", _cmd_score,
                           "print a trained reward model's standardised score of RESPONSE to PROMPT")
     parser.add_argument("--reward", metavar="RUN", help="reward run id (default: the latest finished one)")
+    _add_quantization_option(parser, "the reward base's weights (default: as the reward model was trained)")
     parser.add_argument("prompt", metavar="PROMPT")
     parser.add_argument("response", metavar="RESPONSE")
 
@@ -526,6 +550,7 @@ def _register_ppo(commands: argparse._SubParsersAction) -> None:
                         help="continue this stopped, failed or interrupted run from its last checkpoint, with its own "
                              "settings")
     _add_model_option(parser)
+    _add_quantization_option(parser, "the policy base's weights ([model] quantization)")
 
 
 def _register_runs(commands: argparse._SubParsersAction) -> None:
@@ -558,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     _workspace_option(parser)
     _add_model_option(parser)
+    _add_quantization_option(parser, "the base model's weights ([model] quantization)")
     parser.add_argument("--prompts", type=Path, metavar="FILE", help="import this prompts file before opening the app")
     parser.add_argument("--annotator", metavar="NAME", help="name stored with each decision (default: label.annotator "
                                                             "in rlhf.toml, else the OS user)")
@@ -575,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.handler(args)
+    except RunCancelled as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except RlhfError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +21,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
-from .errors import ConfigError
+from .errors import ConfigError, RlhfError
 
 CONFIG_FILE = "rlhf.toml"
 DB_FILE = "rlhf.db"
 RUNS_DIR = "runs"
+# What store.create_run makes (kind-date-time-hex); no separators, so runs/<id> stays inside runs/.
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def _f(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
@@ -267,7 +271,20 @@ class Workspace:
         return self.root / RUNS_DIR
 
     def run_dir(self, run_id: str) -> Path:
+        """runs/<run_id>; an id that is not a plain name (a path, `..`) is refused, so no run reaches outside."""
+        if not RUN_ID.fullmatch(run_id):
+            raise RlhfError(f"{run_id!r} is not a run id (see `rlhf-tui runs`)")
         return self.runs_dir / run_id
 
     def load_config(self) -> Config:
         return Config.load(self.config_path)
+
+    def owns(self, path: str | Path) -> bool:
+        """Whether writing `path` would write over this workspace's own state: rlhf.db (and its SQLite side
+        files), rlhf.toml or anything under runs/ — through symlinks and hard links too."""
+        target = Path(path).expanduser().resolve()
+        own = [self.config_path, self.db_path,
+               *(self.db_path.with_name(self.db_path.name + side) for side in ("-wal", "-shm", "-journal"))]
+        if target in own or target == self.runs_dir or self.runs_dir in target.parents:
+            return True
+        return target.exists() and any(p.exists() and os.path.samefile(p, target) for p in own)

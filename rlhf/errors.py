@@ -28,6 +28,19 @@ class InputFileError(RlhfError):
     """An imported file (prompts, pairs) is malformed; the message starts with `file:line:`."""
 
 
+class RunCancelled(RlhfError):
+    """A stop was asked for before a run's first step (e.g. Ctrl+C while the model loads): no run was made,
+    nothing written (a resumed run keeps its status and checkpoint)."""
+
+    exit_code = 130
+
+
+def cancel_if_stopped(stop_requested: bool, what: str) -> None:
+    """Raise RunCancelled when a stop came in while `what` (e.g. "ppo run") was still loading."""
+    if stop_requested:
+        raise RunCancelled(f"{what}: stopped before its first step, while loading: nothing was written")
+
+
 class ModelLoadError(RlhfError):
     """A model or tokenizer cannot be loaded."""
 

@@ -30,6 +30,9 @@ from .paths import demo_model_dir
 # Per-shard "Loading weights" bars would garble the CLI's progress line and the engine's stderr; so would
 # this deprecation warning, raised inside peft on every adapter load with transformers 5.
 hf_logging.disable_progress_bar()
+# Library warnings on stderr would come before (and bury) our one-line messages; the CLI and engine report
+# what matters themselves.
+hf_logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
@@ -95,6 +98,21 @@ def _check_weight_files(path: Path) -> None:
     raise ModelLoadError(f"{path}: no model weights (*.safetensors) in this directory")
 
 
+def safetensors_adapter(path: str | Path) -> str:
+    """`path` as a string for peft, once it is known to hold a LoRA adapter in safetensors.
+
+    peft falls back to `adapter_model.bin` through torch.load (a pickle: it can run code) when there is no
+    safetensors file, and to the hub when there is no folder: both are refused here."""
+    folder = Path(path)
+    if not ((folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()):
+        pickled = " (only a pickle adapter_model.bin, which is not loaded for safety)" \
+            if (folder / "adapter_model.bin").exists() else ""
+        raise ModelLoadError(f"{folder}: no LoRA adapter here: expected adapter_config.json and "
+                             f"adapter_model.safetensors{pickled}; save the adapter with "
+                             "save_pretrained(..., safe_serialization=True)")
+    return str(folder)
+
+
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether the hub endpoint accepts a connection (huggingface_hub would otherwise retry for a minute)."""
     if hf_constants.HF_HUB_OFFLINE:
@@ -117,6 +135,12 @@ def _from_pretrained(load: Any, name: str, local: Path | None, **kwargs: Any) ->
     except OSError as exc:
         if local is not None:
             raise ModelLoadError(f"{local}: cannot load ({_first_line(exc)})") from None
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ModelLoadError(f"{local or name}: this model needs its own Python code (auto_map in its config), "
+                             "which rlhf-tui runs only when your rlhf.toml says [model] trust_remote_code = true; "
+                             "read that code first") from None
     if not _hub_reachable():
         raise ModelLoadError(f"cannot load model {name!r}: not a local directory and the hub is unreachable; "
                              "pass a local path with --model /path/to/model")

@@ -37,11 +37,12 @@ from .checkpoints import (STATE_FILE, CheckpointWriteError, checkpoint_path, con
                           prune_checkpoints, resumable_run, resume_command, save_training_state, write_checkpoint,
                           write_folder_atomically)
 from .config import Config, Workspace
-from .errors import RlhfError, describe_write_error
+from .errors import RlhfError, cancel_if_stopped, describe_write_error
 from .hooks import RunHooks, RunResult
 from .lora import lora_config
+from .locks import run_lock
 from .models import (adapter_active, encode_prompt, format_prompt, load_causal_lm, load_tokenizer,
-                     resolve_model_name, tokenizer_fingerprint)
+                     resolve_model_name, safetensors_adapter, tokenizer_fingerprint)
 from .ppo_math import last_token_index
 from .sampling import truncate_left
 from .store import Store
@@ -250,7 +251,7 @@ def load_reward_onto(peft_model: PeftModel, run_dir: Path, adapter_name: str = "
     if reward.head.in_features != hidden:
         raise RlhfError(f"{reward_dir_of(run_dir)}: reward model was trained on a base with hidden size "
                         f"{reward.head.in_features}, not {hidden}: use the base it was trained on")
-    peft_model.load_adapter(str(reward_dir_of(run_dir) / ADAPTER_SUBDIR), adapter_name=adapter_name,
+    peft_model.load_adapter(safetensors_adapter(reward_dir_of(run_dir) / ADAPTER_SUBDIR), adapter_name=adapter_name,
                             is_trainable=False)
     reward.adapter_name = adapter_name
     return reward
@@ -300,15 +301,22 @@ class RewardScorer:
         self.max_length = max_length
 
     @classmethod
-    def from_run(cls, workspace: Workspace, run_id: str, *, device: torch.device | None = None) -> "RewardScorer":
+    def from_run(cls, workspace: Workspace, run_id: str, cfg: Config, *, quantization: str | None = None,
+                 device: torch.device | None = None) -> "RewardScorer":
+        """The reward model of `run_id` on its own base, quantized as it was trained unless `quantization` says.
+
+        Remote code runs only when the user's own `cfg` allows it: reward.json and the run's stored config come
+        with the workspace (or a copied run folder) and are never trusted with that choice."""
         run_dir = workspace.run_dir(run_id)
         if not run_dir.is_dir():
             raise RlhfError(f"no run {run_id!r} in {workspace.runs_dir} (see `rlhf-tui runs`)")
         meta = read_reward_meta(run_dir)
-        trust = meta["config"]["model"]["trust_remote_code"]
+        trust = cfg.model.trust_remote_code
         tokenizer = load_tokenizer(meta["base_model"], trust_remote_code=trust)
-        base = load_causal_lm(meta["base_model"], meta["quantization"], trust_remote_code=trust, device=device)
-        model = PeftModel.from_pretrained(base, str(reward_dir_of(run_dir) / ADAPTER_SUBDIR), adapter_name="reward")
+        base = load_causal_lm(meta["base_model"], quantization or meta["quantization"], trust_remote_code=trust,
+                              device=device)
+        model = PeftModel.from_pretrained(base, safetensors_adapter(reward_dir_of(run_dir) / ADAPTER_SUBDIR),
+                                          adapter_name="reward")
         reward = _load_head(run_dir, _model_device(model))
         reward.adapter_name = "reward"
         return cls(model, tokenizer, reward, meta["max_length"])
@@ -425,7 +433,7 @@ def _lora_model(base: PreTrainedModel, cfg: Config, adapter: Path | None = None)
         # Casts norms to fp32 and lets gradients reach the LoRA through frozen quantized layers.
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     if adapter is not None:
-        return PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+        return PeftModel.from_pretrained(base, safetensors_adapter(adapter), is_trainable=True)
     return get_peft_model(base, lora_config(base, cfg.reward.lora_r, cfg.reward.lora_alpha, cfg.reward.lora_dropout))
 
 
@@ -445,7 +453,11 @@ def train_reward(workspace: Workspace, cfg: Config, *, hooks: RunHooks | None = 
     own_store = store is None
     store = store or Store(workspace.db_path)
     try:
-        return _train(workspace, cfg, hooks, store, resume_run)
+        if resume_run is None:
+            return _train(workspace, cfg, hooks, store, resume_run)
+        store.run(resume_run)  # an unknown id says so before any folder is made for its lock
+        with run_lock(workspace.run_dir(resume_run), resume_run):
+            return _train(workspace, cfg, hooks, store, resume_run)
     finally:
         if own_store:
             store.close()
@@ -486,7 +498,7 @@ def _pairs_of_run(run_dir: Path, usable: list[dict[str, Any]], run_id: str,
 def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, resume_run: str | None) -> RunResult:
     resumed = resumable_run(store, resume_run, "reward") if resume_run is not None else None
     if resumed is not None:
-        cfg = config_of_run(resumed)
+        cfg = config_of_run(resumed, cfg)
     rc = cfg.reward
     policy_base = resolve_model_name(cfg)
     base_name = rc.base or policy_base
@@ -513,6 +525,7 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
     torch.manual_seed(rc.seed)
     # Loaded before the run row is written: a model that cannot load leaves no failed run behind.
     base = load_causal_lm(base_name, rc.quantization, trust_remote_code=cfg.model.trust_remote_code)
+    cancel_if_stopped(hooks.should_stop(), f"reward run {resume_run}" if resume_run else "reward training")
     if resumed is None:
         run_id = store.create_run("reward", cfg.to_dict(), total_steps=total_steps)
         run_dir = workspace.run_dir(run_id)

@@ -469,6 +469,20 @@ class Store:
                            "LIMIT 1", [kind, status])
         return _decode_run(rows[0]) if rows else None
 
+    def finished_reward_run(self, run_id: str | None = None) -> dict[str, Any]:
+        """The named reward run of this database, or the latest finished one; it must be a finished reward run
+        (what PPO, `score` and `export-reward` use: a name that is not a run here is refused, never a path)."""
+        if run_id is None:
+            run = self.latest_run("reward")
+            if run is None:
+                raise StoreError("no finished reward run: train one with `rlhf-tui train-reward`")
+            return run
+        run = self.run(run_id)
+        if run["kind"] != "reward" or run["status"] != "finished":
+            raise StoreError(f"run {run_id!r} is a {run['status']} {run['kind']} run, not a finished reward run "
+                             "(see `rlhf-tui runs`)")
+        return run
+
     def mark_interrupted_runs(self) -> list[str]:
         """Runs left 'running' by a process that no longer exists become 'interrupted'."""
         marked = []

@@ -25,7 +25,7 @@ from ..config import Config, Workspace
 from ..demo_mode import is_demo, use_demo_threads
 from ..errors import RlhfError
 from ..hooks import RunHooks
-from ..models import load_causal_lm, load_tokenizer, pick_device, resolve_model_name
+from ..models import load_causal_lm, load_tokenizer, pick_device, resolve_model_name, safetensors_adapter
 from ..sampling import PairSampler, a_side_first, sampling_params
 from ..store import Store
 from . import protocol
@@ -252,7 +252,8 @@ class Engine:
             self.outbox.send(protocol.Status("loading", f"loading policy adapter {adapter}…", 0.8))
             model = self.sampler.model
             base = model.unload() if isinstance(model, PeftModel) else model
-            self.sampler.model = PeftModel.from_pretrained(base, adapter).eval() if adapter else base
+            self.sampler.model = (PeftModel.from_pretrained(base, safetensors_adapter(adapter)).eval() if adapter
+                                  else base)
             self.adapter = adapter
         label = "demo" if is_demo(self.cfg) else Path(self.model_name).name or self.model_name
         self.outbox.send(protocol.Ready(model_label=label,
