@@ -128,8 +128,7 @@ def measure_speed(ws: Workspace, reward_run: str, repeats: int) -> dict[str, flo
     """A warm-up step, then `repeats` rounds of: one PPO step and each unavoidable pass once, interleaved."""
     import torch
 
-    from rlhf.ppo import response_forward
-    from rlhf.ppo_math import logprobs_from_logits
+    from rlhf.ppo import response_forward, response_logprobs
 
     trainer, batch = load(ws, reward_run)
     cfg, model = trainer.cfg, trainer.model
@@ -141,7 +140,8 @@ def measure_speed(ws: Workspace, reward_run: str, repeats: int) -> dict[str, flo
 
     def forward() -> None:
         with torch.no_grad():
-            response_forward(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+            hidden = response_forward(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+            response_logprobs(model, hidden, rollout.response_ids, cfg.temperature)
 
     def reference_forward() -> None:
         with model.disable_adapter():
@@ -149,9 +149,8 @@ def measure_speed(ws: Workspace, reward_run: str, repeats: int) -> dict[str, flo
 
     def forward_backward() -> None:
         model.train()
-        logits, hidden = response_forward(model, rollout.input_ids[micro], rollout.attention_mask[micro],
-                                          rollout.prompt_len)
-        logp = logprobs_from_logits(logits, rollout.response_ids[micro], cfg.temperature)
+        hidden = response_forward(model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len)
+        logp, _ = response_logprobs(model, hidden, rollout.response_ids[micro], cfg.temperature)
         (logp.sum() + trainer.value_head(hidden).sum()).backward()
         model.eval()
 
@@ -186,8 +185,7 @@ def memory_child(ws_root: str, reward_run: str, roles: str) -> None:
     from peft import LoraConfig, get_peft_model
 
     from rlhf.models import load_causal_lm, load_tokenizer, pick_device
-    from rlhf.ppo import POLICY_ADAPTER, PPOTrainer, Scored, ValueHead, response_forward
-    from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
+    from rlhf.ppo import POLICY_ADAPTER, PPOTrainer, Scored, ValueHead, response_forward, response_logprobs
 
     ws = Workspace(Path(ws_root))
     cuda = torch.cuda.is_available()
@@ -209,11 +207,11 @@ def memory_child(ws_root: str, reward_run: str, roles: str) -> None:
         prompts = first_batch(ws, tokenizer, cfg)
         rollout = trainer.rollout(prompts)
         with torch.no_grad():
-            logits, hidden = response_forward(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
-            logp = logprobs_from_logits(logits, rollout.response_ids, cfg.ppo.temperature)
-            scored = Scored(logp=logp, values=value_head(hidden), entropy=entropy_from_logits(logits, 1.0),
-                            ref_logp=logp, scores=torch.zeros(len(prompts)))
-        del logits, hidden
+            hidden = response_forward(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+            logp, entropy = response_logprobs(model, hidden, rollout.response_ids, cfg.ppo.temperature)
+            scored = Scored(logp=logp, values=value_head(hidden), entropy=entropy, ref_logp=logp,
+                            scores=torch.zeros(len(prompts)))
+        del hidden
         trainer.train(rollout, scored, torch.randn_like(logp), torch.randn_like(logp))
         modules = [model, value_head]
     print(json.dumps({"peak_rss_mb": peak_rss_mb(), "rss_before_model_mb": before_mb,

@@ -36,10 +36,10 @@ from .hooks import RunHooks, RunResult
 from .lora import lora_config
 from .models import (adapter_active, encode_prompt, eos_token_ids, format_prompt, load_causal_lm, load_tokenizer, pick_device,
                      resolve_model_name)
-from .ppo_math import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, clipped_policy_loss,
-                       clipped_value_loss, entropy_from_logits, explained_variance, gae, kl_k3,
-                       kl_negative_beyond_noise, logprobs_from_logits, masked_mean, masked_sum, masked_whiten,
-                       per_token_rewards, response_mask, standard_error)
+from .ppo_math import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty,
+                       chunked_token_logprobs_and_entropy, clipped_policy_loss, clipped_value_loss,
+                       explained_variance, gae, kl_k3, kl_negative_beyond_noise, masked_mean, masked_sum,
+                       masked_whiten, per_token_rewards, response_mask, standard_error)
 from .reward import (RewardHead, RewardScorer, load_reward_onto, pad_left, read_reward_meta,
                      reward_tokenizer_matches)
 from .sampling import truncate_left
@@ -50,6 +50,9 @@ REWARD_ADAPTER = "reward"
 REFERENCE_ADAPTER = "reference"  # the frozen SFT adapter, when PPO starts from one
 LOCK_FILE = "ppo.lock"
 SAMPLES_PER_STEP = 4
+# Logits held at once while turning hidden states into log-probs: 2**22 fp32 values are 16 MiB (times the few
+# copies softmax makes), whatever the vocabulary; a 151k vocabulary gets 27 positions per chunk.
+LOGIT_CHUNK_ELEMENTS = 2**22
 
 
 class NonFiniteError(Exception):
@@ -71,20 +74,32 @@ class ValueHead(nn.Module):
         return self.linear(hidden.float()).squeeze(-1)
 
 
-def response_forward(model: PeftModel, input_ids: Tensor, attention_mask: Tensor,
-                     prompt_len: int) -> tuple[Tensor, Tensor]:
-    """Logits [B, R, V] and last hidden states [B, R, H] at the positions that predict each response token.
+def response_forward(model: PeftModel, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
+    """Last hidden states [B, R, H] at the positions that predict each response token.
 
-    One decoder pass; the LM head runs on the response positions only. Whichever adapter is active (or
-    none, inside `disable_adapter()`) is the model that runs.
+    One decoder pass without the LM head (`response_logprobs` applies it in chunks). Whichever adapter is
+    active (or none, inside `disable_adapter()`) is the model that runs.
     """
     lm = model.get_base_model()
     # Positions count real tokens only, as `generate` does for left-padded prompts.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state
-    hidden = hidden[:, prompt_len - 1:-1]
-    return lm.get_output_embeddings()(hidden), hidden
+    return hidden[:, prompt_len - 1:-1]
+
+
+def response_logprobs(model: PeftModel, hidden: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Log-probs of the response tokens and next-token entropies ([B, R] each) from `response_forward`'s
+    hidden states, never holding more than about LOGIT_CHUNK_ELEMENTS logits at once.
+
+    The model's own output module runs (quantized, tied or LoRA-wrapped alike), followed by its final-logit
+    soft-capping (Gemma 2) when the config has one: the distribution `generate` samples from.
+    """
+    lm = model.get_base_model()
+    text_config = lm.config.get_text_config()
+    return chunked_token_logprobs_and_entropy(
+        hidden, lm.get_output_embeddings(), tokens, temperature, max(1, LOGIT_CHUNK_ELEMENTS // text_config.vocab_size),
+        softcap=getattr(text_config, "final_logit_softcapping", None))
 
 
 class RolloutScorer(Protocol):
@@ -248,14 +263,12 @@ class PPOTrainer:
     def score(self, rollout: Rollout) -> Scored:
         """Old log-probs, values and entropy from the policy; reference log-probs; reward scores."""
         temperature, tokens = self.cfg.temperature, rollout.response_ids
-        logits, hidden = response_forward(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
-        logp, values = logprobs_from_logits(logits, tokens, temperature), self.value_head(hidden)
-        entropy = entropy_from_logits(logits, temperature)
-        del logits, hidden
+        hidden = response_forward(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+        logp, entropy = response_logprobs(self.model, hidden, tokens, temperature)
+        values = self.value_head(hidden)
         with self.reference_model():
-            ref_logits, _ = response_forward(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
-        ref_logp = logprobs_from_logits(ref_logits, tokens, temperature)
-        del ref_logits
+            ref_hidden = response_forward(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+            ref_logp, _ = response_logprobs(self.model, ref_hidden, tokens, temperature)
         scores = apply_no_eos_penalty(self.reward.score(rollout).float(), rollout.has_eos, self.cfg.no_eos_penalty)
         return Scored(logp=logp, values=values, entropy=entropy, ref_logp=ref_logp, scores=scores)
 
@@ -282,16 +295,15 @@ class PPOTrainer:
     def _backward(self, rollout: Rollout, scored: Scored, advantages: Tensor, returns: Tensor, rows: Tensor,
                   stats: dict[str, list[Tensor]]) -> None:
         cfg, mask = self.cfg, rollout.response_mask[rows]
-        logits, hidden = response_forward(self.model, rollout.input_ids[rows], rollout.attention_mask[rows],
-                                          rollout.prompt_len)
-        logp = logprobs_from_logits(logits, rollout.response_ids[rows], cfg.temperature)
+        hidden = response_forward(self.model, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_len)
+        logp, entropy = response_logprobs(self.model, hidden, rollout.response_ids[rows], cfg.temperature)
         policy_loss, policy_clipfrac, approx_kl = clipped_policy_loss(
             logp, scored.logp[rows], advantages[rows], mask, cfg.cliprange)
         value_loss, value_clipfrac = clipped_value_loss(
             self.value_head(hidden), scored.values[rows], returns[rows], mask, cfg.cliprange_value)
         loss = policy_loss + cfg.vf_coef * value_loss
         if cfg.ent_coef:
-            loss = loss - cfg.ent_coef * masked_mean(entropy_from_logits(logits, cfg.temperature), mask)
+            loss = loss - cfg.ent_coef * masked_mean(entropy, mask)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the PPO loss is {loss.item()} (policy {policy_loss.item():.4g}, "
                                  f"value {value_loss.item():.4g})")

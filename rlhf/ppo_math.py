@@ -12,11 +12,12 @@ with PPO" (whitening, value clipping, masks), Schulman's note "Approximating KL 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 WHITEN_EPS = 1e-8
 
@@ -30,7 +31,7 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float) -> 
     """Token log-probabilities: log_softmax(logits / T)[token].
 
     Dividing by the sampling temperature T makes these the log-probs of the distribution the rollout
-    actually sampled from (otherwise KL turns negative). logits [B, T, V], tokens [B, T] -> [B, T].
+    actually sampled from (otherwise KL turns negative). logits [..., V], tokens [...] -> [...].
     """
     logp_all = F.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)
     return logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -39,10 +40,41 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float) -> 
 def entropy_from_logits(logits: Tensor, temperature: float) -> Tensor:
     """Entropy of the full next-token distribution: H = logsumexp(z) - sum(softmax(z) * z), z = logits / T.
 
-    logits [B, T, V] -> [B, T] (one entropy per position; mask it with `masked_mean`).
+    logits [..., V] -> [...] (one entropy per position; mask it with `masked_mean`).
     """
     z = _at_least_fp32(logits) / temperature
     return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(dim=-1)
+
+
+def softcap_logits(logits: Tensor, cap: float) -> Tensor:
+    """Final-logit soft-capping (Gemma 2): cap * tanh(logits / cap), squashing logits into (-cap, cap)."""
+    return cap * torch.tanh(logits / cap)
+
+
+def chunked_token_logprobs_and_entropy(hidden: Tensor, lm_head: Callable[[Tensor], Tensor], tokens: Tensor,
+                                       temperature: float, chunk_size: int,
+                                       softcap: float | None = None) -> tuple[Tensor, Tensor]:
+    """Log-probs of `tokens` and next-token entropies from last hidden states, never holding the logits of
+    more than `chunk_size` positions at once: hidden [B, T, H], tokens [B, T] -> ([B, T], [B, T]).
+
+    Per chunk of positions: logits = lm_head(h), upcast to fp32, soft-capped when `softcap` is set, then
+    `logprobs_from_logits` and `entropy_from_logits` at `temperature`. Under autograd each chunk is
+    checkpointed: backward recomputes its logits rather than keeping every chunk's [chunk, V] tensors, and
+    the gradients (to `hidden` and to the head's own parameters) equal those of the unchunked formulas.
+    """
+    def chunk_stats(chunk_hidden: Tensor, chunk_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        logits = _at_least_fp32(lm_head(chunk_hidden))
+        if softcap:
+            logits = softcap_logits(logits, softcap)
+        return logprobs_from_logits(logits, chunk_tokens, temperature), entropy_from_logits(logits, temperature)
+
+    chunks = zip(hidden.flatten(0, 1).split(chunk_size), tokens.flatten().split(chunk_size))
+    if torch.is_grad_enabled():
+        stats = [checkpoint(chunk_stats, h, t, use_reentrant=False) for h, t in chunks]
+    else:
+        stats = [chunk_stats(h, t) for h, t in chunks]
+    logp, entropy = (torch.cat(parts).view(tokens.shape) for parts in zip(*stats))
+    return logp, entropy
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:

@@ -28,7 +28,8 @@ from rlhf.models import load_causal_lm
 from rlhf.hooks import RunHooks
 from rlhf.checkpoints import CHECKPOINTS_DIR
 from rlhf.ppo import (LOCK_FILE, POLICY_ADAPTER, REFERENCE_ADAPTER, REWARD_ADAPTER, SeparateReward, SharedBaseReward,
-                      build_trainer, ppo_lock, prepare_prompts, prompt_batch, response_forward, run_ppo)
+                      build_trainer, ppo_lock, prepare_prompts, prompt_batch, response_forward, response_logprobs,
+                      run_ppo)
 from rlhf.ppo_math import logprobs_from_logits
 from rlhf.reward import RewardScorer, train_reward
 from rlhf.store import PromptItem, Store
@@ -195,10 +196,60 @@ def test_rollout_log_probs_match_what_generate_sampled(rewarded):
     assert not (rollout.response_ids[~mask] != trainer.tokenizer.pad_token_id).any()  # after EOS: padding
     expected = logprobs_from_logits(torch.stack(generated.logits, dim=1), sampled, 0.7)
     with torch.no_grad():
-        logits, _ = response_forward(trainer.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
-    ours = logprobs_from_logits(logits, rollout.response_ids, 0.7)
+        hidden = response_forward(trainer.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+        ours, _ = response_logprobs(trainer.model, hidden, rollout.response_ids, 0.7)
     assert torch.allclose(ours[mask], expected[mask], atol=1e-4)
     assert all(trainer.tokenizer.eos_token not in text for text in rollout.response_texts)
+
+
+def tiny_causal_lm(family: str):
+    """A random Llama (untied head) or Gemma 2 (tied embeddings, final-logit soft-capping at 0.5: small
+    enough to change a random model's log-probs) with 1000 tokens, LoRA on every linear layer; in fp64, so
+    that two ways of computing the same numbers agree to rounding."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    shape = {"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+    torch.manual_seed(0)
+    if family == "gemma2":
+        base = Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=0.5))
+    else:
+        base = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
+    return get_peft_model(base.double(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_response_logprobs_equal_the_models_own_logits_and_gradients(family, monkeypatch):
+    """Chunked log-probs and entropies (3 positions per chunk here) equal those from the model's full
+    forward (`.logits`, soft-capped by transformers for Gemma 2), and so do their gradients to the LoRA."""
+    from rlhf import ppo
+    from rlhf.ppo_math import entropy_from_logits
+
+    monkeypatch.setattr(ppo, "LOGIT_CHUNK_ELEMENTS", 3 * 1000)
+    model = tiny_causal_lm(family)
+    model.train()
+    torch.manual_seed(1)
+    prompt_len, temperature = 5, 0.8
+    input_ids = torch.randint(0, 1000, (2, prompt_len + 7))
+    attention_mask = torch.ones_like(input_ids)
+    tokens = input_ids[:, prompt_len:]
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(logp, entropy):
+        weights = torch.linspace(-1, 2, logp.numel(), dtype=logp.dtype).view_as(logp)
+        return torch.autograd.grad((logp * weights).sum() + 0.3 * entropy.sum(), lora)
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, prompt_len - 1:-1]
+    expected = (logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits, temperature))
+    hidden = response_forward(model, input_ids, attention_mask, prompt_len)
+    ours = response_logprobs(model, hidden, tokens, temperature)
+    for mine, theirs in zip(ours, expected):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10)
+    for mine, theirs in zip(loss_and_grads(*ours), loss_and_grads(*expected)):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10)
+    if family == "gemma2":  # the cap matters: the uncapped head is off by far more than the 1e-10 allowed
+        uncapped = logprobs_from_logits(model.get_base_model().get_output_embeddings()(hidden), tokens, temperature)
+        assert (uncapped - expected[0]).abs().max() > 1e-3
 
 
 def test_ppo_from_an_sft_adapter_keeps_it_frozen_as_the_reference(rewarded, tmp_path):
@@ -218,8 +269,8 @@ def test_ppo_from_an_sft_adapter_keeps_it_frozen_as_the_reference(rewarded, tmp_
     mask = rollout.response_mask
     assert torch.equal(scored.logp[mask], scored.ref_logp[mask])
     with torch.no_grad(), trainer.model.disable_adapter():
-        base_logits, _ = response_forward(trainer.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
-    base_logp = logprobs_from_logits(base_logits, rollout.response_ids, cfg.ppo.temperature)
+        base_hidden = response_forward(trainer.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+        base_logp, _ = response_logprobs(trainer.model, base_hidden, rollout.response_ids, cfg.ppo.temperature)
     assert (base_logp[mask] - scored.ref_logp[mask]).abs().max() > 1e-3
     reference = [p for name, p in trainer.model.named_parameters() if f".{REFERENCE_ADAPTER}." in name]
     assert reference and not any(p.requires_grad for p in reference)

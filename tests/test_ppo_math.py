@@ -9,6 +9,7 @@ from rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     apply_no_eos_penalty,
+    chunked_token_logprobs_and_entropy,
     clipped_policy_loss,
     clipped_value_loss,
     entropy_from_logits,
@@ -24,6 +25,7 @@ from rlhf.ppo_math import (
     masked_whiten,
     per_token_rewards,
     response_mask,
+    softcap_logits,
     standard_error,
 )
 
@@ -62,6 +64,101 @@ def test_entropy_hand_numbers_and_temperature():
     h_t2 = entropy_from_logits(torch.tensor([[[0.0, math.log(9)]]], dtype=F64), 2.0)
     assert h_t1.item() == approx(0.5623351446, rel=1e-8)
     assert h_t2.item() == approx(0.5623351446, rel=1e-8)
+
+
+def test_softcap_hand_numbers():
+    # cap 2: 2 tanh(2 / 2) = 2 * 0.7615942 = 1.5231884; 0 stays 0; -60 -> -2 tanh(30) ~ -2
+    capped = softcap_logits(torch.tensor([2.0, 0.0, -60.0], dtype=F64), 2.0)
+    assert capped.tolist() == approx([1.5231883119, 0.0, -2.0], rel=1e-9)
+
+
+def unchunked_logprobs_and_entropy(hidden, lm_head, tokens, temperature, softcap=None):
+    """The plain formulas on the full [B, T, V] logits: what the chunked function must equal."""
+    logits = lm_head(hidden)
+    if softcap:
+        logits = softcap_logits(logits, softcap)
+    return logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits, temperature)
+
+
+def head_and_batch(vocab=11, width=5, batch=3, length=4, bias=True, seed=0):
+    """A linear LM head and hidden states in fp64, so that chunked and unchunked agree to rounding (1e-10):
+    in fp32 the head's gradient sums rows in another order, which alone differs by ~1e-6."""
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(width, vocab, bias=bias, dtype=F64)
+    hidden = (3 * torch.randn(batch, length, width, dtype=F64)).requires_grad_()
+    return head, hidden, torch.randint(0, vocab, (batch, length))
+
+
+def grads_of(outputs, inputs):
+    """Gradients of a loss mixing both outputs (weights so neither cancels) w.r.t. `inputs`."""
+    logp, entropy = outputs
+    loss = (logp * torch.linspace(-1, 2, logp.numel(), dtype=F64).view_as(logp)).sum() + 0.3 * entropy.sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 12, 100])  # one row, a ragged last chunk, exact split, one chunk
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_chunked_logprobs_entropy_and_gradients_equal_unchunked(chunk_size, softcap):
+    head, hidden, tokens = head_and_batch()
+    params = [hidden, head.weight, head.bias]
+    expected = unchunked_logprobs_and_entropy(hidden, head, tokens, 0.7, softcap)
+    chunked = chunked_token_logprobs_and_entropy(hidden, head, tokens, 0.7, chunk_size, softcap=softcap)
+    for ours, theirs in zip(chunked, expected):
+        assert ours.shape == tokens.shape
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+    for ours, theirs in zip(grads_of(chunked, params), grads_of(expected, params)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+
+
+def test_softcap_changes_the_chunked_logprobs():
+    """The soft-capping case above is not vacuous: capping at 1.5 moves these log-probs."""
+    head, hidden, tokens = head_and_batch()
+    with torch.no_grad():
+        plain, _ = chunked_token_logprobs_and_entropy(hidden, head, tokens, 1.0, 4)
+        capped, _ = chunked_token_logprobs_and_entropy(hidden, head, tokens, 1.0, 4, softcap=1.5)
+    assert (plain - capped).abs().max() > 0.1
+
+
+def test_chunked_gradients_reach_a_lora_wrapped_head_exactly():
+    from peft import LoraConfig, get_peft_model
+
+    head, hidden, tokens = head_and_batch(bias=False)
+    model = get_peft_model(torch.nn.Sequential(head), LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    lora = [p for p in model.parameters() if p.requires_grad]
+    assert len(lora) == 2
+    expected = unchunked_logprobs_and_entropy(hidden, model, tokens, 1.3, softcap=2.0)
+    chunked = chunked_token_logprobs_and_entropy(hidden, model, tokens, 1.3, 5, softcap=2.0)
+    for ours, theirs in zip(grads_of(chunked, lora + [hidden]), grads_of(expected, lora + [hidden])):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+
+
+def test_chunked_backward_keeps_no_logits():
+    """Autograd saves for backward less than one [B, T, V] tensor in all: each chunk's logits are recomputed
+    in backward, not kept. The unchunked formulas (and chunks without checkpointing) save several."""
+    vocab = 50
+    head, hidden, tokens = head_and_batch(vocab=vocab, batch=4, length=8)
+
+    def saved_elements(compute):
+        sizes = []
+
+        def pack(tensor):
+            sizes.append(tensor.numel())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            grads_of(compute(), [hidden])
+        return sum(sizes)
+
+    full_logits = tokens.numel() * vocab
+    assert saved_elements(lambda: unchunked_logprobs_and_entropy(hidden, head, tokens, 1.0)) > 2 * full_logits
+    assert saved_elements(lambda: chunked_token_logprobs_and_entropy(hidden, head, tokens, 1.0, 4)) < full_logits
+
+
+def test_chunked_upcasts_half_precision_logits_to_fp32():
+    head, hidden, tokens = head_and_batch()
+    with torch.no_grad():
+        logp, entropy = chunked_token_logprobs_and_entropy(hidden.bfloat16(), head.bfloat16(), tokens, 1.0, 5)
+    assert logp.dtype == entropy.dtype == torch.float32
 
 
 # -- masked statistics -------------------------------------------------------------------------
