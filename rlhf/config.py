@@ -40,6 +40,13 @@ def _f(default: Any, doc: str, *, lo: float | None = None, hi: float | None = No
 
 
 QUANTIZATION = ("none", "4bit", "8bit")
+# Upper bounds of the int settings: far above any real use, low enough that a typo (an extra zero, a pasted
+# 20-digit number) is refused with its key instead of running until the kernel kills the process.
+MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range
+MAX_TOKENS = 131072  # the longest context of current open models
+MAX_BATCH = 1024  # prompts or pairs at once: a 1024-prompt PPO rollout already needs a large GPU
+MAX_LORA_R = 1024
+MAX_STEPS = 1_000_000
 
 
 @dataclass
@@ -47,7 +54,8 @@ class ModelConfig:
     name: str = _f("", "Hub id or local path of the policy base model; empty = the bundled demo model.")
     quantization: str = _f("none", "Base weights: none, 4bit (bitsandbytes NF4) or 8bit.", choices=QUANTIZATION)
     trust_remote_code: bool = _f(False, "Run model code shipped with the checkpoint (off: security).")
-    max_prompt_tokens: int = _f(256, "Prompts longer than this are cut from the left, with a notice.", lo=8)
+    max_prompt_tokens: int = _f(256, "Prompts longer than this are cut from the left, with a notice.", lo=8,
+                                hi=MAX_TOKENS)
     free_during_runs: str = _f("auto", "Free the labeling model while a reward or PPO run trains (they load their "
                                "own base), reloading it after: auto (on a GPU), always or never.",
                                choices=("auto", "always", "never"))
@@ -57,11 +65,11 @@ class ModelConfig:
 class SamplingConfig:
     temperature: float = _f(1.0, "Sampling temperature for labeling pairs (> 0; try 1.5 for variety).",
                             lo=0.0, lo_open=True, hi=10.0)
-    top_k: int = _f(0, "Keep only the k most likely tokens (0 = off).", lo=0)
+    top_k: int = _f(0, "Keep only the k most likely tokens (0 = off).", lo=0, hi=1_000_000)
     top_p: float = _f(1.0, "Nucleus sampling mass, in (0, 1].", lo=0.0, lo_open=True, hi=1.0)
     max_new_tokens: int = _f(64, "Longest answer, in tokens.", lo=1, hi=8192)
     repetition_penalty: float = _f(1.0, "Penalty for repeated tokens (1.0 = off).", lo=0.0, lo_open=True)
-    seed: int = _f(0, "Seed for sampling and prompt order.", lo=0)
+    seed: int = _f(0, "Seed for sampling and prompt order.", lo=0, hi=MAX_SEED)
     prefetch: int = _f(4, "Pairs kept ready ahead of the person (0 = generate on demand).", lo=0, hi=64)
     max_resample: int = _f(3, "Re-sample identical twins up to this many times.", lo=0, hi=20)
 
@@ -77,34 +85,35 @@ class LabelConfig:
 class RewardConfig:
     base: str = _f("", "Reward base model; empty = the policy base (lets PPO share one base).")
     quantization: str = _f("none", "Reward base weights: none, 4bit or 8bit.", choices=QUANTIZATION)
-    lora_r: int = _f(16, "LoRA rank.", lo=1)
-    lora_alpha: int = _f(32, "LoRA alpha.", lo=1)
+    lora_r: int = _f(16, "LoRA rank.", lo=1, hi=MAX_LORA_R)
+    lora_alpha: int = _f(32, "LoRA alpha.", lo=1, hi=4 * MAX_LORA_R)
     lora_dropout: float = _f(0.0, "LoRA dropout.", lo=0.0, hi=0.9)
     lr: float = _f(1e-3, "Learning rate.", lo=0.0, lo_open=True, hi=1.0)
-    epochs: int = _f(3, "Passes over the training pairs.", lo=1)
-    batch_size: int = _f(8, "Pairs per optimizer step.", lo=1)
-    max_length: int = _f(512, "Longest prompt+response in tokens; the prompt is cut from the left.", lo=8)
+    epochs: int = _f(3, "Passes over the training pairs.", lo=1, hi=1000)
+    batch_size: int = _f(8, "Pairs per optimizer step.", lo=1, hi=MAX_BATCH)
+    max_length: int = _f(512, "Longest prompt+response in tokens; the prompt is cut from the left.", lo=8,
+                         hi=MAX_TOKENS)
     heldout_fraction: float = _f(0.1, "Share of prompts held out for pairwise accuracy.", lo=0.0, hi=0.9)
     center_coef: float = _f(0.01, "Centering term coef * mean((r_c + r_r)^2); 0 = off.", lo=0.0)
     use_ties: bool = _f(False, "Train on ties with a symmetric loss.")
-    min_pairs: int = _f(8, "Refuse to train on fewer usable pairs.", lo=1)
+    min_pairs: int = _f(8, "Refuse to train on fewer usable pairs.", lo=1, hi=MAX_STEPS)
     checkpoint_every: int = _f(50, "Save a resumable checkpoint every K steps (also after each epoch and on stop).",
-                               lo=1)
-    seed: int = _f(0, "Seed for the split, init and shuffling.", lo=0)
+                               lo=1, hi=MAX_STEPS)
+    seed: int = _f(0, "Seed for the split, init and shuffling.", lo=0, hi=MAX_SEED)
 
 
 @dataclass
 class PPOConfig:
-    steps: int = _f(100, "PPO steps (rollout + update) to run.", lo=1)
-    batch_size: int = _f(16, "Prompts per rollout.", lo=1)
-    minibatches: int = _f(4, "Minibatches per PPO epoch.", lo=1)
-    ppo_epochs: int = _f(4, "Passes over each rollout.", lo=1)
+    steps: int = _f(100, "PPO steps (rollout + update) to run.", lo=1, hi=MAX_STEPS)
+    batch_size: int = _f(16, "Prompts per rollout.", lo=1, hi=MAX_BATCH)
+    minibatches: int = _f(4, "Minibatches per PPO epoch.", lo=1, hi=MAX_BATCH)
+    ppo_epochs: int = _f(4, "Passes over each rollout.", lo=1, hi=100)
     lr: float = _f(1e-5, "Learning rate (policy LoRA and value head).", lo=0.0, lo_open=True, hi=1.0)
     adam_eps: float = _f(1e-5, "Adam epsilon (1e-5 tames PyTorch Adam's large first updates).", lo=0.0, lo_open=True)
     init_kl_coef: float = _f(0.05, "Initial KL penalty coefficient beta.", lo=0.0)
     adaptive_kl: bool = _f(True, "Adapt beta towards target_kl (off = fixed beta).")
     target_kl: float = _f(6.0, "Target KL (nats per response) for the adaptive controller.", lo=0.0, lo_open=True)
-    kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller.", lo=1)
+    kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller.", lo=1, hi=10**9)
     gamma: float = _f(1.0, "Discount.", lo=0.0, hi=1.0)
     lam: float = _f(0.95, "GAE lambda.", lo=0.0, hi=1.0)
     cliprange: float = _f(0.2, "Policy ratio clip.", lo=0.0, lo_open=True)
@@ -115,15 +124,15 @@ class PPOConfig:
     temperature: float = _f(1.0, "Rollout temperature (log-probs use logits / T).", lo=0.0, lo_open=True, hi=10.0)
     max_new_tokens: int = _f(48, "Longest rollout response.", lo=1, hi=8192)
     no_eos_penalty: float = _f(-1.0, "Score given to responses that never emit EOS (0 = off).")
-    lora_r: int = _f(16, "Policy LoRA rank.", lo=1)
-    lora_alpha: int = _f(32, "Policy LoRA alpha.", lo=1)
-    grad_accum: int = _f(1, "Gradient accumulation steps per minibatch.", lo=1)
+    lora_r: int = _f(16, "Policy LoRA rank.", lo=1, hi=MAX_LORA_R)
+    lora_alpha: int = _f(32, "Policy LoRA alpha.", lo=1, hi=4 * MAX_LORA_R)
+    grad_accum: int = _f(1, "Gradient accumulation steps per minibatch.", lo=1, hi=MAX_BATCH)
     gradient_checkpointing: bool = _f(False, "Trade compute for memory in the policy forward.")
-    checkpoint_every: int = _f(10, "Save a checkpoint every K steps (and on stop).", lo=1)
+    checkpoint_every: int = _f(10, "Save a checkpoint every K steps (and on stop).", lo=1, hi=MAX_STEPS)
     prompt_tag: str = _f("", "Use only prompts with this tag (empty = all).")
     sft_adapter: str = _f("", "Start from this SFT LoRA adapter dir; the frozen SFT adapter is then the KL "
                           "reference (empty = start from the base, reference = adapters off).")
-    seed: int = _f(0, "Seed for prompts order, sampling and init.", lo=0)
+    seed: int = _f(0, "Seed for prompts order, sampling and init.", lo=0, hi=MAX_SEED)
 
 
 SECTIONS: dict[str, type] = {

@@ -5,12 +5,15 @@ right; text from the database reaches the terminal escaped."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from fault_kit import assert_one_line_error, rlhf_tui, tree_snapshot
+from rlhf.config import SECTIONS
+from rlhf.store import PromptItem, Store
 
 PAIR = '{"prompt": "q", "chosen": "a", "rejected": "b"'
 
@@ -102,3 +105,39 @@ def test_prompts_list_escapes_terminal_control_sequences(tmp_path: Path):
     assert rlhf_tui("--workspace", tmp_path / "ws", "prompts", "import", prompts).returncode == 0
     done = rlhf_tui("--workspace", tmp_path / "ws", "prompts", "list")
     assert done.stdout == ("1\tt\\x1b[31m\tClear\\x1b[2J\\x1b]0;pwned\\x07 me\\u202eevil\\rover\\nnext\n")
+
+
+def _workspace_with_a_prompt(root: Path, toml: str) -> Path:
+    root.mkdir()
+    (root / "rlhf.toml").write_text(toml, encoding="utf-8")
+    with Store(root / "rlhf.db") as store:
+        store.add_prompts([PromptItem("already here")], source="test")
+    return root
+
+
+# (case, rlhf.toml, command, what the one line must say); each used to start and die (a traceback, or the kernel).
+HUGE_SETTINGS = [
+    ("20-digit ppo.steps", "[ppo]\nsteps = 99999999999999999999\n", ("ppo",),
+     ["rlhf.toml: ppo.steps must be <= 1000000, got 99999999999999999999"]),
+    ("ppo.batch_size 100000", "[ppo]\nbatch_size = 100000\n", ("ppo",),
+     ["rlhf.toml: ppo.batch_size must be <= 1024, got 100000"]),
+    ("--steps 1e20", "", ("ppo", "--steps", "100000000000000000000"),
+     ["option: ppo.steps must be <= 1000000, got 100000000000000000000"]),
+    ("20-digit reward.epochs", "[reward]\nepochs = 99999999999999999999\n", ("train-reward",),
+     ["rlhf.toml: reward.epochs must be <= 1000, got 99999999999999999999"]),
+]
+
+
+@pytest.mark.parametrize("case, toml, command, fragments", HUGE_SETTINGS, ids=[c[0] for c in HUGE_SETTINGS])
+def test_huge_setting_is_refused_with_its_key(tmp_path: Path, case, toml, command, fragments):
+    ws = _workspace_with_a_prompt(tmp_path / "ws", toml)
+    before = tree_snapshot(ws)
+    done = rlhf_tui("--workspace", ws, *command)
+    assert_one_line_error(done.returncode, done.stderr, *fragments)
+    assert tree_snapshot(ws) == before
+
+
+def test_every_int_setting_has_an_upper_bound():
+    unbounded = [f"{name}.{f.name}" for name, section in SECTIONS.items() for f in dataclasses.fields(section)
+                 if f.type in ("int", int) and f.metadata["hi"] is None]
+    assert unbounded == []
