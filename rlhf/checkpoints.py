@@ -118,6 +118,56 @@ def load_training_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict[
 
 # `rlhf-tui <command> --resume RUN` for each kind of run.
 RESUME_COMMANDS = {"reward": "train-reward", "ppo": "ppo"}
+# What to do when a run cannot resume: start over.
+NEW_RUN_ADVICE = {"reward": "train a new reward model with `rlhf-tui train-reward`",
+                  "ppo": "start a new run with `rlhf-tui ppo`"}
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def check_checkpoint(folder: Path, run_id: str, kind: str, *, adapter: str, tensor_files: tuple[str, ...],
+                     state_keys: tuple[str, ...]) -> None:
+    """Read every file of a checkpoint before a resume loads anything or touches the run, so that a damaged one
+    (truncated by a copy, edited, partly deleted) is one line naming the file, and the run keeps its status and
+    reason. Checked: the LoRA `adapter` folder, the safetensors `tensor_files` and the training state's files,
+    state.json with `state_keys` and a Python RNG state that `random` accepts."""
+    problem = _checkpoint_problem(folder, adapter, tensor_files, state_keys)
+    if problem is not None:
+        raise RlhfError(f"{folder}: the checkpoint of {kind} run {run_id} is {problem}: it cannot resume; "
+                        f"{NEW_RUN_ADVICE[kind]}")
+
+
+def _checkpoint_problem(folder: Path, adapter: str, tensor_files: tuple[str, ...],
+                        state_keys: tuple[str, ...]) -> str | None:
+    if not folder.is_dir():
+        return "missing"
+    tensors = [*tensor_files, OPTIMIZER_FILE, RNG_FILE, f"{adapter}/{ADAPTER_FILES[1]}"]
+    for name in (f"{adapter}/{ADAPTER_FILES[0]}", STATE_FILE, *tensors):
+        if not (folder / name).is_file():
+            return f"incomplete ({name} is missing)"
+    for name in tensors:
+        try:
+            loaded = load_file(folder / name)
+        except (SafetensorError, OSError) as exc:
+            return f"damaged ({name}: {describe_write_error(exc)})"
+        if name == RNG_FILE and "torch" not in loaded:
+            return f"damaged ({name} holds no torch RNG state)"
+    jsons = {}
+    for name in (f"{adapter}/{ADAPTER_FILES[0]}", STATE_FILE):
+        try:
+            jsons[name] = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
+            return f"damaged ({name} is not readable JSON: {describe_write_error(exc)})"
+    state = jsons[STATE_FILE]
+    missing = [key for key in ("optimizer_param_groups", "python_rng", *state_keys)
+               if not isinstance(state, dict) or key not in state]
+    if missing:
+        return f"damaged ({STATE_FILE} lacks {', '.join(missing)})"
+    try:
+        version, internal, gauss = state["python_rng"]
+        random.Random().setstate((version, tuple(internal), gauss))
+    except (TypeError, ValueError) as exc:
+        return f"damaged ({STATE_FILE}: python_rng is not a Python RNG state: {exc})"
+    return None
 
 
 def resume_command(kind: str, run_id: str) -> str:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from .checkpoints import (CheckpointWriteError, checkpoint_path, config_of_run, load_training_state,
+from .checkpoints import (CheckpointWriteError, check_checkpoint, checkpoint_path, config_of_run, load_training_state,
                           prune_checkpoints, resumable_run, resume_command, save_training_state, write_checkpoint)
 from .config import Config, PPOConfig, Workspace
 from .errors import ConfigError, RlhfError
@@ -511,6 +511,9 @@ def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None,
         prompt_rows = _prompt_rows(db, cfg.ppo.prompt_tag)
         # From the run id, not the stored path: the workspace may have moved since.
         checkpoint = checkpoint_path(workspace.run_dir(resume_run), checkpoint_step) if checkpoint_step else None
+        if checkpoint is not None:
+            check_checkpoint(checkpoint, resume_run, "ppo", adapter=POLICY_ADAPTER,
+                             tensor_files=("value_head.safetensors",), state_keys=("step", "kl_controller"))
         trainer = build_trainer(workspace, cfg, reward["id"], checkpoint)
         prompts, cut = prepare_prompts(prompt_rows, trainer.tokenizer, cfg.model.max_prompt_tokens)
         if resume_run is not None:

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .checkpoints import (STATE_FILE, CheckpointWriteError, checkpoint_path, config_of_run, load_training_state,
+from .checkpoints import (CheckpointWriteError, check_checkpoint, checkpoint_path, config_of_run, load_training_state,
                           prune_checkpoints, resumable_run, resume_command, save_training_state, write_checkpoint,
                           write_folder_atomically)
 from .config import Config, Workspace
@@ -483,16 +483,31 @@ def _pairs_of_run(run_dir: Path, usable: list[dict[str, Any]], run_id: str,
     if not (run_dir / PAIRS_FILE).is_file():
         raise RlhfError(f"{run_dir}: no {PAIRS_FILE} (a run of an older rlhf-tui, or a folder that was moved): "
                         "it cannot resume; train a new reward model with `rlhf-tui train-reward`")
-    recorded = json.loads((run_dir / PAIRS_FILE).read_text(encoding="utf-8"))
+    comparison_ids, recorded_hash, identical = _recorded_pairs(run_dir / PAIRS_FILE)
     by_id = {p["comparison_id"]: p for p in usable}
-    pairs = [by_id[i] for i in recorded["comparison_ids"] if i in by_id]
-    if len(pairs) < len(recorded["comparison_ids"]) or data_hash(pairs) != recorded["data_hash"]:
+    pairs = [by_id[i] for i in comparison_ids if i in by_id]
+    if len(pairs) < len(comparison_ids) or data_hash(pairs) != recorded_hash:
         raise RlhfError(f"the preference pairs run {run_id} trained on changed since it started (labels undone or "
                         "edited): it cannot resume; train a new reward model with `rlhf-tui train-reward`")
     if len(usable) > len(pairs):
         hooks.on_warning(run_id, f"{len(usable) - len(pairs)} pairs labeled since this run started are not used "
                                  "by it: train a new reward model to include them")
-    return pairs, recorded["identical_skipped"]
+    return pairs, identical
+
+
+def _recorded_pairs(path: Path) -> tuple[list[int], str, int]:
+    """What `_record_pairs` wrote: comparison ids, their data hash, the identical pairs left out."""
+    try:
+        recorded, problem = json.loads(path.read_text(encoding="utf-8")), ""
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 or not JSON
+        recorded, problem = None, describe_write_error(exc)
+    keys = ("comparison_ids", "data_hash", "identical_skipped")
+    ids, hashed, identical = (recorded.get(key) for key in keys) if isinstance(recorded, dict) else (None,) * 3
+    if problem or not (isinstance(ids, list) and all(type(i) is int for i in ids) and isinstance(hashed, str)
+                       and type(identical) is int):
+        raise RlhfError(f"{path}: damaged, not the list of pairs rlhf-tui wrote ({problem or 'unexpected contents'}): "
+                        "the run cannot resume; train a new reward model with `rlhf-tui train-reward`")
+    return ids, hashed, identical
 
 
 def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, resume_run: str | None) -> RunResult:
@@ -509,9 +524,9 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
         pairs, identical = _pairs_of_run(run_dir, pairs, resumed["id"], hooks)
         start_step = resumed["checkpoint_step"] or 0
         checkpoint = checkpoint_path(run_dir, start_step) if start_step else None
-        if checkpoint is not None and not (checkpoint / STATE_FILE).is_file():
-            raise RlhfError(f"{checkpoint}: the checkpoint of run {resumed['id']} is missing or incomplete: it "
-                            "cannot resume; train a new reward model with `rlhf-tui train-reward`")
+        if checkpoint is not None:
+            check_checkpoint(checkpoint, resumed["id"], "reward", adapter=ADAPTER_SUBDIR,
+                             tensor_files=(SCORE_HEAD_FILE,), state_keys=("step", "heldout_acc", "seconds"))
     tokenizer = load_tokenizer(base_name, trust_remote_code=cfg.model.trust_remote_code)
     _check_tokenizers(base_name, policy_base, tokenizer, cfg.model.trust_remote_code)
 

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from fault_kit import assert_one_line_error, rlhf_tui, tree_snapshot
-from rlhf.config import SECTIONS
+from fault_kit import assert_one_line_error, make_labeled_workspace, rlhf_tui, tree_snapshot
+from rlhf import cli
+from rlhf.checkpoints import CHECKPOINTS_DIR
+from rlhf.config import SECTIONS, Workspace
+from rlhf.hooks import RunHooks
 from rlhf.store import PromptItem, Store
 
 PAIR = '{"prompt": "q", "chosen": "a", "rejected": "b"'
@@ -141,3 +145,104 @@ def test_every_int_setting_has_an_upper_bound():
     unbounded = [f"{name}.{f.name}" for name, section in SECTIONS.items() for f in dataclasses.fields(section)
                  if f.type in ("int", int) and f.metadata["hi"] is None]
     assert unbounded == []
+
+
+# -- a damaged run folder given to --resume ------------------------------------------------------
+
+
+class _StopAfter(RunHooks):
+    """Ends a run gracefully (with a checkpoint) after `steps` steps."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.steps = steps
+
+    def on_step(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+        if step >= self.steps:
+            self.stop_requested.set()
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _delete(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+# (case, what is done to which file of runs/<id>/ (its checkpoint's files under "ckpt/"), the line's fragments)
+DAMAGED_REWARD_RUNS = [
+    ("truncated optimizer.safetensors", "ckpt/optimizer.safetensors", _truncate,
+     "is damaged (optimizer.safetensors: Error while deserializing header: incomplete metadata, file not fully "
+     "covered)"),
+    ("truncated adapter weights", "ckpt/adapter/adapter_model.safetensors", _truncate,
+     "is damaged (adapter/adapter_model.safetensors: Error while deserializing header"),
+    ("state.json not JSON", "ckpt/state.json", lambda p: p.write_text('{"step": 2,', encoding="utf-8"),
+     "is damaged (state.json is not readable JSON: Expecting property name enclosed in double quotes"),
+    ("state.json without its keys", "ckpt/state.json", lambda p: p.write_text("[]", encoding="utf-8"),
+     "is damaged (state.json lacks optimizer_param_groups, python_rng, step, heldout_acc, seconds)"),
+    ("python RNG state garbled", "ckpt/state.json",
+     lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "python_rng": [3, [1, 2], None]})),
+     "is damaged (state.json: python_rng is not a Python RNG state: state vector is the wrong size)"),
+    ("no rng.safetensors", "ckpt/rng.safetensors", _delete, "is incomplete (rng.safetensors is missing)"),
+    ("no adapter/", "ckpt/adapter", _delete, "is incomplete (adapter/adapter_config.json is missing)"),
+    ("checkpoint folder gone", "ckpt", _delete, "is missing: it cannot resume"),
+    ("pairs.json garbage", "pairs.json", lambda p: p.write_bytes(b"\x89PNG garbage"),
+     "pairs.json: damaged, not the list of pairs rlhf-tui wrote ('utf-8' codec can't decode byte 0x89"),
+    ("pairs.json of another shape", "pairs.json", lambda p: p.write_text('{"comparison_ids": [[1]]}'),
+     "pairs.json: damaged, not the list of pairs rlhf-tui wrote (unexpected contents)"),
+]
+
+
+@pytest.fixture(scope="module")
+def stopped_reward_template(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, str]:
+    from rlhf.reward import train_reward
+
+    ws = make_labeled_workspace(tmp_path_factory.mktemp("stopped") / "ws", tiny_model_dir)
+    result = train_reward(ws, ws.load_config(), hooks=_StopAfter(2))
+    assert (result.status, result.step) == ("stopped", 2), result.message
+    return ws.root, result.run_id
+
+
+@pytest.mark.parametrize("case, target, damage, fragment", DAMAGED_REWARD_RUNS,
+                         ids=[c[0] for c in DAMAGED_REWARD_RUNS])
+def test_resume_from_a_damaged_reward_run_is_one_line_and_keeps_its_status(tmp_path, capsys, stopped_reward_template,
+                                                                           case, target, damage, fragment):
+    root = tmp_path / "ws"
+    shutil.copytree(stopped_reward_template[0], root)
+    run_id = stopped_reward_template[1]
+    ws = Workspace(root)
+    damage(ws.run_dir(run_id) / target.replace("ckpt", f"{CHECKPOINTS_DIR}/step-2"))
+    with Store(ws.db_path) as store:
+        before = store.run(run_id)
+    files_before = tree_snapshot(ws.runs_dir)
+    code = cli.main(["train-reward", "--workspace", str(root), "--resume", run_id])
+    captured = capsys.readouterr()
+    assert_one_line_error(code, captured.err, fragment, "train a new reward model with `rlhf-tui train-reward`")
+    with Store(ws.db_path) as store:
+        after = store.run(run_id)
+    assert (after["status"], after["error"], after["checkpoint_step"]) == \
+        (before["status"], before["error"], before["checkpoint_step"]) == ("stopped", None, 2)
+    assert tree_snapshot(ws.runs_dir) == files_before
+
+
+@pytest.mark.parametrize("target, damage, fragment", [
+    ("value_head.safetensors", _truncate, "is damaged (value_head.safetensors: Error while deserializing header"),
+    ("policy", _delete, "is incomplete (policy/adapter_config.json is missing)"),
+], ids=["truncated value head", "no policy adapter"])
+def test_resume_from_a_damaged_ppo_checkpoint_is_one_line_and_keeps_its_status(rewarded, capsys, target, damage,
+                                                                                fragment):
+    from rlhf.ppo import run_ppo
+
+    ws, _ = rewarded
+    result = run_ppo(ws, ws.load_config(), hooks=_StopAfter(2))
+    assert (result.status, result.step) == ("stopped", 2), result.message
+    damage(ws.run_dir(result.run_id) / CHECKPOINTS_DIR / "step-2" / target)
+    files_before = tree_snapshot(ws.runs_dir)
+    code = cli.main(["ppo", "--workspace", str(ws.root), "--resume", result.run_id])
+    captured = capsys.readouterr()
+    assert_one_line_error(code, captured.err, fragment, "start a new run with `rlhf-tui ppo`")
+    with Store(ws.db_path) as store:
+        run = store.run(result.run_id)
+    assert (run["status"], run["error"], run["checkpoint_step"]) == ("stopped", None, 2)
+    assert tree_snapshot(ws.runs_dir) == files_before
