@@ -7,10 +7,12 @@ a second; larger sizes serve benchmarks (hidden 512, 10 layers, intermediate 153
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -152,9 +154,11 @@ _TINY_SIZES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads":
 
 
 def build_tiny_model(out_dir: Path | str, family: str, *, tokenizer: PreTrainedTokenizerFast | None = None,
-                     vocab_size: int = 384, seed: int = 0) -> Path:
+                     vocab_size: int = 384, stop_tokens: list[str] | None = None, seed: int = 0) -> Path:
     """A seeded random causal LM of `family` (a key of FAMILIES) with `tokenizer` (default: a byte-level BPE
     of `vocab_size` with the tiny chat template), saved (safetensors) to `out_dir`, which it returns.
+
+    `stop_tokens` become the generation config's list of EOS ids, as chat models ship them.
 
     The global torch RNG is left as it was.
     """
@@ -172,11 +176,76 @@ def build_tiny_model(out_dir: Path | str, family: str, *, tokenizer: PreTrainedT
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if stop_tokens:
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(stop_tokens)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """The special tokens and chat template of one kind of real chat model."""
+
+    template: str
+    special_tokens: tuple[str, ...]
+    bos: str | None
+    eos: str
+    pad: str | None  # None: the tokenizer has no pad token (rlhf.models pads with EOS)
+    stop_tokens: tuple[str, ...]  # the generation config's EOS ids
+
+
+# Qwen2.5 / Qwen3 style: no BOS, two stop tokens.
+CHATML = ChatFormat(
+    template=("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), bos=None, eos="<|im_end|>",
+    pad="<|endoftext|>", stop_tokens=("<|im_end|>", "<|endoftext|>"))
+# Llama 3.x style: the template writes the BOS itself, no pad token, two stop tokens.
+LLAMA3 = ChatFormat(
+    template=("{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>"
+              "\n\n{{ message['content'] }}<|eot_id|>{% endfor %}"
+              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+    special_tokens=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                    "<|eot_id|>"),
+    bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None, stop_tokens=("<|end_of_text|>", "<|eot_id|>"))
+
+
+def large_byte_level_tokenizer(vocab_size: int, chat: ChatFormat) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with exactly `vocab_size` entries (real ones have 100k-150k) and `chat`'s special
+    tokens and template, built in seconds: merges learned from the tiny corpus, then made-up merges of every
+    byte pair and then of pair + byte, in a fixed order, until the vocabulary is full.
+    """
+    learned = Tokenizer(models.BPE())
+    learned.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    learned.train_from_iterator(generated_sentences(), trainer=trainers.BpeTrainer(
+        vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    model = json.loads(learned.to_str())["model"]
+    vocab: dict[str, int] = model["vocab"]
+    merges = [tuple(m) for m in model["merges"]]
+    room = vocab_size - len(chat.special_tokens)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    pairs = [(a, b) for a in alphabet for b in alphabet]
+    triples = ((a + b, c) for a, b in pairs for c in alphabet)  # lazy: 16.8M of them, a few thousand are used
+    for left, right in itertools.chain(pairs, triples):
+        if len(vocab) >= room:
+            break
+        if left + right not in vocab:
+            vocab[left + right] = len(vocab)
+            merges.append((left, right))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(chat.special_tokens))
+    if chat.bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{chat.bos} $A", pair=f"{chat.bos} $A $B",
+                                                           special_tokens=[(chat.bos, tok.token_to_id(chat.bos))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=chat.bos, eos_token=chat.eos,
+                                        pad_token=chat.pad)
+    tokenizer.chat_template = chat.template
+    return tokenizer
 
 
 def workspace_with_pairs(root: Path | str, model_dir: Path | str, pairs: list[dict[str, str]],
