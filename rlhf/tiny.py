@@ -131,13 +131,14 @@ def build_tiny_llama(out_dir: Path | str, *, corpus: Iterable[str] | None = None
 
 # Each popular family at tiny size: its transformers config class and the settings that make it that family
 # (the sizes are shared: hidden 64, 2 layers, 4 heads, intermediate 128). SmolLM 1/2 are Llama shapes and
-# Phi-4 is the Phi-3 architecture, so "llama" and "phi3" stand for them.
+# Phi-4 is the Phi-3 architecture, so "llama" and "phi3" stand for them. Gemma 2 caps its final logits at 30;
+# the tiny one at 1, so that code which skips the capping gets visibly different log-probs.
 FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
     "llama": ("LlamaConfig", {"tie_word_embeddings": False}),
     "qwen2": ("Qwen2Config", {"num_key_value_heads": 2, "tie_word_embeddings": True}),  # q/k/v carry a bias
     "qwen3": ("Qwen3Config", {"num_key_value_heads": 2, "head_dim": 32, "tie_word_embeddings": True}),  # q/k norm
     "gemma2": ("Gemma2Config", {"num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 32,
-                                "sliding_window": 8, "final_logit_softcapping": 30.0,
+                                "sliding_window": 8, "final_logit_softcapping": 1.0,
                                 "attn_logit_softcapping": 50.0, "tie_word_embeddings": True}),
     "gemma3": ("Gemma3TextConfig", {"num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 32,
                                     "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],

@@ -21,8 +21,9 @@ from transformers.pytorch_utils import Conv1D
 from rlhf.checkpoints import checkpoint_path
 from rlhf.lora import lora_config
 from rlhf.models import load_causal_lm, load_sequence_classifier, load_tokenizer
-from rlhf.ppo import run_ppo
-from rlhf.reward import RewardScorer, encode_response, export_sequence_classifier, standardise, train_reward
+from rlhf.ppo import response_forward, response_logprobs, run_ppo
+from rlhf.reward import (RewardScorer, encode_response, export_sequence_classifier, pad_left, standardise,
+                         train_reward)
 from rlhf.sampling import PairSampler
 from rlhf.tiny import FAMILIES, build_tiny_model, hidden_rule_pairs, workspace_with_pairs
 
@@ -84,6 +85,31 @@ def test_lora_covers_every_decoder_linear_layer_and_never_the_lm_head(family_dir
     conv1d = any(isinstance(m, Conv1D) for m in layers.values())
     assert model.peft_config["default"].fan_in_fan_out == conv1d
     assert conv1d == (family == "gpt2" and quantization == "none")
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_ppo_logprobs_of_a_left_padded_batch_are_the_models_own(family_dirs, family, quantization):
+    """What PPO computes for each response token (decoder, LM head, Gemma's soft-capping, positions that skip
+    the left padding) is the distribution the model's own forward gives each row alone, unpadded."""
+    model_dir = family_dirs(family)
+    base = load_causal_lm(str(model_dir), quantization)
+    model = get_peft_model(base, lora_config(base, r=4, alpha=8, dropout=0.0)).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (n,), generator=generator).tolist() for n in (5, 13)]
+    responses = torch.randint(3, 300, (2, 12), generator=generator)
+    pad = load_tokenizer(str(model_dir)).pad_token_id
+    prompt_ids, prompt_mask = pad_left(prompts, pad, torch.device("cpu"))
+    input_ids = torch.cat([prompt_ids, responses], dim=1)
+    mask = torch.cat([prompt_mask, torch.ones_like(responses)], dim=1)
+    with torch.no_grad():
+        hidden = response_forward(model, input_ids, mask, prompt_ids.shape[1])
+        ours, _ = response_logprobs(model, hidden, responses, temperature=1.0)
+        for row, prompt in enumerate(prompts):
+            alone = torch.tensor([prompt + responses[row].tolist()])
+            logits = model(input_ids=alone).logits[0, len(prompt) - 1:-1].float()
+            own = torch.log_softmax(logits, dim=-1).gather(-1, responses[row, :, None]).squeeze(-1)
+            assert torch.allclose(ours[row], own, atol=1e-4), (ours[row] - own).abs().max()
 
 
 def _scores_of_export(export_dir: Path, model_dir: Path, quantization: str,
