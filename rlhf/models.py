@@ -19,6 +19,9 @@ from urllib.parse import urlsplit
 
 import torch
 from huggingface_hub import constants as hf_constants
+from safetensors import SafetensorError, safe_open
+from transformers import CONFIG_MAPPING
+from transformers import __version__ as transformers_version
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           BitsAndBytesConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
 from transformers.utils import logging as hf_logging
@@ -75,11 +78,13 @@ def _local_dir(name: str) -> Path | None:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise ModelLoadError(f"cannot load model {name!r}: it is a file, not a model folder; pass the folder that "
+                             "holds config.json and the weights with --model /path/to/model")
     # A hub id is `name` or `org/name`; anything else can only have meant a local path.
-    looks_like_path = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or path.exists()
-    if looks_like_path:
-        raise ModelLoadError(f"cannot load model {name!r}: not a local directory and the hub is unreachable; "
-                             "pass a local path with --model /path/to/model")
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"cannot load model {name!r}: not a local directory (no such folder; a path is never "
+                             "looked up on the hub); pass a local path with --model /path/to/model")
     return None
 
 
@@ -87,6 +92,32 @@ def _check_tokenizer_files(path: Path) -> None:
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ModelLoadError(f"{path}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
                              "save the tokenizer next to the model")
+
+
+def _check_folder_files(path: Path) -> None:
+    """After a load from the local folder `path` failed: a ModelLoadError naming the file to blame (config.json
+    missing, a JSON file garbled, a model_type this transformers does not know, a truncated safetensors file);
+    nothing when the files look whole (the caller then re-raises what the library said)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path}: no config.json, so this is not a model folder saved with save_pretrained; "
+                             "pass the folder that holds config.json and the weights")
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except ValueError as exc:  # not UTF-8, not JSON
+            raise ModelLoadError(f"{file}: not valid JSON ({_first_line(exc)}); copy the model folder again") from None
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if isinstance(config, dict) and "auto_map" not in config and model_type not in CONFIG_MAPPING:
+        raise ModelLoadError(f"{config_file}: model_type {model_type!r} is not one transformers {transformers_version} "
+                             "knows; upgrade transformers (pip install -U transformers) or fix config.json")
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            safe_open(file, framework="pt").keys()
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{file}: damaged or truncated ({_first_line(exc)}); copy the model folder "
+                                 "again") from None
 
 
 def _check_weight_files(path: Path) -> None:
@@ -134,13 +165,28 @@ def _from_pretrained(load: Any, name: str, local: Path | None, **kwargs: Any) ->
         return load(str(local or name), local_files_only=True, **kwargs)
     except OSError as exc:
         if local is not None:
+            _check_folder_files(local)
             raise ModelLoadError(f"{local}: cannot load ({_first_line(exc)})") from None
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
+            if local is not None:
+                _check_folder_files(local)
             raise
         raise ModelLoadError(f"{local or name}: this model needs its own Python code (auto_map in its config), "
                              "which rlhf-tui runs only when your rlhf.toml says [model] trust_remote_code = true; "
                              "read that code first") from None
+    except Exception as exc:  # a damaged folder as safetensors, tokenizers or a shape check says it; OOM: the caller's
+        if local is None or isinstance(exc, torch.OutOfMemoryError):
+            raise
+        _check_folder_files(local)
+        if "mismatched_sizes" in str(exc):  # transformers' shape check, e.g. hidden_size edited in config.json
+            raise ModelLoadError(f"{local}: the weights do not fit config.json (tensors of other shapes than its "
+                                 "sizes, such as hidden_size, say): take config.json and the weights from the same "
+                                 "model") from None
+        if getattr(load, "__self__", None) is AutoTokenizer:  # valid JSON, wrong contents: tokenizers' KeyError & co
+            raise ModelLoadError(f"{local}: cannot load its tokenizer ({type(exc).__name__}: {_first_line(exc)}); "
+                                 "copy the tokenizer files of the model again") from None
+        raise
     if not _hub_reachable():
         raise ModelLoadError(f"cannot load model {name!r}: not a local directory and the hub is unreachable; "
                              "pass a local path with --model /path/to/model")

@@ -246,3 +246,60 @@ def test_resume_from_a_damaged_ppo_checkpoint_is_one_line_and_keeps_its_status(r
         run = store.run(result.run_id)
     assert (run["status"], run["error"], run["checkpoint_step"]) == ("stopped", None, 2)
     assert tree_snapshot(ws.runs_dir) == files_before
+
+
+# -- a damaged model folder ----------------------------------------------------------------------
+
+
+def _edit_config(**changes):
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        (folder / "config.json").write_text(json.dumps({**config, **changes}), encoding="utf-8")
+    return edit
+
+
+# (case, what is done to a copy of the tiny model, the file the line names (relative), what it must say)
+DAMAGED_MODELS = [
+    ("truncated model.safetensors", lambda d: _truncate(d / "model.safetensors"), "model.safetensors",
+     "damaged or truncated (Error while deserializing header: incomplete metadata, file not fully covered); copy "
+     "the model folder again"),
+    ("no config.json", lambda d: (d / "config.json").unlink(), "",
+     "no config.json, so this is not a model folder saved with save_pretrained"),
+    ("tokenizer.json not JSON", lambda d: (d / "tokenizer.json").write_text("{not json"), "tokenizer.json",
+     "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); copy the model "
+     "folder again"),
+    ("tokenizer.json of another shape", lambda d: (d / "tokenizer.json").write_text('{"model": {"type": "BPE"}}'),
+     "", "cannot load its tokenizer (KeyError: 'added_tokens'); copy the tokenizer files of the model again"),
+    ("hidden_size not the weights'", _edit_config(hidden_size=128), "",
+     "the weights do not fit config.json (tensors of other shapes than its sizes, such as hidden_size, say): take "
+     "config.json and the weights from the same model"),
+    ("unknown model_type", _edit_config(model_type="llamazing"), "config.json",
+     "model_type 'llamazing' is not one transformers"),
+]
+
+
+@pytest.mark.parametrize("case, damage, blamed, fragment", DAMAGED_MODELS, ids=[c[0] for c in DAMAGED_MODELS])
+def test_damaged_model_folder_is_one_line_naming_the_file(labeled, tiny_model_dir, tmp_path, capsys, case, damage,
+                                                          blamed, fragment):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    damage(model)
+    before = tree_snapshot(labeled.root)
+    code = cli.main(["train-reward", "--workspace", str(labeled.root), "--model", str(model)])
+    captured = capsys.readouterr()
+    named = f"{model / blamed}: " if blamed else f"{model}: "
+    assert_one_line_error(code, captured.err, f"rlhf-tui: error: {named}{fragment}")
+    assert captured.out == "" and tree_snapshot(labeled.root) == before
+
+
+def test_model_option_at_a_file_says_it_is_a_file(labeled, tmp_path, capsys):
+    """It used to say "the hub is unreachable", which was never tried."""
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\0" * 64)
+    before = tree_snapshot(labeled.root)
+    code = cli.main(["train-reward", "--workspace", str(labeled.root), "--model", str(weights)])
+    captured = capsys.readouterr()
+    assert_one_line_error(code, captured.err, f"cannot load model '{weights}': it is a file, not a model folder; pass "
+                                              "the folder that holds config.json and the weights with --model "
+                                              "/path/to/model")
+    assert tree_snapshot(labeled.root) == before
