@@ -4,4 +4,9 @@ Nothing here imports Textual, and importing this package loads no torch: heavy m
 themselves, so the UI process stays light.
 """
 
+from .quantization import quiet_bitsandbytes_logging
+
 __version__ = "0.1.0"
+
+# Before anything imports peft, which imports bitsandbytes.
+quiet_bitsandbytes_logging()

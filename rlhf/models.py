@@ -29,6 +29,7 @@ from transformers.utils import logging as hf_logging
 from .config import QUANTIZATION, Config
 from .errors import ModelLoadError
 from .paths import demo_model_dir
+from .quantization import keep_4bit_weights_unpacked
 
 # Per-shard "Loading weights" bars would garble the CLI's progress line and the engine's stderr; so would
 # this deprecation warning, raised inside peft on every adapter load with transformers 5.
@@ -252,6 +253,8 @@ def _load(auto_class: Any, name: str, quantization: str, *, trust_remote_code: b
         raise ModelLoadError(f"{name}: out of GPU memory loading it with quantization {quantization!r}: set "
                              "quantization = \"4bit\" ([model], or [reward] for the reward base) or use a smaller "
                              "model") from None
+    if quantization == "4bit" and device.type == "cpu":
+        keep_4bit_weights_unpacked(model)
     return model
 
 
