@@ -28,9 +28,6 @@ from rlhf.sampling import PairSampler
 from rlhf.tiny import FAMILIES, build_tiny_model, hidden_rule_pairs, workspace_with_pairs
 
 QUANTIZATIONS = ("none", "4bit")
-# bitsandbytes 0.50's CPU packed-weight path adds a layer's bias in place on a leaf that requires grad (see
-# rlhf/quantization.py): families with biased linear layers crash in 4-bit training until that is worked around.
-BIASED_4BIT = {"qwen2", "gpt_neox", "gpt2"}
 SETTINGS = """quantization = "{q}"
 [sampling]
 max_new_tokens = 8
@@ -130,10 +127,7 @@ def _scores_of_export(export_dir: Path, model_dir: Path, quantization: str,
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_the_whole_loop_runs_on_every_family(family_dirs, family, quantization, tmp_path, request):
-    if quantization == "4bit" and family in BIASED_4BIT:
-        request.applymarker(pytest.mark.xfail(reason="bitsandbytes CPU 4-bit: in-place bias add on a leaf",
-                                              raises=RuntimeError, strict=True))
+def test_the_whole_loop_runs_on_every_family(family_dirs, family, quantization, tmp_path):
     model_dir = family_dirs(family)
     ws = workspace_with_pairs(tmp_path / "ws", model_dir, hidden_rule_pairs(8, 2),
                               SETTINGS.format(q=quantization))
