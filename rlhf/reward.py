@@ -247,7 +247,7 @@ def load_reward_onto(peft_model: PeftModel, run_dir: Path, adapter_name: str = "
     The active adapter does not change; `RewardHead.score` switches to the reward adapter per call.
     """
     reward = _load_head(run_dir, _model_device(peft_model))
-    hidden = peft_model.get_base_model().config.hidden_size
+    hidden = peft_model.get_base_model().config.get_text_config().hidden_size
     if reward.head.in_features != hidden:
         raise RlhfError(f"{reward_dir_of(run_dir)}: reward model was trained on a base with hidden size "
                         f"{reward.head.in_features}, not {hidden}: use the base it was trained on")
@@ -561,7 +561,7 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
     try:
         model = _lora_model(base, cfg, checkpoint / ADAPTER_SUBDIR if checkpoint else None)
         device = _model_device(model)
-        head = nn.Linear(base.config.hidden_size, 1, bias=False, device=device)
+        head = nn.Linear(base.config.get_text_config().hidden_size, 1, bias=False, device=device)
         nn.init.normal_(head.weight, std=getattr(base.config, "initializer_range", 0.02))
         trainer = _Trainer(model, head, tokenizer.pad_token_id, cfg, run_id, store, hooks, device, run_dir,
                            steps_per_epoch)
@@ -580,7 +580,7 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
         meta = {
             "format": META_FORMAT, "run_id": run_id, "status": status, "base_model": base_name,
             "quantization": rc.quantization, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "hidden_size": base.config.hidden_size, "normalisation": {"mean": mean, "std": std},
+            "hidden_size": base.config.get_text_config().hidden_size, "normalisation": {"mean": mean, "std": std},
             "max_length": rc.max_length, "config": cfg.to_dict(), "data_hash": data_hash(pairs), "counts": counts,
             "heldout_acc": trainer.heldout_acc, "steps": trainer.step,
             "epochs_completed": trainer.step // steps_per_epoch, "seconds": round(trainer.seconds(), 3),

@@ -149,6 +149,13 @@ FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
     "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128, "n_positions": 512}),  # Conv1D
     "smollm3": ("SmolLM3Config", {"num_key_value_heads": 2, "no_rope_layers": [1, 0],
                                   "tie_word_embeddings": True}),  # no rotary embedding on every 4th layer
+    # Gemma 3 4B/12B/27B checkpoints: the text decoder is one part of an image-text model.
+    "gemma3_multimodal": ("Gemma3Config", {
+        "text_config": {"num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8,
+                        "layer_types": ["sliding_attention", "full_attention"]},
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+        "mm_tokens_per_image": 4}),
 }
 _TINY_SIZES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
                "intermediate_size": 128, "max_position_embeddings": 512}
@@ -169,10 +176,13 @@ def build_tiny_model(out_dir: Path | str, family: str, *, tokenizer: PreTrainedT
         tokenizer = train_byte_level_tokenizer(generated_sentences(seed=seed), vocab_size)
         tokenizer.chat_template = CHAT_TEMPLATE
     config_class, settings = FAMILIES[family]
-    sizes = {} if family == "gpt2" else _TINY_SIZES
-    config = getattr(transformers, config_class)(
-        **(sizes | settings), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    tokens = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if "text_config" in settings:  # a multimodal model: the language model is its text part
+        settings = settings | {"text_config": _TINY_SIZES | settings["text_config"] | tokens}
+    else:
+        settings = ({} if family == "gpt2" else _TINY_SIZES) | settings | tokens
+    config = getattr(transformers, config_class)(**settings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)

@@ -69,12 +69,13 @@ def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_lora_covers_every_decoder_linear_layer_and_never_the_lm_head(family_dirs, family, quantization):
     base = load_causal_lm(str(family_dirs(family)), quantization)
-    layers = _linear_layers(base.get_decoder())
+    in_decoder = {id(m) for m in base.get_decoder().modules()}
+    layers = {name: m for name, m in _linear_layers(base).items() if id(m) in in_decoder}
     assert layers, "the decoder has linear layers to adapt"
     lm_head = base.get_output_embeddings()
     model = get_peft_model(base, lora_config(base, r=4, alpha=8, dropout=0.0))
-    adapted = {name for name, m in model.get_base_model().get_decoder().named_modules() if hasattr(m, "lora_A")}
-    assert adapted == set(layers)
+    adapted = {name for name, m in model.get_base_model().named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(layers)  # and nothing outside the text decoder (a vision tower)
     assert not hasattr(model.get_base_model().get_output_embeddings(), "lora_A")
     assert model.get_base_model().get_output_embeddings() is lm_head
     # GPT-2 keeps Conv1D (weights stored [in, out]) in full precision only: LoRA must know, or its update is
