@@ -13,11 +13,10 @@ them. `run_ppo` turns steps into a run: store rows, hooks, checkpoints, stop and
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,11 +30,12 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from .checkpoints import (CheckpointWriteError, check_checkpoint, checkpoint_path, config_of_run, load_training_state,
                           prune_checkpoints, resumable_run, resume_command, save_training_state, write_checkpoint)
 from .config import Config, PPOConfig, Workspace
-from .errors import ConfigError, RlhfError
+from .errors import ConfigError, RlhfError, cancel_if_stopped
 from .hooks import RunHooks, RunResult
 from .lora import lora_config
+from .locks import pid_lock
 from .models import (adapter_active, encode_prompt, eos_token_ids, format_prompt, load_causal_lm, load_tokenizer, pick_device,
-                     resolve_model_name)
+                     resolve_model_name, safetensors_adapter)
 from .ppo_math import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty,
                        chunked_token_logprobs_and_entropy, clipped_policy_loss, clipped_value_loss,
                        explained_variance, gae, kl_k3, kl_negative_beyond_noise, masked_mean, masked_sum,
@@ -43,7 +43,7 @@ from .ppo_math import (AdaptiveKLController, FixedKLController, apply_no_eos_pen
 from .reward import (RewardHead, RewardScorer, load_reward_onto, pad_left, read_reward_meta,
                      reward_tokenizer_matches)
 from .sampling import truncate_left
-from .store import Store, _pid_alive
+from .store import Store
 
 POLICY_ADAPTER = "policy"
 REWARD_ADAPTER = "reward"
@@ -402,49 +402,9 @@ def load_checkpoint(trainer: PPOTrainer, path: Path) -> None:
 def ppo_lock(workspace: Workspace) -> Iterator[None]:
     """One PPO run per workspace: runs/ppo.lock holds the owner's pid; a lock whose process is gone is stale."""
     path = workspace.runs_dir / LOCK_FILE
-    made_runs_dir = not path.parent.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The lock appears with the pid already in it (hard link of a finished temp file): a lock read as empty
-    # or pid-less would look stale and let a second run delete it.
-    claim = path.with_name(f"{LOCK_FILE}.{os.getpid()}")
-    claim.write_text(str(os.getpid()), encoding="utf-8")
-    try:
-        while True:
-            try:
-                os.link(claim, path)
-                break
-            except FileExistsError:
-                try:
-                    pid = int(path.read_text(encoding="utf-8").strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _pid_alive(pid):
-                    raise RlhfError(f"another PPO run (pid {pid}) is running in {workspace.root}: stop it first "
-                                    f"(or delete {path} if that process is not rlhf-tui)") from None
-                path.unlink(missing_ok=True)  # stale: its process ended without cleaning up
-    finally:
-        claim.unlink(missing_ok=True)
-    try:
+    with pid_lock(path, lambda pid: f"another PPO run (pid {pid}) is running in {workspace.root}: stop it first "
+                                    f"(or delete {path} if that process is not rlhf-tui)"):
         yield
-    finally:
-        path.unlink(missing_ok=True)
-        if made_runs_dir:
-            with suppress(OSError):  # rmdir only succeeds when empty: a run that never began leaves no runs/
-                path.parent.rmdir()
-
-
-def find_reward_run(store: Store, reward_run: str | None) -> dict[str, Any]:
-    """The named reward run, or the latest finished one; it must be a finished reward run."""
-    if reward_run is None:
-        run = store.latest_run("reward")
-        if run is None:
-            raise RlhfError("no finished reward run: train one with `rlhf-tui train-reward`")
-        return run
-    run = store.run(reward_run)
-    if run["kind"] != "reward" or run["status"] != "finished":
-        raise RlhfError(f"run {reward_run!r} is a {run['status']} {run['kind']} run, not a finished reward run "
-                        "(see `rlhf-tui runs`)")
-    return run
 
 
 def _prompt_rows(store: Store, tag: str) -> list[dict[str, Any]]:
@@ -468,12 +428,9 @@ def build_trainer(workspace: Workspace, cfg: Config, reward_run: str, checkpoint
                           device=device)
     if cfg.ppo.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    sft = cfg.ppo.sft_adapter
-    if sft and not (Path(sft) / "adapter_model.safetensors").is_file():
-        raise RlhfError(f"{sft}: no adapter_model.safetensors here: [ppo] sft_adapter must be a LoRA adapter "
-                        "directory saved with save_pretrained(..., safe_serialization=True)")
+    sft = safetensors_adapter(cfg.ppo.sft_adapter) if cfg.ppo.sft_adapter else ""
     if checkpoint is not None or sft:
-        start = checkpoint / POLICY_ADAPTER if checkpoint is not None else sft
+        start = safetensors_adapter(checkpoint / POLICY_ADAPTER) if checkpoint is not None else sft
         model = PeftModel.from_pretrained(base, start, adapter_name=POLICY_ADAPTER, is_trainable=True)
     else:
         model = get_peft_model(base, lora_config(base, cfg.ppo.lora_r, cfg.ppo.lora_alpha, 0.0),
@@ -486,7 +443,7 @@ def build_trainer(workspace: Workspace, cfg: Config, reward_run: str, checkpoint
     same_base = (meta["base_model"] == cfg.model.name and meta["quantization"] == cfg.model.quantization
                  and reward_tokenizer_matches(reward_dir, tokenizer))
     reward = (SharedBaseReward(model, load_reward_onto(model, reward_dir, REWARD_ADAPTER)) if same_base
-              else SeparateReward(RewardScorer.from_run(workspace, reward_run, device=device)))
+              else SeparateReward(RewardScorer.from_run(workspace, reward_run, cfg, device=device)))
     value_head = ValueHead(base.get_output_embeddings().in_features).to(device)
     return PPOTrainer(model, value_head, reward, tokenizer, cfg.ppo)
 
@@ -502,12 +459,12 @@ def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None,
     with ppo_lock(workspace), (nullcontext(store) if store is not None else Store(workspace.db_path)) as db:
         if resume_run is not None:
             run = resumable_run(db, resume_run, "ppo")
-            cfg, reward = config_of_run(run), db.run(run["parent_run"])
+            cfg, reward = config_of_run(run, cfg), db.run(run["parent_run"])
             checkpoint_step = run["checkpoint_step"] or 0
         else:
             cfg = cfg.override({"model.name": resolve_model_name(cfg)})
             check_divisible(cfg.ppo)
-            reward, checkpoint_step = find_reward_run(db, reward_run), 0
+            reward, checkpoint_step = db.finished_reward_run(reward_run), 0
         prompt_rows = _prompt_rows(db, cfg.ppo.prompt_tag)
         # From the run id, not the stored path: the workspace may have moved since.
         checkpoint = checkpoint_path(workspace.run_dir(resume_run), checkpoint_step) if checkpoint_step else None
@@ -516,6 +473,7 @@ def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None,
                              tensor_files=("value_head.safetensors",), state_keys=("step", "kl_controller"))
         trainer = build_trainer(workspace, cfg, reward["id"], checkpoint)
         prompts, cut = prepare_prompts(prompt_rows, trainer.tokenizer, cfg.model.max_prompt_tokens)
+        cancel_if_stopped(hooks.should_stop(), f"ppo run {resume_run}" if resume_run else "ppo")
         if resume_run is not None:
             run_id = resume_run
             db.resume_run(run_id, checkpoint_step)
