@@ -24,6 +24,7 @@ from transformers import CONFIG_MAPPING
 from transformers import __version__ as transformers_version
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           BitsAndBytesConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
 from .config import QUANTIZATION, Config
@@ -227,6 +228,21 @@ def disable_dropout(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
 
+def check_decoder_only(config: PretrainedConfig, name: str) -> None:
+    """A one-line error for a model rlhf-tui cannot train: an encoder-decoder (T5, BART) or a model type with no
+    causal-LM class in transformers. Remote-code models (auto_map) bring their own class."""
+    if getattr(config, "auto_map", None):
+        return
+    if config.is_encoder_decoder:
+        reason = "an encoder-decoder model"
+    elif config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        reason = "not a causal language model transformers can load"
+    else:
+        return
+    raise ModelLoadError(f"{name}: a {config.model_type} model is {reason}; rlhf-tui trains decoder-only language "
+                         "models (Llama, Qwen, Gemma, Mistral, Phi, GPT-2 and the like): pass one with --model")
+
+
 def _load(auto_class: Any, name: str, quantization: str, *, trust_remote_code: bool, device: torch.device | None,
           dtype: torch.dtype | None, **config_overrides: Any) -> PreTrainedModel:
     local = _local_dir(name)
@@ -234,6 +250,7 @@ def _load(auto_class: Any, name: str, quantization: str, *, trust_remote_code: b
         _check_weight_files(local)
     device = device or pick_device()
     config = _from_pretrained(AutoConfig.from_pretrained, name, local, trust_remote_code=trust_remote_code)
+    check_decoder_only(config, name)
     disable_dropout(config)
     for key, value in config_overrides.items():
         setattr(config, key, value)

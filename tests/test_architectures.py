@@ -19,13 +19,15 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from rlhf.checkpoints import checkpoint_path
+from rlhf.cli import main
 from rlhf.lora import lora_config
 from rlhf.models import load_causal_lm, load_sequence_classifier, load_tokenizer
 from rlhf.ppo import response_forward, response_logprobs, run_ppo
 from rlhf.reward import (RewardScorer, encode_response, export_sequence_classifier, pad_left, standardise,
                          train_reward)
 from rlhf.sampling import PairSampler
-from rlhf.tiny import FAMILIES, build_tiny_model, hidden_rule_pairs, workspace_with_pairs
+from rlhf.tiny import (FAMILIES, build_tiny_model, generated_sentences, hidden_rule_pairs, train_byte_level_tokenizer,
+                       workspace_with_pairs)
 
 QUANTIZATIONS = ("none", "4bit")
 SETTINGS = """quantization = "{q}"
@@ -155,3 +157,20 @@ def test_the_whole_loop_runs_on_every_family(family_dirs, family, quantization, 
     value_head = load_file(checkpoint_path(ws.run_dir(result.run_id), 2) / "value_head.safetensors")
     hidden = load_causal_lm(str(model_dir)).config.get_text_config().hidden_size
     assert value_head["linear.weight"].shape == (1, hidden)
+
+
+def test_an_encoder_decoder_model_is_one_line_that_names_it(tmp_path, capsys):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = train_byte_level_tokenizer(generated_sentences(), 384)
+    model_dir = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                        num_heads=2, decoder_start_token_id=tokenizer.pad_token_id)
+                               ).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    ws = workspace_with_pairs(tmp_path / "ws", model_dir, hidden_rule_pairs(8, 2))
+    capsys.readouterr()
+    assert main(["train-reward", "--workspace", str(ws.root)]) == 2
+    assert capsys.readouterr().err == (f"rlhf-tui: error: {model_dir}: a t5 model is an encoder-decoder model; rlhf-tui "
+                                       "trains decoder-only language models (Llama, Qwen, Gemma, Mistral, Phi, GPT-2 "
+                                       "and the like): pass one with --model\n")
