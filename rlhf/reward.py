@@ -301,17 +301,17 @@ class RewardScorer:
         self.max_length = max_length
 
     @classmethod
-    def from_run(cls, workspace: Workspace, run_id: str, cfg: Config, *, quantization: str | None = None,
-                 device: torch.device | None = None) -> "RewardScorer":
+    def from_run(cls, workspace: Workspace, run_id: str, cfg: Config | None = None, *,
+                 quantization: str | None = None, device: torch.device | None = None) -> "RewardScorer":
         """The reward model of `run_id` on its own base, quantized as it was trained unless `quantization` says.
 
-        Remote code runs only when the user's own `cfg` allows it: reward.json and the run's stored config come
-        with the workspace (or a copied run folder) and are never trusted with that choice."""
+        Remote code runs only when the user's own `cfg` allows it (never without one): reward.json and the
+        run's stored config come with the workspace (or a copied run folder) and are never trusted with that."""
         run_dir = workspace.run_dir(run_id)
         if not run_dir.is_dir():
             raise RlhfError(f"no run {run_id!r} in {workspace.runs_dir} (see `rlhf-tui runs`)")
         meta = read_reward_meta(run_dir)
-        trust = cfg.model.trust_remote_code
+        trust = cfg is not None and cfg.model.trust_remote_code
         tokenizer = load_tokenizer(meta["base_model"], trust_remote_code=trust)
         base = load_causal_lm(meta["base_model"], quantization or meta["quantization"], trust_remote_code=trust,
                               device=device)
