@@ -84,7 +84,8 @@ class LabelConfig:
 @dataclass
 class RewardConfig:
     base: str = _f("", "Reward base model; empty = the policy base (lets PPO share one base).")
-    quantization: str = _f("none", "Reward base weights: none, 4bit or 8bit.", choices=QUANTIZATION)
+    quantization: str = _f("model", "Reward base weights: model (as [model] quantization, so PPO can share one "
+                           "base), none, 4bit or 8bit.", choices=("model", *QUANTIZATION))
     lora_r: int = _f(16, "LoRA rank.", lo=1, hi=MAX_LORA_R)
     lora_alpha: int = _f(32, "LoRA alpha.", lo=1, hi=4 * MAX_LORA_R)
     lora_dropout: float = _f(0.0, "LoRA dropout.", lo=0.0, hi=0.9)
@@ -163,6 +164,11 @@ class Config:
             for key, value in values.items():
                 cfg.set(f"{section}.{key}", value, source=source)
         return cfg
+
+    @property
+    def reward_quantization(self) -> str:
+        """How the reward base is loaded: [reward] quantization, or [model]'s when that says "model"."""
+        return self.model.quantization if self.reward.quantization == "model" else self.reward.quantization
 
     @classmethod
     def load(cls, path: Path) -> "Config":

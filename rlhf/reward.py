@@ -429,7 +429,7 @@ def _usable_pairs(store: Store, cfg: Config) -> tuple[list[dict[str, Any]], int]
 
 def _lora_model(base: PreTrainedModel, cfg: Config, adapter: Path | None = None) -> PeftModel:
     """The trainable reward LoRA on `base`: fresh, or the one saved in `adapter` (a resumed run)."""
-    if cfg.reward.quantization != "none":
+    if cfg.reward_quantization != "none":
         # Casts norms to fp32 and lets gradients reach the LoRA through frozen quantized layers.
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     if adapter is not None:
@@ -539,7 +539,7 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
     total_steps = rc.epochs * steps_per_epoch
     torch.manual_seed(rc.seed)
     # Loaded before the run row is written: a model that cannot load leaves no failed run behind.
-    base = load_causal_lm(base_name, rc.quantization, trust_remote_code=cfg.model.trust_remote_code)
+    base = load_causal_lm(base_name, cfg.reward_quantization, trust_remote_code=cfg.model.trust_remote_code)
     cancel_if_stopped(hooks.should_stop(), f"reward run {resume_run}" if resume_run else "reward training")
     if resumed is None:
         run_id = store.create_run("reward", cfg.to_dict(), total_steps=total_steps)
@@ -579,7 +579,7 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
         reward_dir = run_dir / REWARD_SUBDIR
         meta = {
             "format": META_FORMAT, "run_id": run_id, "status": status, "base_model": base_name,
-            "quantization": rc.quantization, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "quantization": cfg.reward_quantization, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "hidden_size": base.config.get_text_config().hidden_size, "normalisation": {"mean": mean, "std": std},
             "max_length": rc.max_length, "config": cfg.to_dict(), "data_hash": data_hash(pairs), "counts": counts,
             "heldout_acc": trainer.heldout_acc, "steps": trainer.step,

@@ -441,3 +441,11 @@ def test_cli_ctrl_c_stops_training_and_keeps_the_adapter(tmp_path, tiny_model_di
         run = store.runs("reward")[0]
     assert run["status"] == "stopped" and run["step"] < run["total_steps"]
     assert math.isfinite(RewardScorer.from_run(ws, run["id"]).score("Hi", " A good boat."))
+
+
+def test_the_reward_base_is_quantized_like_the_policy_base_unless_told_otherwise():
+    """So that `[model] quantization = "4bit"` alone gives a reward model PPO can share its 4-bit base with."""
+    four_bit = Config().override({"model.quantization": "4bit"})
+    assert four_bit.reward.quantization == "model" and four_bit.reward_quantization == "4bit"
+    assert four_bit.override({"reward.quantization": "none"}).reward_quantization == "none"
+    assert Config().reward_quantization == "none"

@@ -85,8 +85,8 @@ def test_check_setting_reports_the_configs_message_naming_the_key():
     cfg = Config()
     assert check_setting(cfg, "reward.lr", 0.0) == "reward.lr must be > 0.0, got 0.0"
     assert check_setting(cfg, "ppo.steps", 0) == "ppo.steps must be >= 1, got 0"
-    assert check_setting(cfg, "reward.quantization", "2bit") == ("reward.quantization must be one of none, 4bit, "
-                                                                 "8bit, got '2bit'")
+    assert check_setting(cfg, "reward.quantization", "2bit") == ("reward.quantization must be one of model, none, "
+                                                                 "4bit, 8bit, got '2bit'")
     assert check_setting(cfg, "ppo.lr", float("nan")) == "ppo.lr must be a finite number, got nan"
     assert check_setting(cfg, "reward.epochs", 2) is None
     assert cfg.reward.epochs == 3  # checking never changes the config it checks against
