@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from .errors import RlhfError
+from .errors import RlhfError, describe_write_error
 from .store import _pid_alive
 
 RUN_LOCK_FILE = "run.lock"
@@ -30,9 +30,16 @@ def pid_lock(path: Path, busy: Callable[[int], str]) -> Iterator[None]:
     """Hold `path` for this process; `busy(pid)` is the message of the RlhfError raised while another live
     process holds it. Creates the lock's folder if needed and removes it again when it was made for nothing."""
     made_dir = not path.parent.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
     claim = path.with_name(f"{path.name}.{os.getpid()}")
-    claim.write_text(str(os.getpid()), encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        claim.write_text(str(os.getpid()), encoding="utf-8")
+    except OSError as exc:  # a read-only runs/, a full disk: before anything of the run is written
+        if made_dir:
+            with suppress(OSError):
+                path.parent.rmdir()
+        raise RlhfError(f"{path.parent}: cannot write here ({describe_write_error(exc)}): make it writable (or "
+                        "free some space); nothing was written") from None
     try:
         while True:
             try:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from .models import (adapter_active, encode_prompt, format_prompt, load_causal_l
                      resolve_model_name, safetensors_adapter, tokenizer_fingerprint)
 from .ppo_math import last_token_index
 from .sampling import truncate_left
-from .store import Store
+from .store import Store, new_run_id
 
 REWARD_SUBDIR = "reward"
 ADAPTER_SUBDIR = "adapter"
@@ -463,17 +464,26 @@ def train_reward(workspace: Workspace, cfg: Config, *, hooks: RunHooks | None = 
             store.close()
 
 
-def _record_pairs(store: Store, run_dir: Path, run_id: str, pairs: list[dict[str, Any]], identical: int) -> None:
-    """Write which comparisons a new run trains on (pairs.json), so that a resume trains on the same ones."""
+def _start_run(workspace: Workspace, store: Store, cfg: Config, total_steps: int, pairs: list[dict[str, Any]],
+               identical: int) -> tuple[str, Path]:
+    """A new run: its folder with pairs.json (the comparisons it trains on, so that a resume trains on the same
+    ones), then its row. Both or neither: a read-only runs/ or a full disk leaves nothing behind."""
+    run_id = new_run_id("reward")
+    run_dir = workspace.run_dir(run_id)
+    record = json.dumps({"comparison_ids": [p["comparison_id"] for p in pairs], "data_hash": data_hash(pairs),
+                         "identical_skipped": identical})
+    made_runs_dir = not workspace.runs_dir.exists()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / PAIRS_FILE).write_text(json.dumps({
-            "comparison_ids": [p["comparison_id"] for p in pairs], "data_hash": data_hash(pairs),
-            "identical_skipped": identical}), encoding="utf-8")
-    except OSError as exc:
-        message = f"{run_dir / PAIRS_FILE}: cannot write it: {describe_write_error(exc)}"
-        store.update_run(run_id, status="failed", error=message)
-        raise RlhfError(message) from None
+        try:
+            write_folder_atomically(run_dir, lambda folder: (folder / PAIRS_FILE).write_text(record, encoding="utf-8"))
+        except CheckpointWriteError as exc:
+            raise RlhfError(f"{run_dir}: cannot create the run's folder: {exc} (check that {workspace.runs_dir} is "
+                            "writable and has room); nothing was written") from None
+        store.create_run("reward", cfg.to_dict(), total_steps=total_steps, run_id=run_id)
+    except BaseException:
+        shutil.rmtree(workspace.runs_dir if made_runs_dir else run_dir, ignore_errors=True)
+        raise
+    return run_id, run_dir
 
 
 def _pairs_of_run(run_dir: Path, usable: list[dict[str, Any]], run_id: str,
@@ -496,7 +506,7 @@ def _pairs_of_run(run_dir: Path, usable: list[dict[str, Any]], run_id: str,
 
 
 def _recorded_pairs(path: Path) -> tuple[list[int], str, int]:
-    """What `_record_pairs` wrote: comparison ids, their data hash, the identical pairs left out."""
+    """What `_start_run` wrote: comparison ids, their data hash, the identical pairs left out."""
     try:
         recorded, problem = json.loads(path.read_text(encoding="utf-8")), ""
     except (OSError, ValueError) as exc:  # ValueError: not UTF-8 or not JSON
@@ -542,9 +552,7 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
     base = load_causal_lm(base_name, cfg.reward_quantization, trust_remote_code=cfg.model.trust_remote_code)
     cancel_if_stopped(hooks.should_stop(), f"reward run {resume_run}" if resume_run else "reward training")
     if resumed is None:
-        run_id = store.create_run("reward", cfg.to_dict(), total_steps=total_steps)
-        run_dir = workspace.run_dir(run_id)
-        _record_pairs(store, run_dir, run_id, pairs, identical)
+        run_id, run_dir = _start_run(workspace, store, cfg, total_steps, pairs, identical)
     else:
         run_id = resumed["id"]
         store.resume_run(run_id, start_step)

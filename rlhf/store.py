@@ -57,6 +57,11 @@ class PromptItem:
         return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
 
+def new_run_id(kind: str) -> str:
+    """A fresh run id: kind, local date and time, 4 random hex digits (`reward-20250101-120000-ab12`)."""
+    return f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+
+
 def _migrate_0_to_1(db: sqlite_utils.Database) -> None:
     db["prompts"].create({
         "id": int, "key": str, "text": str, "messages": str, "tags": str, "source": str, "created_at": str,
@@ -173,7 +178,7 @@ class Store:
                 hint = (f"database is locked by another process for more than {self.busy_timeout_s:g}s "
                         "(close the other writer and retry)")
             elif "database or disk is full" in msg:
-                hint = "disk is full (free some space; nothing was written)"
+                hint = "disk is full (free some space; this write was not saved)"
             else:
                 hint = msg
             raise StoreError(f"{self.path}: {action}: {hint}") from None
@@ -418,7 +423,7 @@ class Store:
                    parent_run: str | None = None, run_id: str | None = None) -> str:
         if kind not in RUN_KINDS:
             raise StoreError(f"run kind must be one of {', '.join(RUN_KINDS)}, got {kind!r}")
-        run_id = run_id or f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        run_id = run_id or new_run_id(kind)
         with self.transaction():
             self.db.execute(
                 """INSERT INTO runs (id, kind, config, status, step, total_steps, started_at, pid, parent_run)

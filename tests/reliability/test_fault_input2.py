@@ -6,8 +6,13 @@ right; text from the database reaches the terminal escaped."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,7 @@ from rlhf import cli
 from rlhf.checkpoints import CHECKPOINTS_DIR
 from rlhf.config import SECTIONS, Workspace
 from rlhf.hooks import RunHooks
+from rlhf.errors import StoreError
 from rlhf.store import PromptItem, Store
 
 PAIR = '{"prompt": "q", "chosen": "a", "rejected": "b"'
@@ -303,3 +309,89 @@ def test_model_option_at_a_file_says_it_is_a_file(labeled, tmp_path, capsys):
                                               "the folder that holds config.json and the weights with --model "
                                               "/path/to/model")
     assert tree_snapshot(labeled.root) == before
+
+
+# -- a runs/ folder that cannot be written -------------------------------------------------------
+
+
+@contextmanager
+def _read_only(folder: Path) -> Iterator[None]:
+    """Writes into `folder` fail as they do for a user without permission (root ignores modes; the immutable flag
+    binds root too)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a folder read-only for root here (chattr +i failed)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def _run_rows(ws: Workspace) -> list[dict]:
+    with Store(ws.db_path) as store:
+        return store.runs()
+
+
+def test_train_reward_with_a_read_only_runs_folder_writes_nothing(labeled, capsys):
+    labeled.runs_dir.mkdir()
+    before = tree_snapshot(labeled.root)
+    with _read_only(labeled.runs_dir):
+        code = cli.main(["train-reward", "--workspace", str(labeled.root)])
+    captured = capsys.readouterr()
+    assert_one_line_error(code, captured.err, f"{labeled.runs_dir}/reward-", ": cannot create the run's folder: ",
+                          f"(check that {labeled.runs_dir} is writable and has room); nothing was written")
+    assert _run_rows(labeled) == []  # it used to leave a failed run behind
+    assert {k: v for k, v in tree_snapshot(labeled.root).items() if not k.startswith("rlhf.db")} == \
+        {k: v for k, v in before.items() if not k.startswith("rlhf.db")}
+
+
+def test_ppo_with_a_read_only_runs_folder_is_one_line(rewarded, capsys):
+    ws, _ = rewarded
+    rows_before = _run_rows(ws)
+    with _read_only(ws.runs_dir):
+        code = cli.main(["ppo", "--workspace", str(ws.root)])
+    captured = capsys.readouterr()
+    assert_one_line_error(code, captured.err, f"{ws.runs_dir}: cannot write here (", "): make it writable (or free "
+                          "some space); nothing was written")
+    assert _run_rows(ws) == rows_before
+
+
+def test_train_reward_on_a_full_disk_says_what_was_written_and_it_is_true(labeled, capsys, monkeypatch):
+    """The first write of a new reward run is its pairs.json: the disk is full there. It used to leave a run row
+    (and, when the store's write failed too, say "nothing was written")."""
+    real_write_text = Path.write_text
+
+    def full_for_pairs_json(self, *args, **kwargs):
+        if self.name == "pairs.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    before = tree_snapshot(labeled.root)
+    monkeypatch.setattr(Path, "write_text", full_for_pairs_json)
+    code = cli.main(["train-reward", "--workspace", str(labeled.root)])
+    captured = capsys.readouterr()
+    assert_one_line_error(code, captured.err, ": cannot create the run's folder: disk full (free some space) (check "
+                          f"that {labeled.runs_dir} is writable and has room); nothing was written")
+    assert _run_rows(labeled) == []
+    assert not labeled.runs_dir.exists()
+    assert {k: v for k, v in tree_snapshot(labeled.root).items() if not k.startswith("rlhf.db")} == \
+        {k: v for k, v in before.items() if not k.startswith("rlhf.db")}
+
+
+def test_reward_run_row_that_cannot_be_written_leaves_no_folder(labeled, capsys, monkeypatch):
+    """The other order of the same fault: pairs.json is written, then the database is full."""
+    def database_full(self, *args, **kwargs):
+        raise StoreError(f"{labeled.db_path}: write: disk is full (free some space; this write was not saved)")
+
+    monkeypatch.setattr(Store, "create_run", database_full)
+    code = cli.main(["train-reward", "--workspace", str(labeled.root)])
+    captured = capsys.readouterr()
+    assert_one_line_error(code, captured.err, "rlhf.db: write: disk is full (free some space; this write was not "
+                                              "saved)")
+    assert not labeled.runs_dir.exists()
