@@ -24,6 +24,7 @@ process must stay free of both.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -40,6 +41,17 @@ def quiet_bitsandbytes_logging() -> None:
     so this has to run before anything imports peft: rlhf/__init__ calls it.
     """
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def refuse_hub_kernels() -> None:
+    """Keep bitsandbytes from fetching and running compiled code from the hub at import.
+
+    On an AVX512-BF16 CPU, importing bitsandbytes calls `kernels.get_kernel("kernels-community/...")` when the
+    optional `kernels` package is installed: code from the network, whatever `trust_remote_code` says. The
+    kernel serves only the packed-weight path that `keep_4bit_weights_unpacked` turns off, so nothing is lost:
+    a `None` entry in sys.modules makes that import fail, and bitsandbytes falls back as it does without it.
+    """
+    sys.modules.setdefault("kernels", None)  # type: ignore[arg-type]
 
 
 def keep_4bit_weights_unpacked(model: nn.Module) -> int:

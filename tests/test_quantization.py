@@ -10,6 +10,9 @@ train correctly.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,17 @@ def test_a_4bit_reward_model_with_biased_layers_trains_past_its_held_out_evaluat
 
     assert result.status == "finished", result.message
 
+
+
+def test_importing_bitsandbytes_never_fetches_hub_kernels(tmp_path):
+    """With the optional `kernels` package installed, bitsandbytes would call `get_kernel` on the hub at import
+    (on AVX512-BF16 CPUs): our processes refuse that import. A stand-in `kernels` package records any call."""
+    marker = tmp_path / "hub-kernel-fetched"
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text(
+        f"def get_kernel(*args, **kwargs):\n    open({str(marker)!r}, 'w').write(repr(args))\n    raise RuntimeError\n")
+    code = "import rlhf, sys; import bitsandbytes; import kernels"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    assert "ModuleNotFoundError" in result.stderr or "ImportError" in result.stderr, result.stderr
+    assert not marker.exists()
