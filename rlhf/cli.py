@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import QUANTIZATION, Config, Workspace, describe_defaults, keys_set_in
+from .config import KL_CONTROLLERS, QUANTIZATION, Config, Workspace, describe_defaults, keys_set_in
 from .data_io import (EXPORT_FORMATS, export_pairs, import_pairs, import_prompts, printable, read_pairs,
                       read_prompts)
 from .demo_mode import (DEMO_NOTICE, DEMO_PROMPT_TAG, import_demo_prompts, is_demo, use_demo_threads,
@@ -361,7 +361,7 @@ def _cmd_export_reward(args: argparse.Namespace) -> int:
 # `rlhf-tui ppo` flag -> config key; --resume takes none of them (the run keeps its own settings).
 PPO_FLAGS = {"steps": "ppo.steps", "batch_size": "ppo.batch_size", "minibatches": "ppo.minibatches",
              "epochs": "ppo.ppo_epochs", "lr": "ppo.lr", "init_kl": "ppo.init_kl_coef", "target_kl": "ppo.target_kl",
-             "sft_adapter": "ppo.sft_adapter"}
+             "kl_controller": "ppo.kl_controller", "sft_adapter": "ppo.sft_adapter"}
 
 
 def _cmd_ppo(args: argparse.Namespace) -> int:
@@ -543,7 +543,10 @@ def _register_ppo(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, metavar="E", help="PPO epochs per rollout")
     parser.add_argument("--lr", type=float, metavar="X", help="learning rate")
     parser.add_argument("--init-kl", type=float, metavar="X", help="initial KL coefficient")
-    parser.add_argument("--target-kl", type=float, metavar="X", help="target KL of the adaptive controller")
+    parser.add_argument("--target-kl", type=float, metavar="X", help="KL per response (nats) the controller holds")
+    parser.add_argument("--kl-controller", choices=KL_CONTROLLERS,
+                        help="how the KL coefficient follows --target-kl: log (default; holds it within tens of "
+                             "steps), classic (Ziegler et al.'s: barely moves in a short run) or fixed")
     parser.add_argument("--sft-adapter", metavar="DIR",
                         help="start from this SFT LoRA adapter; the frozen adapter is then the KL reference")
     parser.add_argument("--resume", metavar="RUN",

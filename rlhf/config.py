@@ -40,6 +40,7 @@ def _f(default: Any, doc: str, *, lo: float | None = None, hi: float | None = No
 
 
 QUANTIZATION = ("none", "4bit", "8bit")
+KL_CONTROLLERS = ("log", "classic", "fixed")
 # Upper bounds of the int settings: far above any real use, low enough that a typo (an extra zero, a pasted
 # 20-digit number) is refused with its key instead of running until the kernel kills the process.
 MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range
@@ -112,9 +113,17 @@ class PPOConfig:
     lr: float = _f(1e-5, "Learning rate (policy LoRA and value head).", lo=0.0, lo_open=True, hi=1.0)
     adam_eps: float = _f(1e-5, "Adam epsilon (1e-5 tames PyTorch Adam's large first updates).", lo=0.0, lo_open=True)
     init_kl_coef: float = _f(0.05, "Initial KL penalty coefficient beta.", lo=0.0)
-    adaptive_kl: bool = _f(True, "Adapt beta towards target_kl (off = fixed beta).")
-    target_kl: float = _f(6.0, "Target KL (nats per response) for the adaptive controller.", lo=0.0, lo_open=True)
-    kl_horizon: int = _f(10000, "Horizon of the adaptive KL controller.", lo=1, hi=10**9)
+    kl_controller: str = _f("log", "How beta steers the KL to target_kl: log (log beta moves by kl_gain x "
+                            "clip(KL/target - 1, -1, 1) each step, within [kl_coef_min, kl_coef_max]), classic "
+                            "(Ziegler et al.'s, horizon kl_horizon: barely moves in a run of hundreds of steps) or "
+                            "fixed. See docs/kl_control.md.", choices=KL_CONTROLLERS)
+    target_kl: float = _f(6.0, "Target KL (nats per response) for the log and classic controllers.", lo=0.0,
+                          lo_open=True)
+    kl_gain: float = _f(0.2, "Log controller: the most log beta moves in one step (0.2: x1.22).", lo=0.0,
+                        lo_open=True, hi=2.0)
+    kl_coef_min: float = _f(0.001, "Log controller: lowest beta.", lo=0.0, lo_open=True)
+    kl_coef_max: float = _f(10.0, "Log controller: highest beta.", lo=0.0, lo_open=True, hi=1000.0)
+    kl_horizon: int = _f(10000, "Classic controller: horizon, in responses.", lo=1, hi=10**9)
     gamma: float = _f(1.0, "Discount.", lo=0.0, hi=1.0)
     lam: float = _f(0.95, "GAE lambda.", lo=0.0, hi=1.0)
     cliprange: float = _f(0.2, "Policy ratio clip.", lo=0.0, lo_open=True)
@@ -122,6 +131,12 @@ class PPOConfig:
     vf_coef: float = _f(0.1, "Value loss weight.", lo=0.0)
     ent_coef: float = _f(0.0, "Entropy bonus weight.", lo=0.0)
     max_grad_norm: float = _f(1.0, "Gradient norm clip.", lo=0.0, lo_open=True)
+    max_policy_kl_per_step: float = _f(0.05, "Stop a step's remaining PPO epochs once the policy's approx KL to "
+                                       "the policy that sampled the rollout passes this (nats per token; not the "
+                                       "reward KL of target_kl; 0 = off).", lo=0.0)
+    score_clip: float = _f(0.0, "Clip reward-model scores (reward-std units) to [-c, c] (0 = off).", lo=0.0)
+    score_drop_warning: float = _f(1.5, "Warn when the mean score falls by more than this many of the previous "
+                                   "step's score standard deviations in one step (0 = off).", lo=0.0)
     temperature: float = _f(1.0, "Rollout temperature (log-probs use logits / T).", lo=0.0, lo_open=True, hi=10.0)
     max_new_tokens: int = _f(48, "Longest rollout response.", lo=1, hi=8192)
     no_eos_penalty: float = _f(-1.0, "Score given to responses that never emit EOS (0 = off).")
@@ -179,6 +194,10 @@ class Config:
 
     def set(self, dotted: str, value: Any, source: str = "config") -> None:
         """Set `section.key` to `value` after checking its type and range."""
+        if dotted == "ppo.adaptive_kl":  # replaced by ppo.kl_controller; old files and old runs' configs still load
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source}: {dotted} (now ppo.kl_controller) must be bool, got {value!r}")
+            dotted, value = "ppo.kl_controller", "classic" if value else "fixed"
         section, _, key = dotted.partition(".")
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown section in {dotted!r} (known: {', '.join(SECTIONS)})")

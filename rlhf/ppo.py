@@ -36,10 +36,11 @@ from .lora import lora_config
 from .locks import pid_lock
 from .models import (adapter_active, encode_prompt, eos_token_ids, format_prompt, load_causal_lm, load_tokenizer, pick_device,
                      resolve_model_name, safetensors_adapter)
-from .ppo_math import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty,
-                       chunked_token_logprobs_and_entropy, clipped_policy_loss, clipped_value_loss,
+from .ppo_math import (ClassicKLController, FixedKLController, LogKLController, apply_no_eos_penalty,
+                       chunked_token_logprobs_and_entropy, clip_scores, clipped_policy_loss, clipped_value_loss,
                        explained_variance, gae, kl_k3, kl_negative_beyond_noise, masked_mean, masked_sum,
-                       masked_whiten, per_token_rewards, response_mask, standard_error)
+                       masked_whiten, per_token_rewards, policy_moved_too_far, response_mask,
+                       score_dropped, standard_error)
 from .reward import (RewardHead, RewardScorer, load_reward_onto, pad_left, read_reward_meta,
                      reward_tokenizer_matches)
 from .sampling import truncate_left
@@ -198,15 +199,28 @@ class Scored:
     entropy: Tensor
     ref_logp: Tensor
     scores: Tensor
+    score_clipped: Tensor  # share of the reward model's scores that ppo.score_clip cut
 
 
 # -- the PPO step ------------------------------------------------------------------------------
 
-def check_divisible(cfg: PPOConfig) -> None:
+def check_settings(cfg: PPOConfig) -> None:
+    """The checks that span several [ppo] keys (each key's own range is checked by `Config`)."""
     per_update = cfg.minibatches * cfg.grad_accum
     if cfg.batch_size % per_update:
         raise ConfigError(f"ppo.batch_size ({cfg.batch_size}) must be divisible by ppo.minibatches x ppo.grad_accum "
                           f"({cfg.minibatches} x {cfg.grad_accum})")
+    if cfg.kl_coef_min > cfg.kl_coef_max:
+        raise ConfigError(f"ppo.kl_coef_min ({cfg.kl_coef_min}) must be <= ppo.kl_coef_max ({cfg.kl_coef_max})")
+
+
+def kl_controller(cfg: PPOConfig) -> FixedKLController:
+    """The controller of the KL coefficient beta that ppo.kl_controller names."""
+    if cfg.kl_controller == "log":
+        return LogKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_gain, cfg.kl_coef_min, cfg.kl_coef_max)
+    if cfg.kl_controller == "classic":
+        return ClassicKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+    return FixedKLController(cfg.init_kl_coef)
 
 
 def _sync(device: torch.device) -> None:
@@ -220,13 +234,12 @@ class PPOTrainer:
 
     def __init__(self, model: PeftModel, value_head: ValueHead, reward: RolloutScorer,
                  tokenizer: PreTrainedTokenizerBase, cfg: PPOConfig) -> None:
-        check_divisible(cfg)
+        check_settings(cfg)
         self.model, self.value_head, self.reward, self.tokenizer, self.cfg = model, value_head, reward, tokenizer, cfg
         self.device = value_head.linear.weight.device
         self.params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, eps=cfg.adam_eps)
-        self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
-                       else FixedKLController(cfg.init_kl_coef))
+        self.kl_ctl = kl_controller(cfg)
         model.eval()  # and so it stays: `train` switches to training mode and back
         lm = model.get_base_model()
         self.eos_ids = eos_token_ids(lm, tokenizer)
@@ -269,8 +282,10 @@ class PPOTrainer:
         with self.reference_model():
             ref_hidden = response_forward(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
             ref_logp, _ = response_logprobs(self.model, ref_hidden, tokens, temperature)
-        scores = apply_no_eos_penalty(self.reward.score(rollout).float(), rollout.has_eos, self.cfg.no_eos_penalty)
-        return Scored(logp=logp, values=values, entropy=entropy, ref_logp=ref_logp, scores=scores)
+        scores, clipped = clip_scores(self.reward.score(rollout).float(), self.cfg.score_clip)
+        scores = apply_no_eos_penalty(scores, rollout.has_eos, self.cfg.no_eos_penalty)
+        return Scored(logp=logp, values=values, entropy=entropy, ref_logp=ref_logp, scores=scores,
+                      score_clipped=clipped)
 
     def train(self, rollout: Rollout, scored: Scored, advantages: Tensor, returns: Tensor) -> dict[str, float]:
         """ppo_epochs x shuffled minibatches (each split into grad_accum micro-batches); mean stats."""
@@ -279,6 +294,7 @@ class PPOTrainer:
         micro_size = minibatch_size // cfg.grad_accum
         stats: dict[str, list[Tensor]] = {k: [] for k in ("policy_loss", "value_loss", "policy_clipfrac",
                                                           "value_clipfrac", "approx_kl")}
+        updates, stopped_early = 0, False
         self.model.train()
         try:
             for _ in range(cfg.ppo_epochs):
@@ -286,11 +302,19 @@ class PPOTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     for rows in minibatch.split(micro_size):
                         self._backward(rollout, scored, advantages, returns, rows, stats)
+                    if cfg.max_policy_kl_per_step and policy_moved_too_far(
+                            torch.stack(stats["approx_kl"][-cfg.grad_accum:]).mean().item(), cfg.max_policy_kl_per_step):
+                        stopped_early = True  # this minibatch's update and the step's remaining epochs are skipped
+                        break
                     nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                     self.optimizer.step()
+                    updates += 1
+                if stopped_early:
+                    break
         finally:
             self.model.eval()
-        return {name: torch.stack(values).mean().item() for name, values in stats.items()}
+        return {**{name: torch.stack(values).mean().item() for name, values in stats.items()},
+                "epochs_done": updates / cfg.minibatches, "early_stopped": float(stopped_early)}
 
     def _backward(self, rollout: Rollout, scored: Scored, advantages: Tensor, returns: Tensor, rows: Tensor,
                   stats: dict[str, list[Tensor]]) -> None:
@@ -338,6 +362,7 @@ class PPOTrainer:
         metrics = {
             "score_mean": scored.scores.mean().item(),
             "score_std": scored.scores.std().item() if len(prompts) > 1 else 0.0,
+            "score_clipped": scored.score_clipped.item(),
             "rlhf_reward": masked_sum(rewards, mask, dim=1).mean().item(),
             "kl_k1": kl_per_response.mean().item(),
             "kl_k1_sem": standard_error(kl_per_response),
@@ -463,7 +488,7 @@ def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None,
             checkpoint_step = run["checkpoint_step"] or 0
         else:
             cfg = cfg.override({"model.name": resolve_model_name(cfg)})
-            check_divisible(cfg.ppo)
+            check_settings(cfg.ppo)
             reward, checkpoint_step = db.finished_reward_run(reward_run), 0
         prompt_rows = _prompt_rows(db, cfg.ppo.prompt_tag)
         # From the run id, not the stored path: the workspace may have moved since.
@@ -501,7 +526,7 @@ def _train_loop(trainer: PPOTrainer, store: Store, run_dir: Path, run_id: str, p
         hooks.on_checkpoint(run_id, step, str(path))
         saved_step = step
 
-    step = start_step
+    step, previous = start_step, None
     try:
         while step < cfg.steps:
             if hooks.should_stop():
@@ -523,6 +548,9 @@ def _train_loop(trainer: PPOTrainer, store: Store, run_dir: Path, run_id: str, p
                 hooks.on_warning(run_id, f"step {step}: KL is negative ({metrics['kl_k1']:.3f} ± "
                                          f"{metrics['kl_k1_sem']:.3f}, beyond noise): sampling and "
                                          "log-probs disagree (check temperature, top-k/top-p)")
+            for warning in guard_warnings(step, metrics, previous, cfg):
+                hooks.on_warning(run_id, warning)
+            previous = metrics
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint(step)
     except (NonFiniteError, CheckpointWriteError, torch.OutOfMemoryError) as exc:
@@ -535,6 +563,22 @@ def _train_loop(trainer: PPOTrainer, store: Store, run_dir: Path, run_id: str, p
         raise
     store.update_run(run_id, status="finished")
     return RunResult(run_id, "finished", f"finished {cfg.steps} steps", _checkpoint_str(run_dir, saved_step), step)
+
+
+def guard_warnings(step: int, metrics: dict[str, float], previous: dict[str, float] | None,
+                   cfg: PPOConfig) -> list[str]:
+    """One line for each collapse guard that acted in this step (or would have to: a score collapse)."""
+    warnings = []
+    if metrics["early_stopped"]:
+        warnings.append(f"step {step}: PPO epochs stopped after {metrics['epochs_done']:.2f} of {cfg.ppo_epochs}: "
+                        f"the policy moved more than ppo.max_policy_kl_per_step ({cfg.max_policy_kl_per_step} "
+                        "nats per token) from the policy that sampled the rollout")
+    if previous is not None and score_dropped(previous["score_mean"], previous["score_std"], metrics["score_mean"],
+                                              cfg.score_drop_warning):
+        warnings.append(f"step {step}: the mean score fell from {previous['score_mean']:.2f} to "
+                        f"{metrics['score_mean']:.2f}, more than {cfg.score_drop_warning} standard deviations: "
+                        "the policy may be collapsing (try a lower --lr, or a lower ppo.target_kl)")
+    return warnings
 
 
 def _checkpoint_str(run_dir: Path, step: int) -> str | None:

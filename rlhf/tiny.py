@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 import transformers
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .config import Workspace
 from .data_io import import_pairs
-from .store import Store
+from .store import PromptItem, Store
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -104,19 +104,29 @@ def train_byte_level_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTra
 def build_tiny_llama(out_dir: Path | str, *, corpus: Iterable[str] | None = None, vocab_size: int = 384,
                      hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 128,
                      max_position_embeddings: int = 512, chat_template: bool = True, seed: int = 0) -> Path:
-    """Train a tokenizer on `corpus` (default: the generated sentences), build a seeded random
-    LlamaForCausalLM of these sizes and save both (safetensors) to `out_dir`, which it returns.
+    """Train a tokenizer, build a seeded random LlamaForCausalLM and save both (safetensors) to `out_dir`.
 
-    The global torch RNG is left as it was.
+    The global torch RNG is left as it was. Returns `out_dir`.
     """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_byte_level_tokenizer(corpus if corpus is not None else generated_sentences(seed=seed),
                                            vocab_size)
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
-    sizes = {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
-             "num_key_value_heads": num_heads, "intermediate_size": intermediate_size,
-             "max_position_embeddings": max_position_embeddings}
-    return build_tiny_model(out_dir, "llama", tokenizer=tokenizer, sizes=sizes, seed=seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 # Each popular family at tiny size: its transformers config class and the settings that make it that family
@@ -152,13 +162,11 @@ _TINY_SIZES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads":
 
 
 def build_tiny_model(out_dir: Path | str, family: str, *, tokenizer: PreTrainedTokenizerFast | None = None,
-                     vocab_size: int = 384, stop_tokens: list[str] | None = None, sizes: dict[str, int] | None = None,
-                     seed: int = 0) -> Path:
+                     vocab_size: int = 384, stop_tokens: list[str] | None = None, seed: int = 0) -> Path:
     """A seeded random causal LM of `family` (a key of FAMILIES) with `tokenizer` (default: a byte-level BPE
     of `vocab_size` with the tiny chat template), saved (safetensors) to `out_dir`, which it returns.
 
-    `stop_tokens` become the generation config's list of EOS ids, as chat models ship them. `sizes` overrides
-    the shared tiny sizes (transformers' names: hidden_size, num_hidden_layers, ...; not GPT-2's n_embd & co).
+    `stop_tokens` become the generation config's list of EOS ids, as chat models ship them.
 
     The global torch RNG is left as it was.
     """
@@ -170,11 +178,10 @@ def build_tiny_model(out_dir: Path | str, family: str, *, tokenizer: PreTrainedT
     config_class, settings = FAMILIES[family]
     tokens = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    shape = _TINY_SIZES | (sizes or {})
     if "text_config" in settings:  # a multimodal model: the language model is its text part
-        settings = settings | {"text_config": shape | settings["text_config"] | tokens}
+        settings = settings | {"text_config": _TINY_SIZES | settings["text_config"] | tokens}
     else:
-        settings = ({} if family == "gpt2" else shape) | settings | tokens
+        settings = ({} if family == "gpt2" else _TINY_SIZES) | settings | tokens
     config = getattr(transformers, config_class)(**settings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -267,4 +274,58 @@ def workspace_with_pairs(root: Path | str, model_dir: Path | str, pairs: list[di
         pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
         with Store(ws.db_path) as store:
             import_pairs(store, pairs_file)
+    return ws
+
+
+def exclamation_rule(answer: str) -> bool:
+    """The hidden rule of `exclamation_rule_workspace`: answers ending with "!" (about 20% of the corpus) win."""
+    return answer.endswith("!")
+
+
+def pretrain_tiny_llama(out_dir: Path | str, steps: int = 100) -> Path:
+    """`build_tiny_llama` followed by `steps` steps of language modelling on chat-formatted corpus sentences
+    (~6 s for 100), so that its samples are sentences: a random model samples near-uniform bytes, too flat
+    for LoRA to move in a few PPO steps. Seeded; the global torch RNG is left as it was. Returns `out_dir`."""
+    from .models import load_tokenizer  # rlhf.models imports much more than building a model needs
+
+    out = build_tiny_llama(out_dir)
+    tokenizer = load_tokenizer(str(out))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    sentences = generated_sentences(2000, seed=1)
+    texts = [f"user: {q}\nassistant: {a}{tokenizer.eos_token}" for q, a in zip(sentences[::2], sentences[1::2])]
+    rng = random.Random(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(steps):
+            batch = tokenizer(rng.sample(texts, 16), return_tensors="pt", padding=True)
+            labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+            model(**batch, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def exclamation_rule_workspace(root: Path | str, model_dir: Path | str, quantization: str = "none") -> Workspace:
+    """A workspace on `model_dir` with 16 prompts and 128 comparisons of corpus sentences decided by
+    `exclamation_rule`: the seeded task the PPO tests and benchmarks/bench_kl.py train on."""
+    ws = Workspace(Path(root))
+    ws.root.mkdir(parents=True)
+    ws.config_path.write_text(f'[model]\nname = "{Path(model_dir).as_posix()}"\nquantization = "{quantization}"\n'
+                              f'[reward]\nquantization = "{quantization}"\n', encoding="utf-8")
+    sentences = generated_sentences(1000, seed=7)
+    winners = [s for s in sentences if exclamation_rule(s)]
+    losers = [s for s in sentences if not exclamation_rule(s)]
+    rng = random.Random(0)
+    with Store(ws.db_path) as store:
+        prompt_ids, _ = store.add_prompts([PromptItem(f"Say something like: {s}") for s in generated_sentences(16, 3)],
+                                          source="test")
+        for i in range(128):
+            prompt_id = prompt_ids[i % len(prompt_ids)]
+            good = store.add_response(prompt_id, " " + winners[i], model="corpus")
+            bad = store.add_response(prompt_id, " " + losers[i], model="corpus")
+            good_on_a = rng.random() < 0.5
+            store.add_comparison(prompt_id, *((good, bad) if good_on_a else (bad, good)), "a" if good_on_a else "b")
     return ws

@@ -173,9 +173,9 @@ def test_an_encoder_decoder_model_is_one_line_that_names_it(tmp_path, capsys):
     ws = workspace_with_pairs(tmp_path / "ws", model_dir, hidden_rule_pairs(8, 2))
     capsys.readouterr()
     assert main(["train-reward", "--workspace", str(ws.root)]) == 2
-    assert capsys.readouterr().err == (f"rlhf-tui: error: {model_dir}: a t5 model is an encoder-decoder model; rlhf-tui "
-                                       "trains decoder-only language models (Llama, Qwen, Gemma, Mistral, Phi, GPT-2 "
-                                       "and the like): pass one with --model\n")
+    assert capsys.readouterr().err == (f"rlhf-tui: error: {model_dir}: a t5 model is an encoder-decoder model; "
+                                       "rlhf-tui trains decoder-only language models (Llama, Qwen, Gemma, Mistral, "
+                                       "Phi, GPT-2 and the like): pass one with --model\n")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

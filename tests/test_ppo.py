@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -32,76 +31,30 @@ from rlhf.ppo import (LOCK_FILE, POLICY_ADAPTER, REFERENCE_ADAPTER, REWARD_ADAPT
                       run_ppo)
 from rlhf.ppo_math import logprobs_from_logits
 from rlhf.reward import RewardScorer, train_reward
-from rlhf.store import PromptItem, Store
-from rlhf.tiny import build_tiny_llama, generated_sentences
+from rlhf.store import Store
+from rlhf.tiny import exclamation_rule_workspace, pretrain_tiny_llama
 
 pytestmark = pytest.mark.slow
 
 METRICS = {"score_mean", "score_std", "rlhf_reward", "kl_k1", "kl_k1_sem", "kl_k3", "kl_coef", "entropy",
            "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl", "explained_variance",
-           "response_length", "eos_rate", "time_rollout", "time_score", "time_train", "tokens_per_s"}
+           "response_length", "eos_rate", "time_rollout", "time_score", "time_train", "tokens_per_s", "epochs_done",
+           "early_stopped", "score_clipped"}
 TIMINGS = {"time_rollout", "time_score", "time_train", "tokens_per_s"}
 PPO_SETTINGS = {"ppo.batch_size": 16, "ppo.minibatches": 2, "ppo.ppo_epochs": 4, "ppo.lr": 1e-3,
                 "ppo.max_new_tokens": 32, "ppo.checkpoint_every": 2}
 
 
-def hidden_rule(answer: str) -> bool:
-    return answer.endswith("!")
-
-
 @pytest.fixture(scope="module")
 def trained_tiny_dir(tmp_path_factory) -> Path:
     """The tiny Llama after 100 steps of language modelling on chat-formatted corpus sentences (~6 s)."""
-    from transformers import LlamaForCausalLM
-
-    from rlhf.models import load_tokenizer
-
-    out = build_tiny_llama(tmp_path_factory.mktemp("trained-tiny"))
-    tokenizer = load_tokenizer(str(out))
-    model = LlamaForCausalLM.from_pretrained(out)
-    sentences = generated_sentences(2000, seed=1)
-    texts = [f"user: {q}\nassistant: {a}{tokenizer.eos_token}" for q, a in zip(sentences[::2], sentences[1::2])]
-    rng = random.Random(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
-    model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        for _ in range(100):
-            batch = tokenizer(rng.sample(texts, 16), return_tensors="pt", padding=True)
-            labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-            model(**batch, labels=labels).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    model.save_pretrained(out, safe_serialization=True)
-    return out
-
-
-def make_workspace(root: Path, model_dir: Path, quantization: str = "none") -> Workspace:
-    """A workspace with prompts and 128 scripted comparisons, labelled by the hidden rule."""
-    ws = Workspace(root)
-    ws.root.mkdir(parents=True)
-    ws.config_path.write_text(f'[model]\nname = "{model_dir.as_posix()}"\nquantization = "{quantization}"\n'
-                              f'[reward]\nquantization = "{quantization}"\n', encoding="utf-8")
-    sentences = generated_sentences(1000, seed=7)
-    winners = [s for s in sentences if hidden_rule(s)]
-    losers = [s for s in sentences if not hidden_rule(s)]
-    rng = random.Random(0)
-    with Store(ws.db_path) as store:
-        prompt_ids, _ = store.add_prompts([PromptItem(f"Say something like: {s}") for s in generated_sentences(16, 3)],
-                                          source="test")
-        for i in range(128):
-            prompt_id = prompt_ids[i % len(prompt_ids)]
-            good = store.add_response(prompt_id, " " + winners[i], model="corpus")
-            bad = store.add_response(prompt_id, " " + losers[i], model="corpus")
-            good_on_a = rng.random() < 0.5
-            store.add_comparison(prompt_id, *((good, bad) if good_on_a else (bad, good)), "a" if good_on_a else "b")
-    return ws
+    return pretrain_tiny_llama(tmp_path_factory.mktemp("trained-tiny"))
 
 
 @pytest.fixture(scope="module")
 def rewarded(tmp_path_factory, trained_tiny_dir) -> tuple[Workspace, str]:
     """A workspace with a finished reward run that learned the hidden rule (held-out accuracy >= 0.8)."""
-    ws = make_workspace(tmp_path_factory.mktemp("ppo") / "ws", trained_tiny_dir)
+    ws = exclamation_rule_workspace(tmp_path_factory.mktemp("ppo") / "ws", trained_tiny_dir)
     result = train_reward(ws, ws.load_config())
     assert result.status == "finished", result.message
     with Store(ws.db_path) as store:
@@ -156,7 +109,7 @@ def test_ppo_raises_the_reward_model_score(rewarded):
 def test_ppo_through_4bit_shares_one_quantized_base(tmp_path, trained_tiny_dir):
     import bitsandbytes as bnb
 
-    ws = make_workspace(tmp_path / "ws4", trained_tiny_dir, quantization="4bit")
+    ws = exclamation_rule_workspace(tmp_path / "ws4", trained_tiny_dir, quantization="4bit")
     reward = train_reward(ws, ws.load_config())
     assert reward.status == "finished", reward.message
 

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from rlhf.ppo_math import (
-    AdaptiveKLController,
+    ClassicKLController,
     FixedKLController,
+    LogKLController,
     apply_no_eos_penalty,
+    classic_kl_coef_update,
+    clip_scores,
     chunked_token_logprobs_and_entropy,
     clipped_policy_loss,
     clipped_value_loss,
@@ -19,12 +22,15 @@ from rlhf.ppo_math import (
     kl_k3,
     kl_negative_beyond_noise,
     last_token_index,
+    log_kl_coef_update,
     logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
     per_token_rewards,
+    policy_moved_too_far,
     response_mask,
+    score_dropped,
     softcap_logits,
     standard_error,
 )
@@ -388,24 +394,66 @@ def test_explained_variance_hand_numbers():
 
 # -- KL controllers ----------------------------------------------------------------------------
 
-def test_adaptive_kl_controller_updates():
-    ctl = AdaptiveKLController(0.2, target=6.0, horizon=10000)
-    ctl.update(9.0, n_steps=16)     # 9/6 - 1 = 0.5 -> clipped 0.2: 0.2 * (1 + 0.2 * 16 / 10000) = 0.200064
-    assert ctl.value == approx(0.200064)
-    ctl.update(5.4, n_steps=100)    # 5.4/6 - 1 = -0.1: 0.200064 * (1 - 0.1 * 100 / 10000) = 0.199863936
-    assert ctl.value == approx(0.199863936)
-    ctl.update(0.0, n_steps=1000)   # -1 -> clipped -0.2: * (1 - 0.02) = 0.19586665728
-    assert ctl.value == approx(0.19586665728)
+def test_classic_kl_coef_update():
+    # 9/6 - 1 = 0.5 -> clipped 0.2: 0.2 * (1 + 0.2 * 16 / 10000) = 0.200064
+    assert classic_kl_coef_update(0.2, 9.0, target=6.0, n_samples=16, horizon=10000) == approx(0.200064)
+    # 5.4/6 - 1 = -0.1: 0.2 * (1 - 0.1 * 100 / 10000) = 0.1998
+    assert classic_kl_coef_update(0.2, 5.4, target=6.0, n_samples=100, horizon=10000) == approx(0.1998)
+    # -1 -> clipped -0.2: 0.2 * (1 - 0.2 * 1000 / 10000) = 0.196
+    assert classic_kl_coef_update(0.2, 0.0, target=6.0, n_samples=1000, horizon=10000) == approx(0.196)
 
 
-def test_kl_controllers_state_round_trip():
-    ctl = AdaptiveKLController(0.2, target=6.0, horizon=100)
-    ctl.update(12.0, n_steps=10)
-    restored = AdaptiveKLController(0.05, target=6.0, horizon=100)
-    restored.load_state_dict(ctl.state_dict())
-    assert restored.value == ctl.value == approx(0.2 * 1.02)
+def test_log_kl_coef_update():
+    # 3/2 - 1 = 0.5: 0.1 * e^(0.2 * 0.5) = 0.1 * 1.105170918 = 0.1105170918
+    assert log_kl_coef_update(0.1, 3.0, target=2.0, gain=0.2, lo=1e-3, hi=10.0) == approx(0.1105170918)
+    # 10/2 - 1 = 4 -> clipped 1: 0.1 * e^0.2 = 0.1221402758
+    assert log_kl_coef_update(0.1, 10.0, target=2.0, gain=0.2, lo=1e-3, hi=10.0) == approx(0.1221402758)
+    # no KL: -1: 0.1 * e^-0.2 = 0.0818730753
+    assert log_kl_coef_update(0.1, 0.0, target=2.0, gain=0.2, lo=1e-3, hi=10.0) == approx(0.0818730753)
+    # at target: unchanged; bounds hold: 9.5 * e^0.2 = 11.6 -> 10; 0.0011 * e^-0.2 = 0.0009 -> 0.001
+    assert log_kl_coef_update(0.1, 2.0, target=2.0, gain=0.2, lo=1e-3, hi=10.0) == 0.1
+    assert log_kl_coef_update(9.5, 50.0, target=2.0, gain=0.2, lo=1e-3, hi=10.0) == 10.0
+    assert log_kl_coef_update(0.0011, 0.0, target=2.0, gain=0.2, lo=1e-3, hi=10.0) == 1e-3
+
+
+def test_kl_controllers_update_and_state_round_trip():
+    log = LogKLController(0.1, target=2.0, gain=0.2, lo=1e-3, hi=10.0)
+    log.update(10.0, n_samples=16)  # as in test_log_kl_coef_update, whatever the batch size
+    assert log.value == approx(0.1221402758)
+    assert LogKLController(50.0, target=2.0, gain=0.2, lo=1e-3, hi=10.0).value == 10.0  # init within bounds
+    restored = LogKLController(0.05, target=2.0, gain=0.2, lo=1e-3, hi=10.0)
+    restored.load_state_dict(log.state_dict())
+    assert restored.value == log.value
+
+    classic = ClassicKLController(0.2, target=6.0, horizon=100)
+    classic.update(12.0, n_samples=10)
+    assert classic.value == approx(0.2 * 1.02)
     fixed = FixedKLController(0.05)
-    fixed.update(100.0, n_steps=10)
+    fixed.update(100.0, n_samples=10)
     assert fixed.value == 0.05
     fixed.load_state_dict({"value": 0.1})
     assert fixed.state_dict() == {"value": 0.1}
+
+
+# -- collapse guards ---------------------------------------------------------------------------
+
+def test_policy_moved_too_far():
+    assert policy_moved_too_far(0.06, limit=0.05)
+    assert not policy_moved_too_far(0.05, limit=0.05)  # at the limit: still fine
+    assert not policy_moved_too_far(9.0, limit=0.0)  # 0 = off
+
+
+def test_clip_scores():
+    scores, share = clip_scores(t(-4.0, -1.0, 0.5, 3.5), limit=3.0)
+    assert scores.tolist() == [-3.0, -1.0, 0.5, 3.0] and share.item() == 0.5  # 2 of 4 cut
+    scores, share = clip_scores(t(-40.0, 4.0), limit=0.0)
+    assert scores.tolist() == [-40.0, 4.0] and share.item() == 0.0
+
+
+def test_score_dropped():
+    # previous 1.9 +- 0.8, now -1.3: a fall of 3.2 = 4 std > 1.5
+    assert score_dropped(1.9, 0.8, -1.3, n_std=1.5)
+    # a fall of 1.1 = 1.375 std: not beyond 1.5; a rise never warns; 0 = off
+    assert not score_dropped(1.9, 0.8, 0.8, n_std=1.5)
+    assert not score_dropped(-1.0, 0.8, 2.0, n_std=1.5)
+    assert not score_dropped(1.9, 0.8, -1.3, n_std=0.0)

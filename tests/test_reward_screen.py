@@ -93,7 +93,7 @@ def test_check_setting_reports_the_configs_message_naming_the_key():
 
 
 class FormApp(App):
-    KEYS = ("reward.epochs", "reward.quantization", "ppo.adaptive_kl", "reward.lr")
+    KEYS = ("reward.epochs", "reward.quantization", "ppo.gradient_checkpointing", "reward.lr")
 
     def __init__(self) -> None:
         super().__init__()
@@ -114,7 +114,7 @@ async def test_form_keys_walk_the_fields_past_a_select_and_enter_submits():
         for _ in FormApp.KEYS:
             order.append(app.focused.id)
             await pilot.press("down")
-        assert order == ["setting-reward-epochs", "setting-reward-quantization", "setting-ppo-adaptive_kl",
+        assert order == ["setting-reward-epochs", "setting-reward-quantization", "setting-ppo-gradient_checkpointing",
                          "setting-reward-lr"]
         await pilot.press("up", "up", "up")
         select = app.query_one("#setting-reward-quantization", Select)
@@ -125,7 +125,8 @@ async def test_form_keys_walk_the_fields_past_a_select_and_enter_submits():
         assert select.value == "4bit" and not select.expanded
         await pilot.press("down", "space")  # the checkbox
         assert app.query_one(SettingsForm).values() == {"reward.epochs": 3, "reward.quantization": "4bit",
-                                                        "ppo.adaptive_kl": False, "reward.lr": 0.001}
+                                                        "ppo.gradient_checkpointing": True,
+                                                        "reward.lr": 0.001}
         await pilot.press("down", "enter")
         assert app.submitted == 1
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import Config
 from rlhf.data_io import export_pairs, import_pairs, import_prompts
@@ -69,14 +69,15 @@ def _ids(tokenizer, tokens) -> list[int]:
     return tokenizer.convert_tokens_to_ids(list(tokens))
 
 
-def _steered(model_dir: Path, chat: ChatFormat, stop: str | None) -> tuple[PreTrainedModel, object]:
+def _steered(model_dir: Path, chat: ChatFormat, stop: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model predicting `stop` (or, for None, each stop token) 30% of the time and a special token that is
     not a stop token 20%."""
     tokenizer = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir))
     stops = [stop] if stop else list(chat.stop_tokens)
     not_a_stop = next(t for t in chat.special_tokens if t not in chat.stop_tokens and t != chat.bos)
-    steer(model, {i: 0.3 / len(stops) for i in _ids(tokenizer, stops)} | {tokenizer.convert_tokens_to_ids(not_a_stop): 0.2})
+    probs = {i: 0.3 / len(stops) for i in _ids(tokenizer, stops)}
+    steer(model, probs | {tokenizer.convert_tokens_to_ids(not_a_stop): 0.2})
     return model, tokenizer
 
 
@@ -118,17 +119,18 @@ def test_labeling_answers_end_at_each_stop_token_and_no_special_token_reaches_th
         prompt_file.write_text(UNICODE[0] + "\n", encoding="utf-8")
         import_prompts(store, prompt_file)
         prompt = store.prompts()[0]
-        answers = []
-        for draw in range(4):
+        answers, response_ids = [], []
+        for draw in range(4):  # stored as the engine stores them, then labeled
             pair = sampler.sample(prompt["text"], prompt["messages"], prompt_id=prompt["id"], draw=draw)
             answers += pair.answers
             ids = [store.add_response(prompt["id"], a.text, model="steered", response_tokens=a.tokens,
                                       finished=a.finished) for a in pair.answers]
             store.add_comparison(prompt["id"], ids[0], ids[1], "a")
+            response_ids += ids
         # P(no stop in 64 tokens) = 0.7^64, about 1e-10: every answer ends at the one stop token there is.
         assert all(a.finished and a.tokens < 64 for a in answers)
         assert sum(a.tokens for a in answers) > 0
-        stored = [row["text"] for row in store._query("SELECT text FROM responses")]
+        stored = [store.response(i)["text"] for i in response_ids]
         export = tmp_path / "pairs.jsonl"
         export_pairs(store, export)
     exported = export.read_text(encoding="utf-8")

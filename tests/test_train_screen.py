@@ -79,7 +79,11 @@ async def test_metric_chart_fills_a_buffer_and_redraws_on_its_timer():
         assert plain(chart.border_title) == "KL · k1 – · β – · target 6"
 
 
-def test_kl_target_only_when_adaptive():
+def test_kl_target_only_when_a_controller_steers_to_it():
+    assert kl_target({"ppo": {"kl_controller": "log", "target_kl": 3.0}}) == 3.0
+    assert kl_target({"ppo": {"kl_controller": "classic", "target_kl": 3.0}}) == 3.0
+    assert kl_target({"ppo": {"kl_controller": "fixed", "target_kl": 3.0}}) is None
+    # Runs stored before ppo.kl_controller replaced ppo.adaptive_kl
     assert kl_target({"ppo": {"adaptive_kl": True, "target_kl": 3.0}}) == 3.0
     assert kl_target({"ppo": {"adaptive_kl": False, "target_kl": 3.0}}) is None
 

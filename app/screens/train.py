@@ -2,7 +2,7 @@
 
 Setup: the reward run that scores the policy (default: the latest finished one) and the PPO settings
 (defaults from the config; each field checked as typed). Launching switches to the live panes:
-reward (score and RLHF reward), KL (k1, k3, the coefficient β on the right axis, the adaptive target
+reward (score and RLHF reward), KL (k1, k3, the coefficient β on the right axis, the controller's target
 as a line), entropy, the newest sample generations, and a status bar (step/total, elapsed, ETA,
 tokens/s, time per phase, last checkpoint). `m` swaps in the secondary metrics, `f` goes back to the
 setup, `s` stops (twice: at once). Stopped and interrupted runs are resumed from the Runs screen.
@@ -24,7 +24,7 @@ from ..widgets.settings_form import FieldNavigation, SettingsForm
 from .live_run import LiveRunScreen
 
 PPO_FORM_KEYS = ("ppo.steps", "ppo.batch_size", "ppo.minibatches", "ppo.ppo_epochs", "ppo.lr", "ppo.init_kl_coef",
-                 "ppo.adaptive_kl", "ppo.target_kl", "ppo.max_new_tokens", "ppo.temperature",
+                 "ppo.kl_controller", "ppo.target_kl", "ppo.max_new_tokens", "ppo.temperature",
                  "ppo.checkpoint_every", "model.quantization")
 
 

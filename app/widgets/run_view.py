@@ -73,9 +73,11 @@ REWARD_CHARTS = (
 
 
 def kl_target(config: dict[str, Any]) -> float | None:
-    """The KL the adaptive controller steers towards, or None when the coefficient is fixed."""
+    """The KL the controller steers towards, or None when the coefficient is fixed."""
     ppo = config.get("ppo", {})
-    return ppo.get("target_kl") if ppo.get("adaptive_kl") else None
+    # Runs stored before ppo.kl_controller have ppo.adaptive_kl instead.
+    controller = ppo.get("kl_controller", "classic" if ppo.get("adaptive_kl") else "fixed")
+    return ppo.get("target_kl") if controller != "fixed" else None
 
 
 class SamplesPane(VerticalScroll, can_focus=False):
