@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .config import Workspace
 from .data_io import import_pairs
@@ -104,29 +104,19 @@ def train_byte_level_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTra
 def build_tiny_llama(out_dir: Path | str, *, corpus: Iterable[str] | None = None, vocab_size: int = 384,
                      hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 128,
                      max_position_embeddings: int = 512, chat_template: bool = True, seed: int = 0) -> Path:
-    """Train a tokenizer, build a seeded random LlamaForCausalLM and save both (safetensors) to `out_dir`.
+    """Train a tokenizer on `corpus` (default: the generated sentences), build a seeded random
+    LlamaForCausalLM of these sizes and save both (safetensors) to `out_dir`, which it returns.
 
-    The global torch RNG is left as it was. Returns `out_dir`.
+    The global torch RNG is left as it was.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_byte_level_tokenizer(corpus if corpus is not None else generated_sentences(seed=seed),
                                            vocab_size)
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_heads, intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+    sizes = {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
+             "num_key_value_heads": num_heads, "intermediate_size": intermediate_size,
+             "max_position_embeddings": max_position_embeddings}
+    return build_tiny_model(out_dir, "llama", tokenizer=tokenizer, sizes=sizes, seed=seed)
 
 
 # Each popular family at tiny size: its transformers config class and the settings that make it that family
@@ -162,11 +152,13 @@ _TINY_SIZES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads":
 
 
 def build_tiny_model(out_dir: Path | str, family: str, *, tokenizer: PreTrainedTokenizerFast | None = None,
-                     vocab_size: int = 384, stop_tokens: list[str] | None = None, seed: int = 0) -> Path:
+                     vocab_size: int = 384, stop_tokens: list[str] | None = None, sizes: dict[str, int] | None = None,
+                     seed: int = 0) -> Path:
     """A seeded random causal LM of `family` (a key of FAMILIES) with `tokenizer` (default: a byte-level BPE
     of `vocab_size` with the tiny chat template), saved (safetensors) to `out_dir`, which it returns.
 
-    `stop_tokens` become the generation config's list of EOS ids, as chat models ship them.
+    `stop_tokens` become the generation config's list of EOS ids, as chat models ship them. `sizes` overrides
+    the shared tiny sizes (transformers' names: hidden_size, num_hidden_layers, ...; not GPT-2's n_embd & co).
 
     The global torch RNG is left as it was.
     """
@@ -178,10 +170,11 @@ def build_tiny_model(out_dir: Path | str, family: str, *, tokenizer: PreTrainedT
     config_class, settings = FAMILIES[family]
     tokens = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    shape = _TINY_SIZES | (sizes or {})
     if "text_config" in settings:  # a multimodal model: the language model is its text part
-        settings = settings | {"text_config": _TINY_SIZES | settings["text_config"] | tokens}
+        settings = settings | {"text_config": shape | settings["text_config"] | tokens}
     else:
-        settings = ({} if family == "gpt2" else _TINY_SIZES) | settings | tokens
+        settings = ({} if family == "gpt2" else shape) | settings | tokens
     config = getattr(transformers, config_class)(**settings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
