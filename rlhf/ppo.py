@@ -51,9 +51,11 @@ REWARD_ADAPTER = "reward"
 REFERENCE_ADAPTER = "reference"  # the frozen SFT adapter, when PPO starts from one
 LOCK_FILE = "ppo.lock"
 SAMPLES_PER_STEP = 4
-# Logits held at once while turning hidden states into log-probs: 2**22 fp32 values are 16 MiB (times the few
-# copies softmax makes), whatever the vocabulary; a 151k vocabulary gets 27 positions per chunk.
-LOGIT_CHUNK_ELEMENTS = 2**22
+# Logits per chunk while turning hidden states into log-probs: at least 2**23 (fewer than 2**24), whatever the
+# vocabulary; a 151k vocabulary gets 56-111 positions per chunk. Not smaller: glibc serves fp32 tensors under
+# 32 MiB from its heap once its mmap threshold has risen, and a run of such chunks left a 151k-vocabulary
+# step holding 2.5 GB of freed memory; from 32 MiB up each tensor is mmapped and returned when freed.
+LOGIT_CHUNK_ELEMENTS = 2**23
 
 
 class NonFiniteError(Exception):
@@ -91,7 +93,7 @@ def response_forward(model: PeftModel, input_ids: Tensor, attention_mask: Tensor
 
 def response_logprobs(model: PeftModel, hidden: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """Log-probs of the response tokens and next-token entropies ([B, R] each) from `response_forward`'s
-    hidden states, never holding more than about LOGIT_CHUNK_ELEMENTS logits at once.
+    hidden states, holding the logits of one chunk of LOGIT_CHUNK_ELEMENTS to twice that at a time.
 
     The model's own output module runs (quantized, tied or LoRA-wrapped alike), followed by its final-logit
     soft-capping (Gemma 2) when the config has one: the distribution `generate` samples from.
@@ -99,7 +101,7 @@ def response_logprobs(model: PeftModel, hidden: Tensor, tokens: Tensor, temperat
     lm = model.get_base_model()
     text_config = lm.config.get_text_config()
     return chunked_token_logprobs_and_entropy(
-        hidden, lm.get_output_embeddings(), tokens, temperature, max(1, LOGIT_CHUNK_ELEMENTS // text_config.vocab_size),
+        hidden, lm.get_output_embeddings(), tokens, temperature, -(-LOGIT_CHUNK_ELEMENTS // text_config.vocab_size),
         softcap=getattr(text_config, "final_logit_softcapping", None))
 
 

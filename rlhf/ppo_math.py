@@ -16,7 +16,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -28,23 +27,18 @@ def _at_least_fp32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
-    """Token log-probabilities: log_softmax(logits / T)[token].
+def logprobs_and_entropy_from_logits(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Token log-probabilities and the entropy of the full next-token distribution, z = logits / T:
 
+    log p(token) = z[token] - logsumexp(z) ;  H = logsumexp(z) - sum(softmax(z) * z).
     Dividing by the sampling temperature T makes these the log-probs of the distribution the rollout
-    actually sampled from (otherwise KL turns negative). logits [..., V], tokens [...] -> [...].
-    """
-    logp_all = F.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)
-    return logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: Tensor, temperature: float) -> Tensor:
-    """Entropy of the full next-token distribution: H = logsumexp(z) - sum(softmax(z) * z), z = logits / T.
-
-    logits [..., V] -> [...] (one entropy per position; mask it with `masked_mean`).
+    actually sampled from (otherwise KL turns negative). One shared logsumexp and no log_softmax copy keep
+    the [..., V] temporaries few. logits [..., V], tokens [...] -> ([...], [...]).
     """
     z = _at_least_fp32(logits) / temperature
-    return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(dim=-1)
+    log_normalizer = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_normalizer
+    return logp, log_normalizer - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
 
 
 def softcap_logits(logits: Tensor, cap: float) -> Tensor:
@@ -55,21 +49,24 @@ def softcap_logits(logits: Tensor, cap: float) -> Tensor:
 def chunked_token_logprobs_and_entropy(hidden: Tensor, lm_head: Callable[[Tensor], Tensor], tokens: Tensor,
                                        temperature: float, chunk_size: int,
                                        softcap: float | None = None) -> tuple[Tensor, Tensor]:
-    """Log-probs of `tokens` and next-token entropies from last hidden states, never holding the logits of
-    more than `chunk_size` positions at once: hidden [B, T, H], tokens [B, T] -> ([B, T], [B, T]).
+    """Log-probs of `tokens` and next-token entropies from last hidden states, holding the logits of one
+    chunk of positions at a time: hidden [B, T, H], tokens [B, T] -> ([B, T], [B, T]).
 
-    Per chunk of positions: logits = lm_head(h), upcast to fp32, soft-capped when `softcap` is set, then
-    `logprobs_from_logits` and `entropy_from_logits` at `temperature`. Under autograd each chunk is
-    checkpointed: backward recomputes its logits rather than keeping every chunk's [chunk, V] tensors, and
-    the gradients (to `hidden` and to the head's own parameters) equal those of the unchunked formulas.
+    The B x T positions go in N // chunk_size nearly equal chunks (one when N < 2 x chunk_size): each has
+    at least `chunk_size` positions and fewer than twice that, never a small remainder. Per chunk:
+    logits = lm_head(h), upcast to fp32, soft-capped when `softcap` is set, then
+    `logprobs_and_entropy_from_logits` at `temperature`. Under autograd each chunk is checkpointed: backward
+    recomputes its logits rather than keeping every chunk's [chunk, V] tensors, and the gradients (to
+    `hidden` and to the head's own parameters) equal those of the unchunked formula.
     """
     def chunk_stats(chunk_hidden: Tensor, chunk_tokens: Tensor) -> tuple[Tensor, Tensor]:
         logits = _at_least_fp32(lm_head(chunk_hidden))
         if softcap:
             logits = softcap_logits(logits, softcap)
-        return logprobs_from_logits(logits, chunk_tokens, temperature), entropy_from_logits(logits, temperature)
+        return logprobs_and_entropy_from_logits(logits, chunk_tokens, temperature)
 
-    chunks = zip(hidden.flatten(0, 1).split(chunk_size), tokens.flatten().split(chunk_size))
+    n_chunks = max(1, tokens.numel() // chunk_size)
+    chunks = zip(hidden.flatten(0, 1).tensor_split(n_chunks), tokens.flatten().tensor_split(n_chunks))
     if torch.is_grad_enabled():
         stats = [checkpoint(chunk_stats, h, t, use_reentrant=False) for h, t in chunks]
     else:

@@ -29,7 +29,7 @@ from rlhf.checkpoints import CHECKPOINTS_DIR
 from rlhf.ppo import (LOCK_FILE, POLICY_ADAPTER, REFERENCE_ADAPTER, REWARD_ADAPTER, SeparateReward, SharedBaseReward,
                       build_trainer, ppo_lock, prepare_prompts, prompt_batch, response_forward, response_logprobs,
                       run_ppo)
-from rlhf.ppo_math import logprobs_from_logits
+from rlhf.ppo_math import logprobs_and_entropy_from_logits
 from rlhf.reward import RewardScorer, train_reward
 from rlhf.store import Store
 from rlhf.tiny import exclamation_rule_workspace, pretrain_tiny_llama
@@ -147,7 +147,7 @@ def test_rollout_log_probs_match_what_generate_sampled(rewarded):
     mask = rollout.response_mask
     assert torch.equal(torch.where(mask, sampled, 0), torch.where(mask, rollout.response_ids, 0))
     assert not (rollout.response_ids[~mask] != trainer.tokenizer.pad_token_id).any()  # after EOS: padding
-    expected = logprobs_from_logits(torch.stack(generated.logits, dim=1), sampled, 0.7)
+    expected, _ = logprobs_and_entropy_from_logits(torch.stack(generated.logits, dim=1), sampled, 0.7)
     with torch.no_grad():
         hidden = response_forward(trainer.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
         ours, _ = response_logprobs(trainer.model, hidden, rollout.response_ids, 0.7)
@@ -173,10 +173,9 @@ def tiny_causal_lm(family: str):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_response_logprobs_equal_the_models_own_logits_and_gradients(family, monkeypatch):
-    """Chunked log-probs and entropies (3 positions per chunk here) equal those from the model's full
+    """Chunked log-probs and entropies (3-4 positions per chunk here) equal those from the model's full
     forward (`.logits`, soft-capped by transformers for Gemma 2), and so do their gradients to the LoRA."""
     from rlhf import ppo
-    from rlhf.ppo_math import entropy_from_logits
 
     monkeypatch.setattr(ppo, "LOGIT_CHUNK_ELEMENTS", 3 * 1000)
     model = tiny_causal_lm(family)
@@ -193,7 +192,7 @@ def test_response_logprobs_equal_the_models_own_logits_and_gradients(family, mon
         return torch.autograd.grad((logp * weights).sum() + 0.3 * entropy.sum(), lora)
 
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, prompt_len - 1:-1]
-    expected = (logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits, temperature))
+    expected = logprobs_and_entropy_from_logits(logits, tokens, temperature)
     hidden = response_forward(model, input_ids, attention_mask, prompt_len)
     ours = response_logprobs(model, hidden, tokens, temperature)
     for mine, theirs in zip(ours, expected):
@@ -201,7 +200,8 @@ def test_response_logprobs_equal_the_models_own_logits_and_gradients(family, mon
     for mine, theirs in zip(loss_and_grads(*ours), loss_and_grads(*expected)):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10)
     if family == "gemma2":  # the cap matters: the uncapped head is off by far more than the 1e-10 allowed
-        uncapped = logprobs_from_logits(model.get_base_model().get_output_embeddings()(hidden), tokens, temperature)
+        uncapped, _ = logprobs_and_entropy_from_logits(model.get_base_model().get_output_embeddings()(hidden), tokens,
+                                                       temperature)
         assert (uncapped - expected[0]).abs().max() > 1e-3
 
 

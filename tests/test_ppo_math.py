@@ -15,7 +15,6 @@ from rlhf.ppo_math import (
     chunked_token_logprobs_and_entropy,
     clipped_policy_loss,
     clipped_value_loss,
-    entropy_from_logits,
     explained_variance,
     gae,
     kl_k1,
@@ -23,7 +22,7 @@ from rlhf.ppo_math import (
     kl_negative_beyond_noise,
     last_token_index,
     log_kl_coef_update,
-    logprobs_from_logits,
+    logprobs_and_entropy_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -52,8 +51,8 @@ def approx(x, rel=1e-9, abs=1e-9):
 def test_logprobs_divide_logits_by_temperature():
     # logits [0, ln 3] -> probs [1/4, 3/4]; at T = 2, logits [0, ln 9] / 2 are the same [0, ln 3].
     logits = torch.tensor([[[0.0, math.log(3)], [0.0, math.log(9)]]], dtype=F64)
-    logp_t1 = logprobs_from_logits(logits[:, :1], torch.tensor([[1]]), temperature=1.0)
-    logp_t2 = logprobs_from_logits(logits[:, 1:], torch.tensor([[0]]), temperature=2.0)
+    logp_t1, _ = logprobs_and_entropy_from_logits(logits[:, :1], torch.tensor([[1]]), temperature=1.0)
+    logp_t2, _ = logprobs_and_entropy_from_logits(logits[:, 1:], torch.tensor([[0]]), temperature=2.0)
     assert logp_t1.item() == approx(math.log(0.75))
     assert logp_t2.item() == approx(math.log(0.25))
 
@@ -61,13 +60,15 @@ def test_logprobs_divide_logits_by_temperature():
 def test_entropy_of_uniform_is_log_vocab_at_any_temperature():
     logits = torch.zeros(2, 3, 7)
     for temperature in (0.5, 1.0, 3.0):
-        assert torch.allclose(entropy_from_logits(logits, temperature), torch.full((2, 3), math.log(7)))
+        _, entropy = logprobs_and_entropy_from_logits(logits, torch.zeros(2, 3, dtype=torch.long), temperature)
+        assert torch.allclose(entropy, torch.full((2, 3), math.log(7)))
 
 
 def test_entropy_hand_numbers_and_temperature():
     # probs [1/4, 3/4]: H = 0.25 ln 4 + 0.75 ln(4/3) = 0.346574 + 0.215762 = 0.562335
-    h_t1 = entropy_from_logits(torch.tensor([[[0.0, math.log(3)]]], dtype=F64), 1.0)
-    h_t2 = entropy_from_logits(torch.tensor([[[0.0, math.log(9)]]], dtype=F64), 2.0)
+    token = torch.tensor([[0]])
+    _, h_t1 = logprobs_and_entropy_from_logits(torch.tensor([[[0.0, math.log(3)]]], dtype=F64), token, 1.0)
+    _, h_t2 = logprobs_and_entropy_from_logits(torch.tensor([[[0.0, math.log(9)]]], dtype=F64), token, 2.0)
     assert h_t1.item() == approx(0.5623351446, rel=1e-8)
     assert h_t2.item() == approx(0.5623351446, rel=1e-8)
 
@@ -83,10 +84,10 @@ def unchunked_logprobs_and_entropy(hidden, lm_head, tokens, temperature, softcap
     logits = lm_head(hidden)
     if softcap:
         logits = softcap_logits(logits, softcap)
-    return logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits, temperature)
+    return logprobs_and_entropy_from_logits(logits, tokens, temperature)
 
 
-def head_and_batch(vocab=11, width=5, batch=3, length=4, bias=True, seed=0):
+def head_and_batch(vocab=11, width=5, batch=3, length=5, bias=True, seed=0):
     """A linear LM head and hidden states in fp64, so that chunked and unchunked agree to rounding (1e-10):
     in fp32 the head's gradient sums rows in another order, which alone differs by ~1e-6."""
     torch.manual_seed(seed)
@@ -102,7 +103,7 @@ def grads_of(outputs, inputs):
     return torch.autograd.grad(loss, inputs)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 12, 100])  # one row, a ragged last chunk, exact split, one chunk
+@pytest.mark.parametrize("chunk_size", [1, 4, 6, 100])  # of 15 positions: 15 chunks, 3 of 5, 8 + 7, one
 @pytest.mark.parametrize("softcap", [None, 1.5])
 def test_chunked_logprobs_entropy_and_gradients_equal_unchunked(chunk_size, softcap):
     head, hidden, tokens = head_and_batch()
@@ -114,6 +115,21 @@ def test_chunked_logprobs_entropy_and_gradients_equal_unchunked(chunk_size, soft
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
     for ours, theirs in zip(grads_of(chunked, params), grads_of(expected, params)):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size, sizes", [(1, [1] * 15), (4, [5, 5, 5]), (6, [8, 7]), (8, [15]), (100, [15])])
+def test_chunks_hold_chunk_size_to_twice_that_positions(chunk_size, sizes):
+    """No small remainder chunk: 15 positions in chunks of 6 are 8 + 7, not 6 + 6 + 3."""
+    head, hidden, tokens = head_and_batch()
+    seen = []
+
+    def recording_head(h):
+        seen.append(h.shape[0])
+        return head(h)
+
+    with torch.no_grad():
+        chunked_token_logprobs_and_entropy(hidden, recording_head, tokens, 1.0, chunk_size)
+    assert seen == sizes
 
 
 def test_softcap_changes_the_chunked_logprobs():
@@ -378,7 +394,8 @@ def test_entropy_and_kl_means_ignore_pads():
     logits = torch.zeros(1, 2, 4)
     logits[0, 1] = float("nan")  # a pad position full of garbage
     mask = torch.tensor([[True, False]])
-    assert masked_mean(entropy_from_logits(logits, 1.0), mask).item() == approx(math.log(4), rel=1e-6)
+    _, entropy = logprobs_and_entropy_from_logits(logits, torch.zeros(1, 2, dtype=torch.long), 1.0)
+    assert masked_mean(entropy, mask).item() == approx(math.log(4), rel=1e-6)
     assert masked_mean(kl_k3(t([0.0, NAN]), t([0.0, 1.0])), mask).item() == 0.0
 
 
