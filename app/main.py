@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from textual import events
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.content import Content
@@ -53,6 +54,28 @@ def keymap_problems(keymap: dict[str, Any], known_ids: set[str]) -> list[str]:
     return problems
 
 
+def read_guidelines(root: Path, name: str) -> tuple[str | None, str | None]:
+    """The workspace's labeling guidelines file `name` (`[label] guidelines`): (text, None); (None, None) when
+    there is no such file; (None, one line saying why) when it cannot be shown. Only a regular file inside the
+    workspace is read, symlinks resolved: the setting must not display /etc/shadow, nor block on a FIFO."""
+    workspace = root.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(workspace):
+        return None, (f"[label] guidelines = {name!r} is outside the workspace: only a file inside {workspace} "
+                      "is shown")
+    if not path.exists():
+        return None, None
+    if not path.is_file():
+        return None, f"[label] guidelines = {name!r} is not a regular file (a directory?): name a markdown file"
+    try:
+        return path.read_text(encoding="utf-8"), None
+    except UnicodeDecodeError as exc:
+        return None, (f"[label] guidelines = {name!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                      f"offset {exc.start}): save it as UTF-8")
+    except OSError as exc:
+        return None, f"[label] guidelines = {name!r} cannot be read: {exc.strerror or exc}"
+
+
 class RlhfApp(App):
     CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere find it too
     TITLE = "rlhf-tui"
@@ -74,6 +97,7 @@ class RlhfApp(App):
         self.store.mark_interrupted_runs()  # runs killed with an earlier app (or headless) say so from the start
         self.engine = EngineClient(workspace, dotted_settings(config))
         self._engine_listeners: list[EngineListener] = []
+        self.last_key_at = 0.0  # when the latest key was pressed (its event's time): decisions are timed by it
 
     def on_mount(self) -> None:
         keymap = self.config.label.keymap
@@ -86,6 +110,11 @@ class RlhfApp(App):
             self.set_keymap(keymap)
         self.engine.start()
         self.set_interval(ENGINE_POLL_INTERVAL_S, self._drain_engine)
+
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Key):
+            self.last_key_at = event.time
+        await super().on_event(event)
 
     def on_unmount(self) -> None:
         self.engine.stop()
@@ -144,12 +173,9 @@ class RlhfApp(App):
         yield SystemCommand("Restart engine", "Stop the engine process and start a fresh one",
                             self.action_restart_engine)
 
-    def guidelines(self) -> str | None:
-        """The workspace's labeling guidelines (markdown), or None when there is no such file."""
-        try:
-            return (self.workspace.root / self.config.label.guidelines).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
+    def guidelines(self) -> tuple[str | None, str | None]:
+        """The workspace's labeling guidelines (markdown) and why they cannot be shown, as `read_guidelines`."""
+        return read_guidelines(self.workspace.root, self.config.label.guidelines)
 
 
 def run_app(workspace: Workspace, config: Config, annotator: str | None = None) -> int:

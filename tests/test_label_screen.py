@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from app.main import RlhfApp, dotted_settings, keymap_problems
+from app.main import RlhfApp, dotted_settings, keymap_problems, read_guidelines
 from app.screens import TABS
 from app.screens.dialogs import HelpScreen, NoteModal
-from app.screens.label import STRONG_MARGIN, LabelScreen, decision_ms, pairs_to_request
+from app.screens.label import (MIN_LOOK_MS, STRONG_MARGIN, LabelScreen, decision_ms, early_key_refusal, note_preview,
+                               pairs_to_request)
 from app.widgets.answer import TextPane, visible_text
 from rlhf.config import Config, Workspace
 from rlhf.store import PromptItem, Store
@@ -34,6 +35,38 @@ def test_decision_ms():
     assert decision_ms(10.0, 10.25) == 250
     assert decision_ms(10.0, 10.0004) == 0
     assert decision_ms(10.0, 9.0) == 0  # never negative
+
+
+def test_early_key_refusal():
+    assert early_key_refusal(10.0, 10.25, min_look_ms=250) is None
+    assert early_key_refusal(10.0, 12.0, min_look_ms=250) is None
+    assert early_key_refusal(10.0, 10.249, min_look_ms=250).startswith("too fast: look at the pair first")
+    assert early_key_refusal(10.0, 9.5, min_look_ms=250).startswith("key dropped")  # typed before the paint
+    assert early_key_refusal(None, 10.0, min_look_ms=250).startswith("key dropped")  # not painted whole yet
+
+
+def test_note_preview():
+    assert note_preview("too short") == "too short"
+    assert note_preview("x" * 100, limit=10) == "x" * 9 + "…"
+    assert note_preview("first\nsecond\nthird") == "first (+2 more lines)"
+
+
+def test_read_guidelines(tmp_path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    assert read_guidelines(root, "guidelines.md") == (None, None)  # no file: the help says how to write one
+    (root / "guidelines.md").write_text("# Be kind", encoding="utf-8")
+    assert read_guidelines(root, "guidelines.md") == ("# Be kind", None)
+    (root / "latin1.md").write_bytes("caf\xe9".encode("latin-1"))
+    assert read_guidelines(root, "latin1.md") == (
+        None, "[label] guidelines = 'latin1.md' is not UTF-8 text (byte 0xe9 at offset 3): save it as UTF-8")
+    (root / "folder").mkdir()
+    assert read_guidelines(root, "folder")[1].startswith("[label] guidelines = 'folder' is not a regular file")
+    (tmp_path / "secret").write_text("root:x:0", encoding="utf-8")
+    (root / "link.md").symlink_to(tmp_path / "secret")
+    for name in ("/etc/shadow", "../secret", "link.md"):
+        text, problem = read_guidelines(root, name)
+        assert text is None and problem.startswith(f"[label] guidelines = {name!r} is outside the workspace"), name
 
 
 def test_pairs_to_request():
@@ -87,6 +120,15 @@ async def wait_until(pilot, predicate, timeout_s: float = PAIR_TIMEOUT_S, what: 
         await pilot.pause(0.05)
 
 
+def ready_to_decide(screen: LabelScreen) -> bool:
+    """A pair has been on screen long enough for a decision key to count (with a margin for a busy box)."""
+    return screen.current is not None and (screen.visible_ms() or 0) >= MIN_LOOK_MS + 50
+
+
+async def wait_ready_to_decide(pilot, screen: LabelScreen, timeout_s: float = PAIR_TIMEOUT_S, what: str = "a pair"):
+    await wait_until(pilot, lambda: ready_to_decide(screen), timeout_s, what)
+
+
 def rows(workspace: Workspace) -> list[dict]:
     with Store(workspace.db_path) as store:
         return store.comparisons()
@@ -124,9 +166,8 @@ async def test_every_key_against_a_real_engine(workspace, tiny_model_dir):
 
         sides_seen = set()
         for key, choice, margin in DECISION_KEYS:
-            await wait_until(pilot, lambda: screen.current is not None, what=f"a pair before {key!r}")
+            await wait_ready_to_decide(pilot, screen, what=f"a pair before {key!r}")
             pair, before = screen.current, len(rows(workspace))
-            await pilot.pause(0.2)  # think time, so the stored decision time has a floor
             await pilot.press(key)
             after = rows(workspace)
             assert len(after) == before + 1, key
@@ -135,7 +176,7 @@ async def test_every_key_against_a_real_engine(workspace, tiny_model_dir):
             assert (row["prompt_id"], row["response_a_id"], row["response_b_id"]) == (pair.prompt_id, pair.a.id,
                                                                                       pair.b.id)
             assert row["annotator"] == "ann" and row["source"] == "label"
-            assert 200 <= row["decision_ms"] < 60_000
+            assert MIN_LOOK_MS <= row["decision_ms"] < 60_000
             for response_id in (row["response_a_id"], row["response_b_id"]):
                 stored = response(workspace, response_id)
                 assert stored["model"] == str(tiny_model_dir) and stored["sampling"]["temperature"] == 1.5
@@ -146,7 +187,7 @@ async def test_every_key_against_a_real_engine(workspace, tiny_model_dir):
         assert screen.labeled_session == len(DECISION_KEYS)
 
         # Undo (u, backspace) deletes exactly the last row and brings its pair back.
-        await wait_until(pilot, lambda: screen.current is not None, what="a pair before undo")
+        await wait_ready_to_decide(pilot, screen, what="a pair before undo")
         all_rows = rows(workspace)
         await pilot.press("u")
         assert rows(workspace) == all_rows[:-1]
@@ -161,6 +202,7 @@ async def test_every_key_against_a_real_engine(workspace, tiny_model_dir):
         await pilot.press(*"too", "space", *"short", "enter")
         assert app.screen is screen and screen.pending_note == "too short"
         noted_pair = screen.current
+        await wait_ready_to_decide(pilot, screen)
         await pilot.press("t")
         last = rows(workspace)[-1]
         assert (last["note"], last["choice"], last["response_a_id"]) == ("too short", "tie", noted_pair.a.id)
@@ -170,6 +212,7 @@ async def test_every_key_against_a_real_engine(workspace, tiny_model_dir):
         old = screen.current
         await pilot.press("r")
         await wait_until(pilot, lambda: screen.current is not old, what="the regenerated pair")
+        await wait_ready_to_decide(pilot, screen, what="the regenerated pair, readable")
         fresh = screen.current
         assert fresh.regenerated and fresh.prompt_id == old.prompt_id
         assert min(fresh.a.id, fresh.b.id) > max(old.a.id, old.b.id)
@@ -193,7 +236,7 @@ async def test_engine_death_is_shown_and_restart_recovers(workspace):
     async with app.run_test(size=(90, 30)) as pilot:  # narrow: answers stacked
         screen = app.screen
         assert screen.has_class("-narrow")
-        await wait_until(pilot, lambda: screen.current is not None and screen.queue, ENGINE_TIMEOUT_S,
+        await wait_until(pilot, lambda: ready_to_decide(screen) and screen.queue, ENGINE_TIMEOUT_S,
                          "a pair and a prefetched one")
         assert screen.query_one("#answer-a").region.y < screen.query_one("#answer-b").region.y
         os.kill(app.engine.pid, signal.SIGKILL)
@@ -201,10 +244,11 @@ async def test_engine_death_is_shown_and_restart_recovers(workspace):
         assert "SIGKILL" in screen.engine_error
         assert app.check_action("restart_engine", ()) is True
         await pilot.press("a")  # pairs already here can still be labeled
+        await wait_ready_to_decide(pilot, screen)
         await pilot.press("a")
         assert len(rows(workspace)) == 2 and screen.current is None
         await pilot.press("ctrl+r")
-        await wait_until(pilot, lambda: screen.current is not None, ENGINE_TIMEOUT_S, "a pair from the new engine")
+        await wait_ready_to_decide(pilot, screen, ENGINE_TIMEOUT_S, "a pair from the new engine")
         assert screen.engine_error is None
         await pilot.press("b")
         assert [r["choice"] for r in rows(workspace)] == ["a", "a", "b"]
@@ -214,6 +258,7 @@ LABELING_SCRIPT = textwrap.dedent("""
     import asyncio, sys
     from rlhf.config import Workspace
     from app.main import RlhfApp
+    from app.screens.label import MIN_LOOK_MS
 
     async def main(workspace, progress_path):
         ws = Workspace(workspace)
@@ -224,7 +269,7 @@ LABELING_SCRIPT = textwrap.dedent("""
                 progress.write(f"engine {app.engine.pid}\\n")
                 progress.flush()
                 while True:
-                    if screen.current is None:
+                    if screen.current is None or (screen.visible_ms() or 0) < MIN_LOOK_MS + 50:
                         await pilot.pause(0.05)
                         continue
                     await pilot.press("a")

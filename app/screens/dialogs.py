@@ -1,4 +1,4 @@
-"""Modal dialogs of the label screen: a one-line note, and help with the labeling guidelines."""
+"""Modal dialogs of the label screen: a note, and help with the labeling guidelines."""
 
 from __future__ import annotations
 
@@ -6,16 +6,22 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Input, Label, Markdown
+from textual.widgets import Label, Markdown, TextArea
 
 NO_GUIDELINES = ("_No guidelines yet._ Write them in a markdown file in the workspace "
                  "(`{name}`, set by `[label] guidelines` in rlhf.toml) and they appear here and at first start.")
 
 
 class NoteModal(ModalScreen[str | None]):
-    """Asks for a note; dismisses with the text (empty string clears), or None when cancelled."""
+    """Asks for a note; dismisses with the text (empty string clears), or None when cancelled.
 
-    BINDINGS = [Binding("escape", "cancel", "cancel")]
+    A multi-line field: a pasted note keeps every line. Enter keeps the note (priority: before the field
+    would insert a line break); ctrl+j starts a new line by hand.
+    """
+
+    BINDINGS = [Binding("escape", "cancel", "cancel"),
+                Binding("enter", "keep", "keep", priority=True),
+                Binding("ctrl+j", "new_line", "new line", priority=True)]
 
     def __init__(self, current: str | None) -> None:
         super().__init__()
@@ -23,11 +29,19 @@ class NoteModal(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="note-dialog", classes="dialog"):
-            yield Label("Note for this pair (stored with your decision; enter to keep, escape to cancel)")
-            yield Input(self.current, placeholder="e.g. both answers ignore the question", id="note-input")
+            yield Label("Note for this pair (stored with your decision; enter to keep, ctrl+j new line, "
+                        "escape to cancel)")
+            yield TextArea(self.current, placeholder="e.g. both answers ignore the question", id="note-input",
+                           soft_wrap=True, show_line_numbers=False)
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.dismiss(event.value.strip())
+    def on_mount(self) -> None:
+        self.query_one(TextArea).move_cursor(self.query_one(TextArea).document.end)
+
+    def action_keep(self) -> None:
+        self.dismiss(self.query_one(TextArea).text.strip())
+
+    def action_new_line(self) -> None:
+        self.query_one(TextArea).insert("\n")
 
     def action_cancel(self) -> None:
         self.dismiss(None)

@@ -5,14 +5,19 @@ engine only ever samples and stores answers. Pairs come from the engine ahead of
 
 A note (`n`) belongs to the pair on screen and is stored with the decision made on it; undoing a
 decision brings its pair and its note back.
+
+A decision key counts only for a pair the person could read: its prompt and both answers on screen
+(painted, each with at least one line visible) for MIN_LOOK_MS before the key was pressed, the key's time
+taken from its event. Faster keys, keys typed before the pair was painted (e.g. queued while the UI
+stalled) and keys on a terminal too small to show the panes are dropped with a notice.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass
 
+from textual._time import get_time as event_clock  # the clock Textual stamps key events with
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, Vertical
@@ -27,6 +32,10 @@ from .dialogs import NO_GUIDELINES, HelpScreen, NoteModal
 
 STRONG_MARGIN = 1.0  # stored as trl's `margin` for a shift+A / shift+B decision; a normal one stores None
 SCROLL_LINES = 3
+# Human visual reaction time is about 200 ms: a key within 250 ms of the pair appearing was typed before
+# it could be read (a held or typed-ahead key), yet no real reading of two answers is that fast.
+MIN_LOOK_MS = 250
+NOTE_PREVIEW_CHARS = 60
 
 
 @dataclass
@@ -39,6 +48,24 @@ class Decision:
 def decision_ms(shown_at: float, decided_at: float) -> int:
     """Decision time: milliseconds from the pair being shown to the deciding key (monotonic clock)."""
     return max(0, round((decided_at - shown_at) * 1000))
+
+
+def early_key_refusal(visible_since: float | None, key_at: float, min_look_ms: int = MIN_LOOK_MS) -> str | None:
+    """Why a decision key pressed at `key_at` does not count for a pair fully visible since `visible_since`
+    (None: not painted whole yet), or None when it counts: at least `min_look_ms` after it appeared."""
+    if visible_since is None or key_at < visible_since:
+        return "key dropped: it was typed before this pair was on screen; read the pair, then decide"
+    if decision_ms(visible_since, key_at) < min_look_ms:
+        return f"too fast: look at the pair first (a decision counts {min_look_ms} ms after the pair shows)"
+    return None
+
+
+def note_preview(note: str, limit: int = NOTE_PREVIEW_CHARS) -> str:
+    """A note as one short line for the notice bar: its first line, cut to `limit` characters, and how many
+    lines it has (the whole note is stored)."""
+    lines = note.splitlines() or [""]
+    first = lines[0] if len(lines[0]) <= limit else lines[0][:limit - 1] + "…"
+    return first if len(lines) == 1 else f"{first} (+{len(lines) - 1} more lines)"
 
 
 def pairs_to_request(prefetch: int, held: int, requested: int) -> int:
@@ -86,7 +113,7 @@ class LabelScreen(Screen):
         self.requested = 0
         self.regenerating: int | None = None  # prompt id whose fresh pair is on its way
         self.pending_note: str | None = None
-        self.shown_at = 0.0
+        self.visible_since: float | None = None  # when the pair on screen was first painted whole
         self.labeled_session = 0
         self.labeled_total = 0
         self.engine_info: protocol.Ready | None = None
@@ -111,8 +138,10 @@ class LabelScreen(Screen):
         self.labeled_total = self.app.store.stats()["comparisons"]
         self.app.subscribe_engine(self.handle_engine_events)
         self._render_pair()
-        guidelines = self.app.guidelines()
-        if guidelines is not None and self.labeled_total == 0:
+        guidelines, problem = self.app.guidelines()
+        if problem is not None:
+            self.notify(problem, severity="warning", timeout=15)
+        elif guidelines is not None and self.labeled_total == 0:
             self.action_help()
 
     # -- engine events ---------------------------------------------------------------------------
@@ -182,7 +211,13 @@ class LabelScreen(Screen):
         if pair is None:
             self.app.bell()
             return
-        elapsed = decision_ms(self.shown_at, time.monotonic())
+        refusal = (self._unreadable_reason() if not self._panes_readable()
+                   else early_key_refusal(self.visible_since, self.app.last_key_at))
+        if refusal is not None:
+            self.app.bell()
+            self.notify(refusal, severity="warning", timeout=4)
+            return
+        elapsed = decision_ms(self.visible_since, self.app.last_key_at)
         try:
             comparison_id = self.app.store.add_comparison(
                 pair.prompt_id, pair.a.id, pair.b.id, choice, annotator=self.app.annotator,
@@ -235,8 +270,13 @@ class LabelScreen(Screen):
         self.app.push_screen(NoteModal(self.pending_note), keep)
 
     def action_help(self) -> None:
-        guidelines = self.app.guidelines()
-        text = guidelines if guidelines is not None else NO_GUIDELINES.format(name=self.app.config.label.guidelines)
+        guidelines, problem = self.app.guidelines()
+        if guidelines is not None:
+            text = guidelines
+        elif problem is not None:
+            text = f"_The guidelines could not be shown:_ {problem}"
+        else:
+            text = NO_GUIDELINES.format(name=self.app.config.label.guidelines)
         self.app.push_screen(HelpScreen(text, self._key_list()))
 
     def action_scroll(self, lines: int) -> None:
@@ -252,10 +292,34 @@ class LabelScreen(Screen):
 
     # -- drawing ---------------------------------------------------------------------------------
 
+    def _panes_readable(self) -> bool:
+        """The prompt and both answers each show at least one line of their text on screen."""
+        return all(pane.content_region.intersection(self.region).height >= 1 for pane in self.query(TextPane))
+
+    def _unreadable_reason(self) -> str:
+        width, height = self.app.size
+        return (f"enlarge the terminal (now {width}x{height}): the prompt and both answers must be on screen "
+                "to decide")
+
+    def _note_visibility(self) -> None:
+        """After a refresh: the pair is readable from now on (if it was not already), or no longer."""
+        if self.current is None or not self._panes_readable():
+            self.visible_since = None
+        elif self.visible_since is None:
+            self.visible_since = event_clock()
+
+    def visible_ms(self) -> int | None:
+        """How long the pair on screen has been fully visible, or None while it is not (keys decide after
+        MIN_LOOK_MS)."""
+        return None if self.visible_since is None else decision_ms(self.visible_since, event_clock())
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._note_visibility)
+
     def _show(self, pair: protocol.PairReady | None, note: str | None = None) -> None:
         self.current = pair
         self.pending_note = note
-        self.shown_at = time.monotonic()
+        self.visible_since = None  # set once the new pair has been painted
         if pair is not None:
             self.query_one("#prompt", TextPane).show(pair.prompt_text)
             self.query_one("#answer-a", TextPane).show(pair.a.text, f"{pair.a.tokens} tokens")
@@ -277,13 +341,14 @@ class LabelScreen(Screen):
         if self.regenerating is not None:
             notices.append("regenerating this pair…")
         if self.pending_note:
-            notices.append(f"note: {self.pending_note}")
+            notices.append(f"note: {note_preview(self.pending_note)}")
         if self.engine_error and has_pair:
             notices.append(f"engine stopped ({self.engine_error}); ctrl+r restarts it")
         notice = self.query_one("#notice", Static)
         notice.update(" · ".join(notices))
         notice.display = bool(notices)
         self.query_one("#status", Static).update(self._status_line())
+        self.call_after_refresh(self._note_visibility)
 
     def _render_engine_panel(self) -> None:
         message = self.query_one("#engine-message", Static)

@@ -19,6 +19,7 @@ from fault_kit import network_sockets
 from rlhf.engine import protocol
 from rlhf.engine.client import EngineClient
 from rlhf.store import PromptItem, Store
+from test_label_screen import ready_to_decide
 
 ENGINE_TIMEOUT_S = 300  # two cold engines import torch at once on a shared box
 LABELS_EACH = 6
@@ -92,7 +93,7 @@ async def test_two_apps_label_one_workspace_without_serving_a_prompt_twice_at_on
                         second.send(protocol.NeedPairs(requested, tuple(p.prompt_id for p in second_held)))
                     app_held = {p.prompt_id for p in (screen.current, *screen.queue) if p is not None}
                     assert app_held.isdisjoint(p.prompt_id for p in second_held), (app_held, second_held)
-                    if screen.current is not None and labeled["first"] < LABELS_EACH:
+                    if ready_to_decide(screen) and labeled["first"] < LABELS_EACH:
                         await pilot.press("a")
                         labeled["first"] += 1
                     if second_held and labeled["second"] < LABELS_EACH:

@@ -1,0 +1,133 @@
+"""The app must not lose labels or invent them: keys count only on pairs the person could read, a deleted
+database is noticed, signals stop a run like Ctrl+Q, a stopped engine is reported, bad guidelines do not stop
+the app. Driven through Textual's Pilot against a real engine process on the tiny model (issue 11, items 4-8,
+10, app side)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+from textual import events
+from textual.widgets import Markdown, TextArea
+
+from app.main import RlhfApp
+from app.screens.dialogs import NoteModal
+from app.screens.label import MIN_LOOK_MS
+from test_label_screen import (ENGINE_TIMEOUT_S, make_workspace, ready_to_decide, rows, wait_ready_to_decide,
+                               wait_until)
+
+
+def notices(app: RlhfApp) -> list[str]:
+    """Every notification the app showed (and has not yet expired)."""
+    return [str(n.message) for n in app._notifications]
+
+
+async def test_keys_faster_than_a_person_can_read_are_refused(workspace):
+    cfg = make_workspace(workspace, prompts=6, prefetch=3)
+    app = RlhfApp(workspace, cfg, annotator="ann")
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = app.screen
+        await wait_until(pilot, lambda: ready_to_decide(screen) and len(screen.queue) >= 2, ENGINE_TIMEOUT_S,
+                         "a readable pair and two ready ones")
+        first = screen.current
+        for _ in range(20):  # a held-down key: 20 presses as fast as the terminal sends them
+            app.post_message(events.Key("a", "a"))
+        await wait_until(pilot, lambda: screen.current is not first and screen.visible_since is not None,
+                         what="the next pair, painted")
+        app.post_message(events.Key("a", "a"))  # at once: the pair is on screen but cannot have been read yet
+        await pilot.pause(0.3)
+        stored = rows(workspace)
+        assert len(stored) == 1  # the first press, on a pair shown long enough
+        assert stored[0]["decision_ms"] >= MIN_LOOK_MS
+        # The burst was typed before the next pair was painted: those keys were meant for the pair before.
+        assert any(n.startswith("key dropped: it was typed before this pair") for n in notices(app))
+        assert any(n.startswith("too fast: look at the pair first") for n in notices(app))
+        await wait_ready_to_decide(pilot, screen)
+        await pilot.press("b")
+        assert [r["choice"] for r in rows(workspace)] == ["a", "b"]
+        assert all(r["decision_ms"] >= MIN_LOOK_MS for r in rows(workspace))
+
+
+async def test_keys_typed_during_a_database_stall_are_dropped_not_replayed(workspace):
+    cfg = make_workspace(workspace, prompts=6, prefetch=3)
+    app = RlhfApp(workspace, cfg, annotator="ann")
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = app.screen
+        await wait_until(pilot, lambda: ready_to_decide(screen) and len(screen.queue) >= 2, ENGINE_TIMEOUT_S,
+                         "a readable pair and two ready ones")
+        # Another process holds the write lock for 1.5 s: the decision waits on it (the busy timeout) and the
+        # UI stalls meanwhile, while the person goes on typing.
+        blocker = sqlite3.connect(workspace.db_path, check_same_thread=False)
+        blocker.execute("BEGIN IMMEDIATE")
+        threading.Timer(1.5, blocker.rollback).start()
+        decided = screen.current
+        for key in "abbt":
+            app.post_message(events.Key(key, key))  # typed while the first one waits
+        await wait_until(pilot, lambda: rows(workspace), 30, "the stalled decision")
+        await pilot.pause(0.5)
+        blocker.close()
+        stored = rows(workspace)
+        assert [(r["choice"], r["response_a_id"]) for r in stored] == [("a", decided.a.id)]
+        assert any(n.startswith("key dropped: it was typed before this pair was on screen") for n in notices(app))
+
+
+async def test_no_decision_while_the_terminal_is_too_small_to_show_the_answers(workspace):
+    cfg = make_workspace(workspace, prompts=4, prefetch=1)
+    app = RlhfApp(workspace, cfg, annotator="ann")
+    async with app.run_test(size=(40, 10)) as pilot:
+        screen = app.screen
+        await wait_until(pilot, lambda: screen.current is not None, ENGINE_TIMEOUT_S, "a pair")
+        await pilot.pause(MIN_LOOK_MS / 1000 + 0.2)
+        await pilot.press("b")
+        assert rows(workspace) == []
+        assert "enlarge the terminal (now 40x10): the prompt and both answers must be on screen to decide" in notices(
+            app)
+        await pilot.resize_terminal(110, 30)
+        await wait_ready_to_decide(pilot, screen)
+        await pilot.press("b")
+        assert [r["choice"] for r in rows(workspace)] == ["b"]
+
+
+async def test_a_pasted_15_kb_note_keeps_every_line_and_hides_no_answer(workspace):
+    cfg = make_workspace(workspace, prompts=4, prefetch=1)
+    app = RlhfApp(workspace, cfg, annotator="ann")
+    note = "\n".join(f"line {i}: the answer repeats itself and ignores the question" for i in range(250))
+    assert len(note) > 15_000
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = app.screen
+        await wait_ready_to_decide(pilot, screen, ENGINE_TIMEOUT_S)
+        await pilot.press("n")
+        assert isinstance(app.screen, NoteModal)
+        app.screen.query_one(TextArea).focus()
+        app.post_message(events.Paste(note))
+        await pilot.pause(0.2)
+        await pilot.press("enter")
+        assert app.screen is screen and screen.pending_note == note
+        assert screen.query_one("#notice").region.height == 1  # a preview line, not 250 lines over the answers
+        await wait_ready_to_decide(pilot, screen)  # the answers are on screen: the pair can be decided
+        await pilot.press("a")
+        assert rows(workspace)[-1]["note"] == note
+
+
+async def test_unreadable_or_foreign_guidelines_are_a_notice_not_a_crash(workspace):
+    cfg = make_workspace(workspace, prompts=2, prefetch=0)
+    (workspace.root / "guidelines.md").write_bytes("Pr\xe9f\xe9rez la r\xe9ponse polie".encode("latin-1"))
+    app = RlhfApp(workspace, cfg, annotator="ann")
+    async with app.run_test(size=(120, 36)) as pilot:  # today: UnicodeDecodeError, the app does not start
+        screen = app.screen
+        message = ("[label] guidelines = 'guidelines.md' is not UTF-8 text (byte 0xe9 at offset 2): save it as "
+                   "UTF-8")
+        assert message in notices(app)
+        await pilot.press("question_mark")
+        help_text = app.screen.query_one(Markdown).source
+        assert "could not be shown" in help_text and message in help_text
+        await pilot.press("escape")
+        assert app.screen is screen
+
+    cfg.label.guidelines = "/etc/passwd"  # a readable file outside the workspace: never shown
+    app = RlhfApp(workspace, cfg, annotator="ann")
+    async with app.run_test(size=(120, 36)) as pilot:
+        assert any(n.startswith("[label] guidelines = '/etc/passwd' is outside the workspace") for n in notices(app))
+        await pilot.press("question_mark")
+        assert "root:" not in app.screen.query_one(Markdown).source
