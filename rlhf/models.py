@@ -308,11 +308,12 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, formatted: str) -> list[in
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every token that ends an answer: the model's generation EOS ids (some models have several), else the
-    tokenizer's EOS."""
+    """Every token that ends an answer: the model's generation EOS ids (chat models list several, e.g.
+    `<|im_end|>` and `<|endoftext|>`), then the tokenizer's EOS if they leave it out (an older generation
+    config that names only the base model's end-of-text, while the chat template ends turns with another)."""
     eos = model.generation_config.eos_token_id
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    return list(dict.fromkeys(i for i in [*ids, tokenizer.eos_token_id] if i is not None))
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -107,6 +107,16 @@ def test_chat_prompt_has_at_most_one_bos_and_the_eos_ids_are_the_generation_conf
     assert tokenizer.pad_token_id is not None  # Llama 3 has none: rlhf.models pads with its EOS
 
 
+def test_the_tokenizers_eos_ends_answers_even_when_the_generation_config_leaves_it_out(chat_models):
+    model_dir = chat_models("chatml")
+    tokenizer, model = load_tokenizer(str(model_dir)), load_causal_lm(str(model_dir))
+    end_of_text, im_end = _ids(tokenizer, ["<|endoftext|>", "<|im_end|>"])
+    model.generation_config.eos_token_id = end_of_text  # a base model's config; the template ends turns with im_end
+    assert eos_token_ids(model, tokenizer) == [end_of_text, im_end]
+    model.generation_config.eos_token_id = None
+    assert eos_token_ids(model, tokenizer) == [im_end]
+
+
 @pytest.mark.parametrize("name,stop", [(n, s) for n, (c, _) in FORMATS.items() for s in c.stop_tokens])
 def test_labeling_answers_end_at_each_stop_token_and_no_special_token_reaches_the_db_or_an_export(
         chat_models, name, stop, tmp_path):
