@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ checkpoint_every = 1
 
 
 @pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory) -> dict[str, Path]:
+def family_dirs(tmp_path_factory) -> Callable[[str], Path]:
     """Each family's tiny model, built on first use."""
     built: dict[str, Path] = {}
 

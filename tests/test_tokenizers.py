@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ UNICODE = ["日本語の質問です。", "你好，世界！", "👋🏽 hi �
 
 
 @pytest.fixture(scope="session")
-def chat_models(tmp_path_factory) -> dict[str, Path]:
+def chat_models(tmp_path_factory) -> Callable[[str], Path]:
     """Each chat format's tiny Llama with its large vocabulary, built on first use (~3 s each)."""
     built: dict[str, Path] = {}
 
