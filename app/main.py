@@ -22,6 +22,7 @@ from rlhf.config import Config, Workspace
 from rlhf.demo_mode import DEMO_NOTICE, is_demo
 from rlhf.engine import protocol
 from rlhf.engine.client import EngineClient
+from rlhf.errors import RlhfError
 from rlhf.store import Store
 
 from .screens import TABS
@@ -29,6 +30,7 @@ from .screens.live_run import start_ppo, stop_run
 
 ENGINE_POLL_INTERVAL_S = 0.05  # drains every waiting event at once: one redraw per batch, not per event
 NARROW_WIDTH = 100  # below this many columns the answers stack
+DATABASE_CHECK_INTERVAL_S = 2.0  # how soon a deleted rlhf.db is noticed (it is also checked before each write)
 
 EngineListener = Callable[[list[protocol.Event]], None]
 
@@ -97,6 +99,7 @@ class RlhfApp(App):
         self.store.mark_interrupted_runs()  # runs killed with an earlier app (or headless) say so from the start
         self.engine = EngineClient(workspace, dotted_settings(config))
         self._engine_listeners: list[EngineListener] = []
+        self.database_lost: str | None = None  # why the database could not be written back, once it could not
         self.last_key_at = 0.0  # when the latest key was pressed (its event's time): decisions are timed by it
 
     def on_mount(self) -> None:
@@ -110,6 +113,7 @@ class RlhfApp(App):
             self.set_keymap(keymap)
         self.engine.start()
         self.set_interval(ENGINE_POLL_INTERVAL_S, self._drain_engine)
+        self.set_interval(DATABASE_CHECK_INTERVAL_S, self.ensure_database_on_disk)
 
     async def on_event(self, event: events.Event) -> None:
         if isinstance(event, events.Key):
@@ -125,6 +129,34 @@ class RlhfApp(App):
         if is_demo(self.config):
             sub_title = f"{sub_title} · {DEMO_NOTICE}" if sub_title else DEMO_NOTICE
         return super().format_title(title, sub_title)
+
+    # -- database --------------------------------------------------------------------------------
+
+    def ensure_database_on_disk(self) -> bool:
+        """Notice an rlhf.db deleted while the app runs and write it back whole, before anything is lost (our
+        connection still holds the deleted file open); False when that failed and labels cannot be kept.
+
+        Writing it back beats refusing to label: every label, not only this session's, would otherwise go
+        when the app exits. The engine restarts to write its answers into the restored file too.
+        """
+        if self.database_lost is not None:
+            self.notify(self.database_lost, severity="error", timeout=10)
+            return False
+        if self.store.still_on_disk():
+            return True
+        try:
+            path = self.store.restore_to_disk()
+        except RlhfError as exc:
+            self.database_lost = f"{exc}; labeling stops: quit and restart the app"
+            self.notify(self.database_lost, severity="error", timeout=30)
+            return False
+        restart = "the engine restarts to use it" if not self.engine.running_runs else (
+            "the run in progress still writes to the deleted file: press ctrl+r once it ends")
+        self.notify(f"{path.name} was deleted while the app ran: wrote it back with every label "
+                    f"({self.store.stats()['comparisons']} comparisons); {restart}", severity="warning", timeout=20)
+        if not self.engine.running_runs:
+            self.engine.restart()
+        return True
 
     # -- engine ----------------------------------------------------------------------------------
 

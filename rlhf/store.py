@@ -160,6 +160,7 @@ class Store:
         except BaseException:
             conn.close()
             raise
+        self._file_identity = _file_identity(self.path)
 
     # -- connection --------------------------------------------------------------------------
 
@@ -210,6 +211,45 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    def still_on_disk(self) -> bool:
+        """Whether the file this connection opened is still the one at `path` (not deleted, not replaced)."""
+        return _file_identity(self.path) == self._file_identity
+
+    def restore_to_disk(self) -> Path:
+        """Write this connection's whole database back after its file was deleted (the connection still holds
+        the deleted file open, so nothing is lost) and go on in the restored file; returns its path.
+
+        A file that took the database's place is left alone: the database is saved next to it and a
+        StoreError says where.
+        """
+        taken = self.path.exists()
+        target = self.path.with_name(f"{self.path.name}.recovered-{int(time.time())}") if taken else self.path
+        temp = target.with_name(target.name + ".tmp")
+        try:
+            with self._errors("restore"):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                copy = sqlite3.connect(str(temp))
+                try:
+                    self.db.conn.backup(copy)
+                finally:
+                    copy.close()
+                if not taken:
+                    for stale in (f"{self.path}-wal", f"{self.path}-shm"):  # the deleted file's: never replay them
+                        Path(stale).unlink(missing_ok=True)
+                os.replace(temp, target)
+        except OSError as exc:
+            raise StoreError(f"{target}: cannot write the database back: {exc.strerror or exc} (keep the app open, "
+                             "free the disk or fix the folder, then label again)") from None
+        if taken:
+            raise StoreError(f"{self.path}: another file took the database's place while it was open: saved the "
+                             f"database to {target.name} (move the other file away, then rename it back)")
+        self.db.close()
+        with self._errors("open"):
+            self.db = sqlite_utils.Database(sqlite3.connect(str(self.path), timeout=self.busy_timeout_s))
+            self._configure()
+        self._file_identity = _file_identity(self.path)
+        return self.path
 
     def __enter__(self) -> "Store":
         return self
@@ -552,6 +592,15 @@ class Store:
             "by_choice": by_choice,
             "runs": runs,
         }
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, or None when there is none: tells a deleted or replaced file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _decode_prompt(row: dict[str, Any]) -> dict[str, Any]:

@@ -218,6 +218,8 @@ class LabelScreen(Screen):
             self.notify(refusal, severity="warning", timeout=4)
             return
         elapsed = decision_ms(self.visible_since, self.app.last_key_at)
+        if not self.app.ensure_database_on_disk():
+            return
         try:
             comparison_id = self.app.store.add_comparison(
                 pair.prompt_id, pair.a.id, pair.b.id, choice, annotator=self.app.annotator,

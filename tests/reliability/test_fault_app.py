@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from pathlib import Path
+
+import pytest
 
 from textual import events
 from textual.widgets import Markdown, TextArea
@@ -14,6 +17,8 @@ from textual.widgets import Markdown, TextArea
 from app.main import RlhfApp
 from app.screens.dialogs import NoteModal
 from app.screens.label import MIN_LOOK_MS
+from rlhf.errors import StoreError
+from rlhf.store import PromptItem, Store
 from test_label_screen import (ENGINE_TIMEOUT_S, make_workspace, ready_to_decide, rows, wait_ready_to_decide,
                                wait_until)
 
@@ -131,3 +136,43 @@ async def test_unreadable_or_foreign_guidelines_are_a_notice_not_a_crash(workspa
         assert any(n.startswith("[label] guidelines = '/etc/passwd' is outside the workspace") for n in notices(app))
         await pilot.press("question_mark")
         assert "root:" not in app.screen.query_one(Markdown).source
+
+
+async def test_a_database_deleted_while_labeling_is_written_back_with_every_label(workspace):
+    cfg = make_workspace(workspace, prompts=6, prefetch=2)
+    app = RlhfApp(workspace, cfg, annotator="ann")
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = app.screen
+        for key in "ab":
+            await wait_ready_to_decide(pilot, screen, ENGINE_TIMEOUT_S)
+            await pilot.press(key)
+        for suffix in ("", "-wal", "-shm"):  # `rm rlhf.db*` while the app runs
+            Path(f"{workspace.db_path}{suffix}").unlink(missing_ok=True)
+        await wait_until(pilot, lambda: workspace.db_path.exists(), 10, "the database written back")
+        assert any(n.startswith("rlhf.db was deleted while the app ran: wrote it back with every label "
+                                "(2 comparisons); the engine restarts to use it") for n in notices(app))
+        await wait_ready_to_decide(pilot, screen, ENGINE_TIMEOUT_S)
+        await pilot.press("t")
+        await wait_ready_to_decide(pilot, screen, ENGINE_TIMEOUT_S, "a pair from the restarted engine")
+        await pilot.press("x")
+        assert screen.labeled_session == 4
+    conn = sqlite3.connect(workspace.db_path)  # after the app exited: the file is there, whole
+    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    conn.close()
+    assert [r["choice"] for r in rows(workspace)] == ["a", "b", "tie", "both_bad"]
+
+
+def test_a_database_replaced_while_open_is_saved_beside_it_and_the_new_file_left_alone(store, workspace):
+    store.add_prompts([PromptItem("kept?")], "test")
+    workspace.db_path.unlink()
+    Path(f"{workspace.db_path}-wal").unlink(missing_ok=True)
+    workspace.db_path.write_bytes(b"someone else's file")
+    assert not store.still_on_disk()
+    with pytest.raises(StoreError, match="another file took the database's place while it was open: saved the "
+                                         r"database to rlhf\.db\.recovered-\d+"):
+        store.restore_to_disk()
+    assert workspace.db_path.read_bytes() == b"someone else's file"
+    (recovered,) = workspace.root.glob("rlhf.db.recovered-*")
+    with Store(recovered) as copy:
+        assert [p["text"] for p in copy.prompts()] == ["kept?"]
