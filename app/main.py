@@ -6,7 +6,9 @@ training run in the engine process, reached through `rlhf.engine.client`.
 
 from __future__ import annotations
 
+import asyncio
 import getpass
+import signal
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -28,6 +30,9 @@ from rlhf.store import Store
 from .screens import TABS
 from .screens.live_run import start_ppo, stop_run
 
+# A closed terminal or dropped SSH session (SIGHUP) and a polite kill (SIGTERM) quit like Ctrl+Q: a run in
+# progress stops after its step with a checkpoint before the app exits.
+QUIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 ENGINE_POLL_INTERVAL_S = 0.05  # drains every waiting event at once: one redraw per batch, not per event
 NARROW_WIDTH = 100  # below this many columns the answers stack
 DATABASE_CHECK_INTERVAL_S = 2.0  # how soon a deleted rlhf.db is noticed (it is also checked before each write)
@@ -111,6 +116,9 @@ class RlhfApp(App):
                         f"(binding ids: {', '.join(sorted(known_ids))})", severity="warning", timeout=15)
         else:
             self.set_keymap(keymap)
+        loop = asyncio.get_running_loop()
+        for signum in QUIT_SIGNALS:
+            loop.add_signal_handler(signum, self._quit_on_signal, signum)
         self.engine.start()
         self.set_interval(ENGINE_POLL_INTERVAL_S, self._drain_engine)
         self.set_interval(DATABASE_CHECK_INTERVAL_S, self.ensure_database_on_disk)
@@ -120,8 +128,14 @@ class RlhfApp(App):
             self.last_key_at = event.time
         await super().on_event(event)
 
+    def _quit_on_signal(self, signum: int) -> None:
+        self.exit(return_code=128 + signum)  # the shell's way: 143 for SIGTERM, 129 for SIGHUP
+
     def on_unmount(self) -> None:
-        self.engine.stop()
+        loop = asyncio.get_running_loop()
+        for signum in QUIT_SIGNALS:
+            loop.remove_signal_handler(signum)
+        self.engine.stop()  # a run in progress stops after its step with a checkpoint first
         self.store.close()
 
     def format_title(self, title: str, sub_title: str) -> Content:

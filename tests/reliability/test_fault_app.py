@@ -5,8 +5,14 @@ the app. Driven through Textual's Pilot against a real engine process on the tin
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +25,7 @@ from app.screens.dialogs import NoteModal
 from app.screens.label import MIN_LOOK_MS
 from rlhf.errors import StoreError
 from rlhf.store import PromptItem, Store
-from test_label_screen import (ENGINE_TIMEOUT_S, make_workspace, ready_to_decide, rows, wait_ready_to_decide,
+from test_label_screen import (ENGINE_TIMEOUT_S, ROOT, make_workspace, ready_to_decide, rows, wait_ready_to_decide,
                                wait_until)
 
 
@@ -176,3 +182,55 @@ def test_a_database_replaced_while_open_is_saved_beside_it_and_the_new_file_left
     (recovered,) = workspace.root.glob("rlhf.db.recovered-*")
     with Store(recovered) as copy:
         assert [p["text"] for p in copy.prompts()] == ["kept?"]
+
+
+RUN_AND_WAIT_SCRIPT = textwrap.dedent("""
+    import asyncio, sys
+    from rlhf.config import Workspace
+    from rlhf.engine import protocol
+    from app.main import RlhfApp
+
+    async def main(workspace, progress_path):
+        ws = Workspace(workspace)
+        app = RlhfApp(ws, ws.load_config(), annotator="signalled")
+        async with app.run_test() as pilot:
+            while app.engine.pid is None or app.screen.engine_info is None:
+                await pilot.pause(0.1)
+            app.engine.send(protocol.StartPPO(overrides={"ppo.steps": 500}))
+            while app.is_running:  # until the signal makes the app exit
+                running = sorted(app.engine.running_runs)
+                if running and app.store.run(running[0])["step"] >= 1:
+                    with open(progress_path, "w") as progress:
+                        progress.write(running[0])
+                await asyncio.sleep(0.1)
+        sys.exit(app.return_code)
+
+    if __name__ == "__main__":
+        asyncio.run(main(sys.argv[1], sys.argv[2]))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_a_closed_terminal_or_sigterm_stops_the_run_with_a_checkpoint_like_ctrl_q(rewarded, tmp_path, signum):
+    workspace, _ = rewarded
+    script, progress = tmp_path / "run_and_wait.py", tmp_path / "progress.txt"
+    script.write_text(RUN_AND_WAIT_SCRIPT, encoding="utf-8")
+    app = subprocess.Popen([sys.executable, str(script), str(workspace.root), str(progress)], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + ENGINE_TIMEOUT_S
+        while not progress.exists() or not progress.read_text():
+            assert app.poll() is None, app.stderr.read()
+            assert time.monotonic() < deadline, "no PPO step in time"
+            time.sleep(0.1)
+        app.send_signal(signum)
+        assert app.wait(timeout=120) == 128 + signum, app.stderr.read()
+    finally:
+        app.kill()
+    with Store(workspace.db_path) as store:
+        run = store.run(progress.read_text())
+    assert run["status"] == "stopped", run  # was: left "running", later "interrupted ... without saying why"
+    assert run["checkpoint_step"] == run["step"] >= 1
+    assert (workspace.root / run["checkpoint"]).is_dir()
