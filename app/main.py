@@ -186,13 +186,13 @@ class RlhfApp(App):
             return
         for listener in list(self._engine_listeners):
             listener(events)
-        if any(isinstance(e, protocol.Error) and e.fatal for e in events):
-            self.refresh_bindings()  # shows the restart key
+        if any(isinstance(e, protocol.Error) and e.fatal or isinstance(e, protocol.Responding) for e in events):
+            self.refresh_bindings()  # shows (or hides) the restart key
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # False hides a key (and turns it off) while it has nothing to do: the Footer has no room to spare.
         if action == "restart_engine":
-            return not self.engine.alive
+            return not self.engine.alive or self.engine.unresponsive
         if action == "next_screen":
             return len(TABS) > 1
         return True

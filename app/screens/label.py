@@ -119,6 +119,7 @@ class LabelScreen(Screen):
         self.engine_info: protocol.Ready | None = None
         self.engine_status: protocol.Status | None = None
         self.engine_error: str | None = None
+        self.engine_silence: str | None = None  # why the engine seems stuck (it stopped answering pings)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -154,13 +155,15 @@ class LabelScreen(Screen):
                 self.engine_status = event
                 if event.stage == protocol.STARTING:  # a fresh engine: nothing asked of the old one will come
                     self.requested, self.regenerating = 0, None
-                    self.engine_info, self.engine_error = None, None
+                    self.engine_info, self.engine_error, self.engine_silence = None, None, None
             elif isinstance(event, protocol.Ready):
                 self.engine_info, self.engine_error = event, None
             elif isinstance(event, protocol.PairReady):
                 self._receive_pair(event)
             elif isinstance(event, protocol.Error):
                 self._receive_error(event)
+            elif isinstance(event, protocol.Responding):
+                self.engine_silence = None if event.responding else event.message
             elif isinstance(event, protocol.Warning) and event.run_id is None:  # a run's: its screen shows it
                 self.notify(event.message, severity="warning")
         self._request_pairs()
@@ -346,6 +349,8 @@ class LabelScreen(Screen):
             notices.append(f"note: {note_preview(self.pending_note)}")
         if self.engine_error and has_pair:
             notices.append(f"engine stopped ({self.engine_error}); ctrl+r restarts it")
+        elif self.engine_silence and has_pair:
+            notices.append(f"{self.engine_silence}; ctrl+r restarts it")
         notice = self.query_one("#notice", Static)
         notice.update(" · ".join(notices))
         notice.display = bool(notices)
@@ -358,6 +363,9 @@ class LabelScreen(Screen):
         status = self.engine_status
         if self.engine_error:
             message.update(f"The engine stopped: {self.engine_error}\n\nPress ctrl+r to restart it.")
+            progress.display = False
+        elif self.engine_silence:
+            message.update(f"{self.engine_silence[0].upper()}{self.engine_silence[1:]}\n\nPress ctrl+r to restart it.")
             progress.display = False
         elif self.engine_info is None:
             message.update(f"loading model… {status.message if status else ''}")

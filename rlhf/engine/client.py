@@ -26,6 +26,11 @@ from . import protocol
 IDLE_STOP_TIMEOUT_S = 2.0
 RUN_STOP_TIMEOUT_S = 60.0
 
+# The app pings the engine this often; no answer for UNRESPONSIVE_AFTER_S means it is stopped or frozen
+# (a busy engine still answers: its request reader is a thread of its own).
+PING_INTERVAL_S = 1.0
+UNRESPONSIVE_AFTER_S = 10.0
+
 ENGINE_LOG = "engine.log"
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 PARENT_CHECK_INTERVAL_S = 0.5
@@ -113,6 +118,11 @@ class EngineClient:
         self._conn: Connection | None = None
         self._death_reported = False
         self.running_runs: set[str] = set()  # ids seen in RunStarted and not yet in RunEnded
+        self.unresponsive_after_s = UNRESPONSIVE_AFTER_S
+        self._ping_sent_at: float | None = None  # the ping not answered yet
+        self._last_ping_at = 0.0
+        self._ever_answered = False  # silence counts only once it has answered (it imports torch first)
+        self.unresponsive = False
 
     def start(self) -> None:
         if self.alive:
@@ -128,6 +138,7 @@ class EngineClient:
         self._process, self._conn = process, parent_conn
         self._death_reported = False
         self.running_runs.clear()
+        self._ping_sent_at, self._ever_answered, self.unresponsive = None, False, False
 
     @property
     def pid(self) -> int | None:
@@ -165,6 +176,10 @@ class EngineClient:
                 events.append(self._conn.recv())
         except (EOFError, OSError):
             pass  # the child closed its end: the liveness check below says how it ended
+        if any(isinstance(event, protocol.Pong) for event in events):
+            self._ping_sent_at, self._ever_answered = None, True
+            events = [event for event in events if not isinstance(event, protocol.Pong)]
+        events += self._check_responding(time.monotonic())
         for event in events:
             if isinstance(event, protocol.RunStarted):
                 self.running_runs.add(event.run_id)
@@ -182,15 +197,31 @@ class EngineClient:
                 events.append(protocol.Error(describe_exit(self._process.exitcode), fatal=True))
         return events
 
+    def _check_responding(self, now: float) -> list[protocol.Event]:
+        """Ping when due; a Responding event when the engine stops answering, or answers again."""
+        if self._ping_sent_at is None and now - self._last_ping_at >= PING_INTERVAL_S and self.alive:
+            if self.send(protocol.Ping()):
+                self._ping_sent_at = self._last_ping_at = now
+        silent_s = now - self._ping_sent_at if self._ping_sent_at is not None else 0.0
+        unresponsive = self._ever_answered and silent_s > self.unresponsive_after_s and self.alive
+        if unresponsive == self.unresponsive:
+            return []
+        self.unresponsive = unresponsive
+        if not unresponsive:
+            return [protocol.Responding(True)]
+        return [protocol.Responding(False, f"the engine is not responding (no answer for {silent_s:.0f} s: "
+                                           "stopped, frozen or out of memory?)")]
+
     def stop(self, timeout_s: float | None = None) -> None:
         """Ask the engine to shut down; terminate, then kill, if it does not within the timeout
-        (default: short when idle, long enough for a run to checkpoint when one is in progress)."""
+        (default: short when idle or not responding, long enough for a run to checkpoint when one is in
+        progress)."""
         process, conn = self._process, self._conn
         if process is None:
             return
         self._death_reported = True  # an exit we asked for is not news
         if timeout_s is None:
-            timeout_s = RUN_STOP_TIMEOUT_S if self.running_runs else IDLE_STOP_TIMEOUT_S
+            timeout_s = RUN_STOP_TIMEOUT_S if self.running_runs and not self.unresponsive else IDLE_STOP_TIMEOUT_S
         if process.is_alive():
             self.send(protocol.Shutdown())
             process.join(timeout_s)

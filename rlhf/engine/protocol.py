@@ -64,7 +64,13 @@ class Shutdown:
     """Stop any run gracefully, then exit."""
 
 
-Request = NeedPairs | Regenerate | StartReward | StartPPO | StopRun | Shutdown
+@dataclass(frozen=True)
+class Ping:
+    """Answered at once by a Pong from the engine's request reader, whatever its main thread is doing: an
+    engine that stops answering is stopped (SIGSTOP), frozen or swapping, not merely busy."""
+
+
+Request = NeedPairs | Regenerate | StartReward | StartPPO | StopRun | Shutdown | Ping
 
 # -- events (engine -> app) -------------------------------------------------------------------
 
@@ -172,8 +178,22 @@ class Error:  # noqa: A001
     request: str | None = None
 
 
+@dataclass(frozen=True)
+class Pong:
+    """The answer to a Ping (the client keeps it to itself)."""
+
+
+@dataclass(frozen=True)
+class Responding:
+    """Made by the client, not the engine: the engine stopped answering pings (responding False, `message`
+    says for how long), or answers again."""
+
+    responding: bool
+    message: str = ""
+
+
 Event = (Status | Ready | PairReady | RunStarted | RunStep | RunSamples | RunCheckpoint | RunEnded | Warning
-         | Error)
+         | Error | Pong | Responding)
 
 # Exit code of an engine that ended itself on a hard StopRun: the client restarts it instead of
 # reporting a crash.

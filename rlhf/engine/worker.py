@@ -166,6 +166,9 @@ class Engine:
             if isinstance(request, protocol.StopRun):
                 self._stop_run(request)
                 continue
+            if isinstance(request, protocol.Ping):
+                self.outbox.send(protocol.Pong())
+                continue
             if isinstance(request, protocol.Shutdown):
                 self._stop_run(protocol.StopRun())
             self.inbox.put(request)

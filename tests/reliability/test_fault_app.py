@@ -234,3 +234,30 @@ def test_a_closed_terminal_or_sigterm_stops_the_run_with_a_checkpoint_like_ctrl_
     assert run["status"] == "stopped", run  # was: left "running", later "interrupted ... without saying why"
     assert run["checkpoint_step"] == run["step"] >= 1
     assert (workspace.root / run["checkpoint"]).is_dir()
+
+
+async def test_a_stopped_engine_is_reported_with_the_restart_key(workspace):
+    cfg = make_workspace(workspace, prompts=4, prefetch=0)
+    app = RlhfApp(workspace, cfg, annotator="ann")
+    async with app.run_test(size=(120, 36)) as pilot:
+        screen = app.screen
+        app.engine.unresponsive_after_s = 2.0  # 10 s in use; short here to keep the test quick
+        await wait_ready_to_decide(pilot, screen, ENGINE_TIMEOUT_S)
+        stopped_pid = app.engine.pid
+        os.kill(stopped_pid, signal.SIGSTOP)  # `kill -STOP`, or a laptop's frozen process
+        try:
+            await pilot.press("a")  # the next pair never comes: today "sampling the next pair…" forever
+            await wait_until(pilot, lambda: screen.engine_silence is not None, 30, "the silence noticed")
+            message = str(screen.query_one("#engine-message").render())
+            assert message.startswith("The engine is not responding (no answer for ") and "ctrl+r" in message
+            assert app.check_action("restart_engine", ()) is True  # the key is in the footer
+            await pilot.press("ctrl+r")
+            await wait_ready_to_decide(pilot, screen, ENGINE_TIMEOUT_S, "a pair from the new engine")
+            assert screen.engine_silence is None and app.engine.pid != stopped_pid
+            await pilot.press("b")
+            assert [r["choice"] for r in rows(workspace)] == ["a", "b"]
+        finally:
+            try:
+                os.kill(stopped_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
