@@ -211,21 +211,24 @@ RUN_AND_WAIT_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
-def test_a_closed_terminal_or_sigterm_stops_the_run_with_a_checkpoint_like_ctrl_q(rewarded, tmp_path, signum):
+@pytest.mark.parametrize(("signum", "whole_group"), [(signal.SIGHUP, True), (signal.SIGTERM, False)],
+                         ids=["SIGHUP to the terminal's process group", "SIGTERM to the app"])
+def test_a_closed_terminal_or_sigterm_stops_the_run_with_a_checkpoint_like_ctrl_q(rewarded, tmp_path, signum,
+                                                                                   whole_group):
     workspace, _ = rewarded
     script, progress = tmp_path / "run_and_wait.py", tmp_path / "progress.txt"
     script.write_text(RUN_AND_WAIT_SCRIPT, encoding="utf-8")
     app = subprocess.Popen([sys.executable, str(script), str(workspace.root), str(progress)], cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
     try:
         deadline = time.monotonic() + ENGINE_TIMEOUT_S
         while not progress.exists() or not progress.read_text():
             assert app.poll() is None, app.stderr.read()
             assert time.monotonic() < deadline, "no PPO step in time"
             time.sleep(0.1)
-        app.send_signal(signum)
+        # A closed terminal hangs up its whole foreground process group: the app and its engine.
+        os.killpg(app.pid, signum) if whole_group else app.send_signal(signum)
         assert app.wait(timeout=120) == 128 + signum, app.stderr.read()
     finally:
         app.kill()
