@@ -41,6 +41,42 @@ def logprobs_and_entropy_from_logits(logits: Tensor, tokens: Tensor, temperature
     return logp, log_normalizer - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
 
 
+def logprobs_and_entropy_grad(logits: Tensor, tokens: Tensor, temperature: float, logp: Tensor, entropy: Tensor,
+                              grad_logp: Tensor, grad_entropy: Tensor) -> Tensor:
+    """Gradient w.r.t. `logits` of sum(grad_logp * log p(token) + grad_entropy * H), given the log-probs and
+    entropies that `logprobs_and_entropy_from_logits` returned for them; z = logits / T, p = softmax(z):
+
+    d log p(token) / dz = onehot(token) - p ;  dH / dz = -p * (z - E_p[z]), E_p[z] = logsumexp(z) - H
+    = z[token] - log p(token) - H ;  then / T. Built in place on two [..., V] buffers, where autograd through
+    the formula holds about ten.
+    """
+    z = _at_least_fp32(logits) / temperature
+    z_token = z.gather(-1, tokens.unsqueeze(-1))
+    log_normalizer = z_token - logp.unsqueeze(-1)
+    p = torch.sub(z, log_normalizer).exp_()
+    weight = z.sub_(log_normalizer - entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1))
+    grad = p.mul_(weight.add_(grad_logp.unsqueeze(-1))).neg_()
+    return grad.scatter_add_(-1, tokens.unsqueeze(-1), grad_logp.unsqueeze(-1)).div_(temperature)
+
+
+class _LogprobsAndEntropy(torch.autograd.Function):
+    """`logprobs_and_entropy_from_logits` whose backward is `logprobs_and_entropy_grad`: it keeps only the
+    logits for backward, and its gradient needs two [..., V] buffers."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        logp, entropy = logprobs_and_entropy_from_logits(logits, tokens, temperature)
+        ctx.save_for_backward(logits, tokens, logp, entropy)
+        ctx.temperature = temperature
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor, grad_entropy: Tensor) -> tuple[Tensor, None, None]:
+        logits, tokens, logp, entropy = ctx.saved_tensors
+        return logprobs_and_entropy_grad(logits, tokens, ctx.temperature, logp, entropy, grad_logp,
+                                         grad_entropy).to(logits.dtype), None, None
+
+
 def softcap_logits(logits: Tensor, cap: float) -> Tensor:
     """Final-logit soft-capping (Gemma 2): cap * tanh(logits / cap), squashing logits into (-cap, cap)."""
     return cap * torch.tanh(logits / cap)
@@ -56,14 +92,15 @@ def chunked_token_logprobs_and_entropy(hidden: Tensor, lm_head: Callable[[Tensor
     at least `chunk_size` positions and fewer than twice that, never a small remainder. Per chunk:
     logits = lm_head(h), upcast to fp32, soft-capped when `softcap` is set, then
     `logprobs_and_entropy_from_logits` at `temperature`. Under autograd each chunk is checkpointed: backward
-    recomputes its logits rather than keeping every chunk's [chunk, V] tensors, and the gradients (to
-    `hidden` and to the head's own parameters) equal those of the unchunked formula.
+    recomputes its logits rather than keeping every chunk's [chunk, V] tensors, and takes their gradient with
+    `logprobs_and_entropy_grad`; the gradients (to `hidden` and to the head's own parameters) equal those of
+    the unchunked formula.
     """
     def chunk_stats(chunk_hidden: Tensor, chunk_tokens: Tensor) -> tuple[Tensor, Tensor]:
         logits = _at_least_fp32(lm_head(chunk_hidden))
         if softcap:
             logits = softcap_logits(logits, softcap)
-        return logprobs_and_entropy_from_logits(logits, chunk_tokens, temperature)
+        return _LogprobsAndEntropy.apply(logits, chunk_tokens, temperature)
 
     n_chunks = max(1, tokens.numel() // chunk_size)
     chunks = zip(hidden.flatten(0, 1).tensor_split(n_chunks), tokens.flatten().tensor_split(n_chunks))
