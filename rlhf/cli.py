@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import KL_CONTROLLERS, QUANTIZATION, Config, Workspace, describe_defaults, keys_set_in
+from .config import ALGORITHMS, KL_CONTROLLERS, QUANTIZATION, Config, Workspace, describe_defaults, keys_set_in
 from .data_io import (EXPORT_FORMATS, export_pairs, import_pairs, import_prompts, printable, read_pairs,
                       read_prompts)
 from .demo_mode import (DEMO_NOTICE, DEMO_PROMPT_TAG, import_demo_prompts, is_demo, use_demo_threads,
@@ -361,7 +361,8 @@ def _cmd_export_reward(args: argparse.Namespace) -> int:
 # `rlhf-tui ppo` flag -> config key; --resume takes none of them (the run keeps its own settings).
 PPO_FLAGS = {"steps": "ppo.steps", "batch_size": "ppo.batch_size", "minibatches": "ppo.minibatches",
              "epochs": "ppo.ppo_epochs", "lr": "ppo.lr", "init_kl": "ppo.init_kl_coef", "target_kl": "ppo.target_kl",
-             "kl_controller": "ppo.kl_controller", "sft_adapter": "ppo.sft_adapter"}
+             "kl_controller": "ppo.kl_controller", "sft_adapter": "ppo.sft_adapter", "algorithm": "ppo.algorithm",
+             "samples_per_prompt": "ppo.samples_per_prompt"}
 
 
 def _cmd_ppo(args: argparse.Namespace) -> int:
@@ -534,9 +535,15 @@ def _register_export_reward(commands: argparse._SubParsersAction) -> None:
 
 def _register_ppo(commands: argparse._SubParsersAction) -> None:
     parser = _add_command(commands, "ppo", _cmd_ppo,
-                          "run PPO against a trained reward model, one progress line per step; Ctrl+C or SIGTERM "
-                          "stops after the current step with a checkpoint; flags override [ppo] in rlhf.toml")
+                          "run PPO (or RLOO / GRPO: --algorithm) against a trained reward model, one progress line "
+                          "per step; Ctrl+C or SIGTERM stops after the current step with a checkpoint; flags override "
+                          "[ppo] in rlhf.toml")
     parser.add_argument("--reward", metavar="RUN", help="reward run id (default: the latest finished one)")
+    parser.add_argument("--algorithm", choices=ALGORITHMS,
+                        help="ppo (default: value head and GAE), rloo (leave-one-out baseline) or grpo (group-"
+                             "normalised advantages, KL as a loss term); rloo and grpo need no value head")
+    parser.add_argument("--samples-per-prompt", type=int, metavar="K",
+                        help="rloo and grpo: responses sampled per prompt (default 4)")
     parser.add_argument("--steps", type=int, metavar="N", help="PPO steps to run")
     parser.add_argument("--batch-size", type=int, metavar="B", help="prompts per rollout")
     parser.add_argument("--minibatches", type=int, metavar="M", help="minibatches per PPO epoch")

@@ -41,6 +41,7 @@ def _f(default: Any, doc: str, *, lo: float | None = None, hi: float | None = No
 
 QUANTIZATION = ("none", "4bit", "8bit")
 KL_CONTROLLERS = ("log", "classic", "fixed")
+ALGORITHMS = ("ppo", "rloo", "grpo")
 # Upper bounds of the int settings: far above any real use, low enough that a typo (an extra zero, a pasted
 # 20-digit number) is refused with its key instead of running until the kernel kills the process.
 MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range
@@ -106,8 +107,14 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
+    algorithm: str = _f("ppo", "ppo (clipped policy loss, value head, GAE; the KL in the per-token reward), rloo "
+                        "(no value head: baseline = the mean reward of the prompt's other samples; KL in the "
+                        "reward) or grpo (no value head: advantage = score normalised within the prompt's samples; "
+                        "KL as a k3 loss term weighted by beta). See docs/kl_control.md.", choices=ALGORITHMS)
     steps: int = _f(100, "PPO steps (rollout + update) to run.", lo=1, hi=MAX_STEPS)
     batch_size: int = _f(16, "Prompts per rollout.", lo=1, hi=MAX_BATCH)
+    samples_per_prompt: int = _f(4, "rloo and grpo: responses sampled per prompt (>= 2; a step trains on "
+                                 "batch_size x this many); ppo samples one.", lo=2, hi=MAX_BATCH)
     minibatches: int = _f(4, "Minibatches per PPO epoch.", lo=1, hi=MAX_BATCH)
     ppo_epochs: int = _f(4, "Passes over each rollout.", lo=1, hi=100)
     lr: float = _f(1e-5, "Learning rate (policy LoRA and value head).", lo=0.0, lo_open=True, hi=1.0)

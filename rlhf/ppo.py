@@ -38,9 +38,9 @@ from .models import (adapter_active, encode_prompt, eos_token_ids, format_prompt
                      resolve_model_name, safetensors_adapter)
 from .ppo_math import (ClassicKLController, FixedKLController, LogKLController, apply_no_eos_penalty,
                        chunked_token_logprobs_and_entropy, clip_scores, clipped_policy_loss, clipped_value_loss,
-                       explained_variance, gae, kl_k3, kl_negative_beyond_noise, masked_mean, masked_sum,
-                       masked_whiten, per_token_rewards, policy_moved_too_far, response_mask,
-                       score_dropped, standard_error)
+                       explained_variance, gae, grpo_advantages, kl_k3, kl_negative_beyond_noise, masked_mean,
+                       masked_sequence_mean, masked_sum, masked_whiten, per_token_rewards, policy_moved_too_far,
+                       response_mask, rloo_advantages, score_dropped, standard_error)
 from .reward import (RewardHead, RewardScorer, load_reward_onto, pad_left, read_reward_meta,
                      reward_tokenizer_matches)
 from .sampling import truncate_left
@@ -50,6 +50,7 @@ POLICY_ADAPTER = "policy"
 REWARD_ADAPTER = "reward"
 REFERENCE_ADAPTER = "reference"  # the frozen SFT adapter, when PPO starts from one
 LOCK_FILE = "ppo.lock"
+VALUE_HEAD_FILE = "value_head.safetensors"
 SAMPLES_PER_STEP = 4
 # Logits per chunk while turning hidden states into log-probs: at least 2**23 (fewer than 2**24), whatever the
 # vocabulary; a 151k vocabulary gets 56-111 positions per chunk. Not smaller: glibc serves fp32 tensors under
@@ -197,7 +198,7 @@ class Scored:
     """The no-grad passes over a rollout: policy (old log-probs, values, entropy), reference, reward."""
 
     logp: Tensor
-    values: Tensor
+    values: Tensor | None  # None without a value head (rloo, grpo)
     entropy: Tensor
     ref_logp: Tensor
     scores: Tensor
@@ -209,11 +210,21 @@ class Scored:
 def check_settings(cfg: PPOConfig) -> None:
     """The checks that span several [ppo] keys (each key's own range is checked by `Config`)."""
     per_update = cfg.minibatches * cfg.grad_accum
-    if cfg.batch_size % per_update:
-        raise ConfigError(f"ppo.batch_size ({cfg.batch_size}) must be divisible by ppo.minibatches x ppo.grad_accum "
-                          f"({cfg.minibatches} x {cfg.grad_accum})")
+    if responses_per_step(cfg) % per_update:
+        k = f" x ppo.samples_per_prompt ({cfg.samples_per_prompt})" if cfg.algorithm != "ppo" else ""
+        raise ConfigError(f"ppo.batch_size ({cfg.batch_size}){k} must be divisible by ppo.minibatches x "
+                          f"ppo.grad_accum ({cfg.minibatches} x {cfg.grad_accum})")
     if cfg.kl_coef_min > cfg.kl_coef_max:
         raise ConfigError(f"ppo.kl_coef_min ({cfg.kl_coef_min}) must be <= ppo.kl_coef_max ({cfg.kl_coef_max})")
+
+
+def samples_per_prompt(cfg: PPOConfig) -> int:
+    """Responses sampled per prompt: ppo.samples_per_prompt for the critic-free algorithms, one for PPO."""
+    return 1 if cfg.algorithm == "ppo" else cfg.samples_per_prompt
+
+
+def responses_per_step(cfg: PPOConfig) -> int:
+    return cfg.batch_size * samples_per_prompt(cfg)
 
 
 def kl_controller(cfg: PPOConfig) -> FixedKLController:
@@ -232,14 +243,16 @@ def _sync(device: torch.device) -> None:
 
 
 class PPOTrainer:
-    """PPO steps on a policy PeftModel and value head, scoring with a reference and a reward."""
+    """Steps of ppo.algorithm on a policy PeftModel (and, for PPO, a value head), scoring with a reference and a
+    reward: PPO (GAE on the value head), RLOO or GRPO (advantages from the k samples of each prompt)."""
 
-    def __init__(self, model: PeftModel, value_head: ValueHead, reward: RolloutScorer,
+    def __init__(self, model: PeftModel, value_head: ValueHead | None, reward: RolloutScorer,
                  tokenizer: PreTrainedTokenizerBase, cfg: PPOConfig) -> None:
         check_settings(cfg)
         self.model, self.value_head, self.reward, self.tokenizer, self.cfg = model, value_head, reward, tokenizer, cfg
-        self.device = value_head.linear.weight.device
-        self.params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+        self.device = model.get_base_model().device
+        self.params = [p for p in model.parameters() if p.requires_grad] + (
+            list(value_head.parameters()) if value_head is not None else [])
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, eps=cfg.adam_eps)
         self.kl_ctl = kl_controller(cfg)
         model.eval()  # and so it stays: `train` switches to training mode and back
@@ -280,7 +293,7 @@ class PPOTrainer:
         temperature, tokens = self.cfg.temperature, rollout.response_ids
         hidden = response_forward(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
         logp, entropy = response_logprobs(self.model, hidden, tokens, temperature)
-        values = self.value_head(hidden)
+        values = self.value_head(hidden) if self.value_head is not None else None
         with self.reference_model():
             ref_hidden = response_forward(self.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
             ref_logp, _ = response_logprobs(self.model, ref_hidden, tokens, temperature)
@@ -289,13 +302,12 @@ class PPOTrainer:
         return Scored(logp=logp, values=values, entropy=entropy, ref_logp=ref_logp, scores=scores,
                       score_clipped=clipped)
 
-    def train(self, rollout: Rollout, scored: Scored, advantages: Tensor, returns: Tensor) -> dict[str, float]:
+    def train(self, rollout: Rollout, scored: Scored, advantages: Tensor, returns: Tensor | None) -> dict[str, float]:
         """ppo_epochs x shuffled minibatches (each split into grad_accum micro-batches); mean stats."""
         cfg, batch_size = self.cfg, rollout.input_ids.shape[0]
         minibatch_size = batch_size // cfg.minibatches
         micro_size = minibatch_size // cfg.grad_accum
-        stats: dict[str, list[Tensor]] = {k: [] for k in ("policy_loss", "value_loss", "policy_clipfrac",
-                                                          "value_clipfrac", "approx_kl")}
+        stats: dict[str, list[Tensor]] = {}  # metric name -> its value in each micro-batch
         updates, stopped_early = 0, False
         self.model.train()
         try:
@@ -304,8 +316,9 @@ class PPOTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     for rows in minibatch.split(micro_size):
                         self._backward(rollout, scored, advantages, returns, rows, stats)
-                    if cfg.max_policy_kl_per_step and policy_moved_too_far(
-                            torch.stack(stats["approx_kl"][-cfg.grad_accum:]).mean().item(), cfg.max_policy_kl_per_step):
+                    moved = stats["approx_kl"][-cfg.grad_accum:]  # this minibatch's, before its update
+                    if cfg.max_policy_kl_per_step and policy_moved_too_far(torch.stack(moved).mean().item(),
+                                                                           cfg.max_policy_kl_per_step):
                         stopped_early = True  # this minibatch's update and the step's remaining epochs are skipped
                         break
                     nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
@@ -318,30 +331,48 @@ class PPOTrainer:
         return {**{name: torch.stack(values).mean().item() for name, values in stats.items()},
                 "epochs_done": updates / cfg.minibatches, "early_stopped": float(stopped_early)}
 
-    def _backward(self, rollout: Rollout, scored: Scored, advantages: Tensor, returns: Tensor, rows: Tensor,
+    def _backward(self, rollout: Rollout, scored: Scored, advantages: Tensor, returns: Tensor | None, rows: Tensor,
                   stats: dict[str, list[Tensor]]) -> None:
         cfg, mask = self.cfg, rollout.response_mask[rows]
         hidden = response_forward(self.model, rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_len)
         logp, entropy = response_logprobs(self.model, hidden, rollout.response_ids[rows], cfg.temperature)
         policy_loss, policy_clipfrac, approx_kl = clipped_policy_loss(
-            logp, scored.logp[rows], advantages[rows], mask, cfg.cliprange)
-        value_loss, value_clipfrac = clipped_value_loss(
-            self.value_head(hidden), scored.values[rows], returns[rows], mask, cfg.cliprange_value)
-        loss = policy_loss + cfg.vf_coef * value_loss
+            logp, scored.logp[rows], advantages[rows], mask, cfg.cliprange, per_sequence=cfg.algorithm == "grpo")
+        terms = {"policy_loss": policy_loss, "policy_clipfrac": policy_clipfrac, "approx_kl": approx_kl}
+        loss = policy_loss
+        if self.value_head is not None:
+            terms["value_loss"], terms["value_clipfrac"] = clipped_value_loss(
+                self.value_head(hidden), scored.values[rows], returns[rows], mask, cfg.cliprange_value)
+            loss = loss + cfg.vf_coef * terms["value_loss"]
+        if cfg.algorithm == "grpo":  # the KL to the reference is a loss term here, not part of the reward
+            terms["kl_loss"] = masked_sequence_mean(kl_k3(logp, scored.ref_logp[rows]), mask)
+            loss = loss + self.kl_ctl.value * terms["kl_loss"]
         if cfg.ent_coef:
             loss = loss - cfg.ent_coef * masked_mean(entropy, mask)
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"the PPO loss is {loss.item()} (policy {policy_loss.item():.4g}, "
-                                 f"value {value_loss.item():.4g})")
+            raise NonFiniteError(f"the {cfg.algorithm.upper()} loss is {loss.item()} ("
+                                 + ", ".join(f"{name} {value.item():.4g}" for name, value in terms.items()) + ")")
         (loss / cfg.grad_accum).backward()
-        for name, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
-                            ("policy_clipfrac", policy_clipfrac), ("value_clipfrac", value_clipfrac),
-                            ("approx_kl", approx_kl)):
-            stats[name].append(value.detach())
+        for name, value in terms.items():
+            stats.setdefault(name, []).append(value.detach())
+
+    def advantages(self, scored: Scored, rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(per-token advantages, returns): PPO's whitened GAE on the value head; for RLOO and GRPO each
+        response's sequence advantage among its prompt's k samples on all its tokens, and no returns."""
+        cfg = self.cfg
+        if cfg.algorithm == "ppo":
+            advantages, returns = gae(rewards, scored.values, mask, cfg.gamma, cfg.lam)
+            return masked_whiten(advantages, mask), returns
+        # Rows are grouped by prompt (k consecutive samples each); GRPO's rewards hold no KL, only the score.
+        sequence_rewards = masked_sum(rewards, mask, dim=1).view(-1, samples_per_prompt(cfg))
+        per_response = (rloo_advantages if cfg.algorithm == "rloo" else grpo_advantages)(sequence_rewards)
+        return torch.where(mask, per_response.reshape(-1, 1), 0.0), None
 
     def step(self, prompts: list[PreparedPrompt]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """One PPO step on these prompts. Returns (metrics, sample rows); updates the KL controller."""
+        """One step on these prompts (each sampled `samples_per_prompt` times). Returns (metrics, sample rows);
+        updates the KL controller."""
         cfg, started = self.cfg, time.perf_counter()
+        prompts = [prompt for prompt in prompts for _ in range(samples_per_prompt(cfg))]
         rollout = self.rollout(prompts)
         _sync(self.device)
         rolled_out = time.perf_counter()
@@ -350,11 +381,11 @@ class PPOTrainer:
         scored_at = time.perf_counter()
 
         mask, kl_coef = rollout.response_mask, self.kl_ctl.value
-        rewards, kl = per_token_rewards(scored.scores, scored.logp, scored.ref_logp, mask, kl_coef)
+        rewards, kl = per_token_rewards(scored.scores, scored.logp, scored.ref_logp, mask,
+                                        0.0 if cfg.algorithm == "grpo" else kl_coef)
         if not torch.isfinite(rewards).all():
             raise NonFiniteError("the rewards contain NaN/inf (reward model scores or log-probs)")
-        advantages, returns = gae(rewards, scored.values, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages, returns = self.advantages(scored, rewards, mask)
         train_stats = self.train(rollout, scored, advantages, returns)
         _sync(self.device)
         finished = time.perf_counter()
@@ -372,7 +403,8 @@ class PPOTrainer:
             "kl_coef": kl_coef,
             "entropy": masked_mean(scored.entropy, mask).item(),
             **train_stats,
-            "explained_variance": explained_variance(scored.values, returns, mask).item(),
+            **({"explained_variance": explained_variance(scored.values, returns, mask).item()}
+               if returns is not None else {}),
             "response_length": lengths.mean().item(),
             "eos_rate": rollout.has_eos.float().mean().item(),
             "time_rollout": rolled_out - started,
@@ -398,7 +430,8 @@ def save_checkpoint(trainer: PPOTrainer, run_dir: Path, step: int) -> Path:
     """
     def write(folder: Path) -> None:
         trainer.model.save_pretrained(folder, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
-        save_file(trainer.value_head.state_dict(), folder / "value_head.safetensors")
+        if trainer.value_head is not None:
+            save_file(trainer.value_head.state_dict(), folder / VALUE_HEAD_FILE)
         save_training_state(folder, trainer.optimizer, {"step": step, "kl_controller": trainer.kl_ctl.state_dict()})
 
     return write_checkpoint(run_dir, step, write)
@@ -418,7 +451,8 @@ def failure_message(exc: Exception, step: int, saved_step: int, run_id: str, cfg
 
 def load_checkpoint(trainer: PPOTrainer, path: Path) -> None:
     """Restore value head, optimizer, KL controller and RNG states (the adapter is loaded with the model)."""
-    trainer.value_head.load_state_dict(load_file(path / "value_head.safetensors"))
+    if trainer.value_head is not None:
+        trainer.value_head.load_state_dict(load_file(path / VALUE_HEAD_FILE))
     state = load_training_state(path, trainer.optimizer)
     trainer.kl_ctl.load_state_dict(state["kl_controller"])
 
@@ -471,7 +505,7 @@ def build_trainer(workspace: Workspace, cfg: Config, reward_run: str, checkpoint
                  and reward_tokenizer_matches(reward_dir, tokenizer))
     reward = (SharedBaseReward(model, load_reward_onto(model, reward_dir, REWARD_ADAPTER)) if same_base
               else SeparateReward(RewardScorer.from_run(workspace, reward_run, cfg, device=device)))
-    value_head = ValueHead(base.get_output_embeddings().in_features).to(device)
+    value_head = ValueHead(base.get_output_embeddings().in_features).to(device) if cfg.ppo.algorithm == "ppo" else None
     return PPOTrainer(model, value_head, reward, tokenizer, cfg.ppo)
 
 
@@ -497,7 +531,8 @@ def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None,
         checkpoint = checkpoint_path(workspace.run_dir(resume_run), checkpoint_step) if checkpoint_step else None
         if checkpoint is not None:
             check_checkpoint(checkpoint, resume_run, "ppo", adapter=POLICY_ADAPTER,
-                             tensor_files=("value_head.safetensors",), state_keys=("step", "kl_controller"))
+                             tensor_files=(VALUE_HEAD_FILE,) if cfg.ppo.algorithm == "ppo" else (),
+                             state_keys=("step", "kl_controller"))
         trainer = build_trainer(workspace, cfg, reward["id"], checkpoint)
         prompts, cut = prepare_prompts(prompt_rows, trainer.tokenizer, cfg.model.max_prompt_tokens)
         cancel_if_stopped(hooks.should_stop(), f"ppo run {resume_run}" if resume_run else "ppo")

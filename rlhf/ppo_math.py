@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 WHITEN_EPS = 1e-8
+GRPO_STD_EPS = 1e-4  # trl's
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -212,20 +213,43 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, returns
 
 
+def masked_sequence_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over rows of each row's mean over its real tokens (every response weighs the same, whatever its
+    length); rows without real tokens are left out."""
+    has_tokens = mask.bool().any(dim=1)
+    return masked_mean(x[has_tokens], mask[has_tokens], dim=1).mean()
+
+
 def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                        cliprange: float) -> tuple[Tensor, Tensor, Tensor]:
+                        cliprange: float, per_sequence: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """PPO clipped surrogate: L = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))), ratio = pi / pi_old.
 
-    Returns (loss, clip fraction = share of tokens where the clipped term wins, approx KL(old || new) as k3).
+    The mean is over all real tokens, or with `per_sequence` over responses of their tokens' mean
+    (`masked_sequence_mean`, as GRPO does). Returns (loss, clip fraction = share of tokens where the clipped
+    term wins, approx KL(old || new) as k3).
     """
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    loss = (masked_sequence_mean if per_sequence else masked_mean)(torch.max(unclipped, clipped), mask)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(kl_k3(old_logp, logp), mask)
     return loss, clipfrac, approx_kl
+
+
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    """RLOO (Ahmadian et al. 2024): `rewards` [P, k] of k >= 2 responses per prompt; each response's baseline
+    is the mean reward of the other k - 1: A_i = R_i - (sum_j R_j - R_i) / (k - 1)."""
+    k = rewards.shape[1]
+    return rewards - (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
+
+
+def grpo_advantages(scores: Tensor, eps: float = GRPO_STD_EPS) -> Tensor:
+    """GRPO (Shao et al. 2024) with std normalisation: `scores` [P, k] of k >= 2 responses per prompt;
+    A_i = (s_i - mean(s)) / (std(s) + eps) within each prompt's group, std with n - 1 (a group whose scores
+    are all equal gets advantages 0)."""
+    return (scores - scores.mean(dim=1, keepdim=True)) / (scores.std(dim=1, keepdim=True) + eps)
 
 
 def policy_moved_too_far(approx_kl: float, limit: float) -> bool:

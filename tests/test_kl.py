@@ -62,7 +62,8 @@ def test_log_controller_holds_the_kl_band_where_the_classic_one_does_not(rewarde
     # The early stop (ppo.max_policy_kl_per_step 0.05) acts at this learning rate, and each time it says so.
     stopped = [step for step, row in enumerate(rows, 1) if row["early_stopped"]]
     assert stopped and all(rows[step - 1]["epochs_done"] < 4 for step in stopped)
-    assert [line.split(":")[0] for line in hooks.lines if "PPO epochs stopped" in line] == [f"step {s}" for s in stopped]
+    said = [line.split(":")[0] for line in hooks.lines if "PPO epochs stopped" in line]
+    assert said == [f"step {s}" for s in stopped]
 
     classic_kl = [row["kl_k1"] for row in run_rows(ws, reward_run, "classic")]
     assert mean(classic_kl[-10:]) > 1.5 * TARGET_KL, classic_kl  # beta barely moves: the KL runs away

@@ -26,9 +26,9 @@ from rlhf.errors import RlhfError
 from rlhf.models import load_causal_lm
 from rlhf.hooks import RunHooks
 from rlhf.checkpoints import CHECKPOINTS_DIR
-from rlhf.ppo import (LOCK_FILE, POLICY_ADAPTER, REFERENCE_ADAPTER, REWARD_ADAPTER, SeparateReward, SharedBaseReward,
-                      build_trainer, ppo_lock, prepare_prompts, prompt_batch, response_forward, response_logprobs,
-                      run_ppo)
+from rlhf.ppo import (LOCK_FILE, POLICY_ADAPTER, REFERENCE_ADAPTER, REWARD_ADAPTER, VALUE_HEAD_FILE, SeparateReward,
+                      SharedBaseReward, build_trainer, ppo_lock, prepare_prompts, prompt_batch, response_forward,
+                      response_logprobs, run_ppo)
 from rlhf.ppo_math import logprobs_and_entropy_from_logits
 from rlhf.reward import RewardScorer, train_reward
 from rlhf.store import Store
@@ -40,6 +40,8 @@ METRICS = {"score_mean", "score_std", "rlhf_reward", "kl_k1", "kl_k1_sem", "kl_k
            "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl", "explained_variance",
            "response_length", "eos_rate", "time_rollout", "time_score", "time_train", "tokens_per_s", "epochs_done",
            "early_stopped", "score_clipped"}
+CRITIC_FREE_METRICS = METRICS - {"value_loss", "value_clipfrac", "explained_variance"}
+METRICS_OF = {"ppo": METRICS, "rloo": CRITIC_FREE_METRICS, "grpo": CRITIC_FREE_METRICS | {"kl_loss"}}
 TIMINGS = {"time_rollout", "time_score", "time_train", "tokens_per_s"}
 PPO_SETTINGS = {"ppo.batch_size": 16, "ppo.minibatches": 2, "ppo.ppo_epochs": 4, "ppo.lr": 1e-3,
                 "ppo.max_new_tokens": 32, "ppo.checkpoint_every": 2}
@@ -104,6 +106,27 @@ def test_ppo_raises_the_reward_model_score(rewarded):
     assert len(samples) == 4 * steps and all(s["response"] is not None and math.isfinite(s["kl"]) for s in samples)
     checkpoints = Path(run["checkpoint"]).parent
     assert [p.name for p in checkpoints.iterdir()] == [f"step-{steps}"]  # older ones are replaced
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_critic_free_algorithms_raise_the_score_without_a_value_head(rewarded, algorithm):
+    """RLOO and GRPO: 4 prompts x 4 samples a step, no value head (nothing trained, logged or saved for one)."""
+    ws, reward_run = rewarded
+    steps = 14
+    cfg = ppo_config(ws, **{"ppo.steps": steps, "ppo.algorithm": algorithm, "ppo.batch_size": 4,
+                            "ppo.samples_per_prompt": 4})
+    result = run_ppo(ws, cfg, reward_run=reward_run)
+
+    assert result.status == "finished" and result.step == steps
+    by_step = metric_rows(ws, result.run_id)
+    assert all(set(row) == METRICS_OF[algorithm] for row in by_step.values())
+    assert_score_rises(by_step, margin=0.5)
+    checkpoint = Path(result.checkpoint)
+    assert (checkpoint / POLICY_ADAPTER / "adapter_model.safetensors").is_file()
+    assert not (checkpoint / VALUE_HEAD_FILE).exists()
+    trainer = build_trainer(ws, cfg, reward_run)
+    assert trainer.value_head is None and all(".policy." in name for name, p in trainer.model.named_parameters()
+                                              if p.requires_grad)
 
 
 def test_ppo_through_4bit_shares_one_quantized_base(tmp_path, trained_tiny_dir):
@@ -297,9 +320,11 @@ def checkpoint_files(run_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def test_stopped_and_resumed_run_equals_an_uninterrupted_one(rewarded):
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(rewarded, algorithm):
     ws, reward_run = rewarded
-    cfg = ppo_config(ws, **{"ppo.steps": 6, "ppo.batch_size": 8, "ppo.ppo_epochs": 2})
+    batch = {"ppo.batch_size": 8} if algorithm == "ppo" else {"ppo.batch_size": 2, "ppo.samples_per_prompt": 4}
+    cfg = ppo_config(ws, **{"ppo.steps": 6, "ppo.ppo_epochs": 2, "ppo.algorithm": algorithm, **batch})
     straight = run_ppo(ws, cfg, reward_run=reward_run)
 
     # Crash after step 3 (checkpoint at 2): step 3's rows are past the checkpoint and must be redone.
@@ -319,7 +344,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(rewarded):
         rows = {run_id: store.metrics(run_id) for run_id in (straight.run_id, resumed.run_id)}
         samples = {run_id: [(s["step"], s["prompt"], s["response"]) for s in store.samples(run_id)]
                    for run_id in (straight.run_id, resumed.run_id)}
-    assert len(rows[resumed.run_id]) == len(rows[straight.run_id]) == 6 * len(METRICS)  # no loss, no duplicates
+    assert len(rows[resumed.run_id]) == len(rows[straight.run_id]) == 6 * len(METRICS_OF[algorithm])  # no loss or twins
     values = {run_id: {(r["step"], r["name"]): r["value"] for r in rs if r["name"] not in TIMINGS}
               for run_id, rs in rows.items()}
     assert values[resumed.run_id] == values[straight.run_id]  # bit for bit: RNG, optimizer and weights restored

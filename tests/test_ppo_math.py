@@ -17,6 +17,7 @@ from rlhf.ppo_math import (
     clipped_value_loss,
     explained_variance,
     gae,
+    grpo_advantages,
     kl_k1,
     kl_k3,
     kl_negative_beyond_noise,
@@ -25,11 +26,13 @@ from rlhf.ppo_math import (
     logprobs_and_entropy_from_logits,
     logprobs_and_entropy_grad,
     masked_mean,
+    masked_sequence_mean,
     masked_var,
     masked_whiten,
     per_token_rewards,
     policy_moved_too_far,
     response_mask,
+    rloo_advantages,
     score_dropped,
     softcap_logits,
     standard_error,
@@ -383,6 +386,37 @@ def test_clipped_policy_loss_ignores_pads():
     assert loss.item() == approx(-1.75)
     assert clipfrac.item() == 0.5
     assert approx_kl.item() == approx(0.0945348919 / 2)
+
+
+def test_masked_sequence_mean_weighs_every_response_the_same():
+    x = t([1.0, 3.0, NAN], [10.0, NAN, NAN], [NAN, NAN, NAN])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    # rows: mean(1, 3) = 2 and 10; the empty row is left out: (2 + 10) / 2 = 6 (token mean: 14 / 3)
+    assert masked_sequence_mean(x, mask).item() == approx(6.0)
+
+
+def test_clipped_policy_loss_per_sequence():
+    logp = t([math.log(1.5), 0.0], [0.0, NAN])
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    loss, _, _ = clipped_policy_loss(logp, torch.zeros_like(logp), t([2.0, 2.0], [1.0, NAN]), mask, 0.25,
+                                     per_sequence=True)
+    # row 1: clipped -2.5 and ratio 1: -2, mean -2.25; row 2: -1. (-2.25 - 1) / 2 = -1.625 (per token: -5.5 / 3)
+    assert loss.item() == approx(-1.625)
+
+
+def test_rloo_advantages_use_the_other_samples_mean():
+    # prompt 1: [1, 2, 3, 6]: baselines (2+3+6)/3 = 11/3, (1+3+6)/3 = 10/3, (1+2+6)/3 = 3, (1+2+3)/3 = 2
+    # prompt 2: [0, 0]: both 0
+    assert rloo_advantages(t([1.0, 2.0, 3.0, 6.0])).tolist() == [approx([1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0])]
+    assert rloo_advantages(t([0.0, 0.0], [5.0, -1.0])).tolist() == [[0.0, 0.0], [6.0, -6.0]]
+
+
+def test_grpo_advantages_are_normalised_within_each_group():
+    # [1, 2, 3, 6]: mean 3; deviations -2, -1, 0, 3; sample std sqrt(14 / 3) = 2.160247
+    std = math.sqrt(14 / 3) + 1e-4
+    assert grpo_advantages(t([1.0, 2.0, 3.0, 6.0])).tolist() == [approx([-2 / std, -1 / std, 0.0, 3 / std])]
+    # all equal: nothing to learn, not a division by zero
+    assert grpo_advantages(t([0.7, 0.7, 0.7])).tolist() == [approx([0.0, 0.0, 0.0])]
 
 
 @pytest.mark.parametrize("value, ret, loss, clipfrac", [

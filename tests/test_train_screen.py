@@ -19,7 +19,8 @@ from app.main import RlhfApp
 from app.screens.runs import RunsScreen
 from app.screens.train import PPO_FORM_KEYS, TrainScreen
 from app.widgets.charts import REDRAW_INTERVAL_S, MetricChart
-from app.widgets.run_view import SamplesPane, kl_target
+from app.widgets.run_feed import RunUpdate
+from app.widgets.run_view import VALUE_CHART, RunView, SamplesPane, has_value_head, kl_target
 from rlhf.config import Workspace
 from rlhf.store import Store
 from test_reward_screen import (ENGINE_TIMEOUT_S, db_metric, db_run, make_workspace, plain, type_into,
@@ -58,6 +59,24 @@ def palette(app: RlhfApp) -> dict:
 class ChartApp(App):
     def compose(self) -> ComposeResult:
         yield MetricChart("KL", ("kl_k1",), right=("kl_coef",), labels={"kl_k1": "k1", "kl_coef": "β"}, target=6.0)
+
+
+class RunViewApp(App):
+    def compose(self) -> ComposeResult:
+        yield RunView("ppo")
+
+
+@pytest.mark.parametrize("algorithm, shown", [("ppo", True), ("rloo", False), ("grpo", False), (None, True)])
+async def test_value_head_pane_only_for_runs_that_train_one(algorithm, shown):
+    config = {"ppo": {"algorithm": algorithm} if algorithm else {}}  # None: a run stored before ppo.algorithm
+    assert has_value_head(config) is shown
+    app = RunViewApp()
+    async with app.run_test(size=(100, 30)):
+        view = app.query_one(RunView)
+        view.apply(RunUpdate(status="running", step=0, total_steps=5, config=config))
+        assert view.chart(VALUE_CHART).display is shown
+        view.toggle_secondary()
+        assert view.chart("chart-losses").display  # the policy's panes stay
 
 
 async def test_metric_chart_fills_a_buffer_and_redraws_on_its_timer():

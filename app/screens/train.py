@@ -1,11 +1,12 @@
-"""The Train screen: launch PPO in the engine process, watch it live, stop it live.
+"""The Train screen: launch PPO (or RLOO / GRPO) in the engine process, watch it live, stop it live.
 
-Setup: the reward run that scores the policy (default: the latest finished one) and the PPO settings
-(defaults from the config; each field checked as typed). Launching switches to the live panes:
-reward (score and RLHF reward), KL (k1, k3, the coefficient β on the right axis, the controller's target
-as a line), entropy, the newest sample generations, and a status bar (step/total, elapsed, ETA,
-tokens/s, time per phase, last checkpoint). `m` swaps in the secondary metrics, `f` goes back to the
-setup, `s` stops (twice: at once). Stopped and interrupted runs are resumed from the Runs screen.
+Setup: the reward run that scores the policy (default: the latest finished one) and the settings, the
+algorithm among them (defaults from the config; each field checked as typed). Launching switches to the live
+panes: reward (score and RLHF reward), KL (k1, k3, the coefficient β on the right axis, the controller's
+target as a line), entropy, the newest sample generations, and a status bar (step/total, elapsed, ETA,
+tokens/s, time per phase, last checkpoint, the latest warning). `m` swaps in the secondary metrics (the
+value head's pane only for PPO), `f` goes back to the setup, `s` stops (twice: at once). Stopped and
+interrupted runs are resumed from the Runs screen.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from ..widgets.run_view import SCROLL_SAMPLES_BINDINGS, RunView
 from ..widgets.settings_form import FieldNavigation, SettingsForm
 from .live_run import LiveRunScreen
 
-PPO_FORM_KEYS = ("ppo.steps", "ppo.batch_size", "ppo.minibatches", "ppo.ppo_epochs", "ppo.lr", "ppo.init_kl_coef",
-                 "ppo.kl_controller", "ppo.target_kl", "ppo.max_new_tokens", "ppo.temperature",
-                 "ppo.checkpoint_every", "model.quantization")
+PPO_FORM_KEYS = ("ppo.steps", "ppo.batch_size", "ppo.algorithm", "ppo.samples_per_prompt", "ppo.minibatches",
+                 "ppo.ppo_epochs", "ppo.lr", "ppo.init_kl_coef", "ppo.kl_controller", "ppo.target_kl",
+                 "ppo.max_new_tokens", "ppo.temperature", "ppo.checkpoint_every", "model.quantization")
 
 
 def reward_run_choices(store: Store) -> list[tuple[str, str]]:

@@ -54,16 +54,16 @@ PPO_PRIMARY = (
               labels={"kl_k1": "k1", "kl_k3": "k3", "kl_coef": "β"}),
     ChartSpec("chart-entropy", "entropy", ("entropy",)),
 )
+VALUE_CHART = "chart-value"  # hidden for the algorithms without a value head (RLOO, GRPO)
 PPO_SECONDARY = (
-    ChartSpec("chart-losses", "loss", ("policy_loss", "value_loss"),
-              labels={"policy_loss": "policy", "value_loss": "value"}),
-    ChartSpec("chart-clipfrac", "clip fraction", ("policy_clipfrac", "value_clipfrac"),
-              labels={"policy_clipfrac": "policy", "value_clipfrac": "value"}),
+    ChartSpec("chart-losses", "policy loss", ("policy_loss", "kl_loss"),
+              labels={"policy_loss": "clipped", "kl_loss": "KL term"}),
+    ChartSpec("chart-clipfrac", "policy clip fraction", ("policy_clipfrac",), labels={"policy_clipfrac": "latest"}),
     ChartSpec("chart-approx-kl", "approx KL", ("approx_kl",), labels={"approx_kl": "latest"}),
     ChartSpec("chart-length", "response length", ("response_length",), labels={"response_length": "tokens"}),
     ChartSpec("chart-eos", "EOS rate", ("eos_rate",), labels={"eos_rate": "latest"}),
-    ChartSpec("chart-explained-variance", "explained variance", ("explained_variance",),
-              labels={"explained_variance": "latest"}),
+    ChartSpec(VALUE_CHART, "value head", ("value_loss",), right=("explained_variance", "value_clipfrac"),
+              labels={"value_loss": "loss", "explained_variance": "expl. var.", "value_clipfrac": "clip"}),
 )
 REWARD_CHARTS = (
     ChartSpec("chart-loss", "loss", ("loss", "heldout_loss"), labels={"loss": "train", "heldout_loss": "held-out"}),
@@ -78,6 +78,11 @@ def kl_target(config: dict[str, Any]) -> float | None:
     # Runs stored before ppo.kl_controller have ppo.adaptive_kl instead.
     controller = ppo.get("kl_controller", "classic" if ppo.get("adaptive_kl") else "fixed")
     return ppo.get("target_kl") if controller != "fixed" else None
+
+
+def has_value_head(config: dict[str, Any]) -> bool:
+    """Whether the run trains a value head: PPO does, RLOO and GRPO do not (runs from before ppo.algorithm are PPO)."""
+    return config.get("ppo", {}).get("algorithm", "ppo") == "ppo"
 
 
 class SamplesPane(VerticalScroll, can_focus=False):
@@ -176,6 +181,7 @@ class RunView(Vertical):
             chart.add_steps(update.steps)
         if update.config is not None and self.kind == "ppo":
             self.chart("chart-kl").set_target(kl_target(update.config))
+            self.chart(VALUE_CHART).display = has_value_head(update.config)
 
     def add_warning(self, message: str) -> None:
         self.feed.add_warning(message)
