@@ -79,7 +79,8 @@ class SamplingConfig:
 @dataclass
 class LabelConfig:
     annotator: str = _f("", "Name stored with each decision; empty = the OS user.")
-    guidelines: str = _f("guidelines.md", "Markdown file in the workspace shown by `?` and at first start.")
+    guidelines: str = _f("guidelines.md", "Markdown file in the workspace shown by `?` and at first start; "
+                                          "a path outside the workspace (symlinks resolved) is refused.")
     keymap: dict = _f({}, "Binding id -> keys, e.g. {prefer_a = \"j\"} (Textual keymap).")
 
 
