@@ -90,5 +90,6 @@ def test_the_engine_frees_the_labeling_model_while_a_run_trains_on_cuda(workspac
         seen: list = []
         ended = wait_for(client, protocol.RunEnded, seen=seen)
         assert ended.status == "finished"
-        assert "freeing the labeling model for the run…" in [e.message for e in seen if isinstance(e, protocol.Status)]
+        statuses = [e.message for e in seen if isinstance(e, protocol.Status)]
+        assert "freeing the labeling model for the run…" in statuses
         wait_for(client, protocol.Ready)
