@@ -550,6 +550,8 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
     torch.manual_seed(rc.seed)
     # Loaded before the run row is written: a model that cannot load leaves no failed run behind.
     base = load_causal_lm(base_name, cfg.reward_quantization, trust_remote_code=cfg.model.trust_remote_code)
+    if rc.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cancel_if_stopped(hooks.should_stop(), f"reward run {resume_run}" if resume_run else "reward training")
     if resumed is None:
         run_id, run_dir = _start_run(workspace, store, cfg, total_steps, pairs, identical)
@@ -725,7 +727,8 @@ class _Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     return "failed", (f"out of GPU memory at step {self.step + 1}; kept the weights from step "
                                       f"{self.step} (lower [reward] batch_size, now {self.rc.batch_size}, or "
-                                      f"max_length, now {self.rc.max_length}, or set [reward] quantization = \"4bit\")")
+                                      f"max_length, now {self.rc.max_length}, or set [reward] quantization = \"4bit\" "
+                                      "or gradient_checkpointing = true)")
                 self.step += 1
                 done = min(start + self.rc.batch_size, len(order))
                 self._log({**metrics, "epoch": epoch + done / len(order)})

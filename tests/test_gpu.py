@@ -23,7 +23,7 @@ from rlhf.tiny import hidden_rule_pairs, workspace_with_pairs
 pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda")
-FOUR_BIT = 'quantization = "4bit"\n[reward]\nquantization = "4bit"\nepochs = 1\n'
+FOUR_BIT = 'quantization = "4bit"\n[reward]\nquantization = "4bit"\nepochs = 1\ngradient_checkpointing = true\n'
 
 
 def test_4bit_on_cuda_computes_in_bf16_and_a_lora_step_has_a_finite_loss(tiny_model_dir):

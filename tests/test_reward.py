@@ -287,6 +287,27 @@ def test_a_stopped_run_resumes_to_the_very_model_an_unbroken_run_trains(tmp_path
         train_reward(ws, cfg, resume_run=resumed.run_id)
 
 
+def test_gradient_checkpointing_trains_the_same_model(tmp_path, tiny_model_dir, monkeypatch):
+    from rlhf import reward
+
+    loaded = []
+
+    def load_and_keep(*args, **kwargs):  # the real loader; the test looks at the model it returned
+        loaded.append(load_causal_lm(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(reward, "load_causal_lm", load_and_keep)
+    results = {}
+    for on in (False, True):
+        ws, cfg = _workspace(tmp_path / str(on), tiny_model_dir, hidden_rule_pairs(10, 4), epochs=1,
+                             gradient_checkpointing=on)
+        results[on] = _saved_weights(train_reward(ws, cfg))
+        assert loaded[-1].is_gradient_checkpointing == on
+    plain, checkpointed = results[False], results[True]
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
 def test_resume_trains_on_the_pairs_it_started_with(tmp_path, tiny_model_dir):
     ws, cfg = _workspace(tmp_path / "ws", tiny_model_dir, hidden_rule_pairs(10, 4), epochs=2)
     first, second = (train_reward(ws, cfg, hooks=StopAfter(2)) for _ in range(2))
