@@ -11,8 +11,8 @@ context): a one-epoch reward run on the same base and quantization (so all four 
 policy LoRA, value head, reference = adapters off, reward adapter), and PPO at batch 16 x 128 new tokens
 (min_new_tokens = 128: every response is that long) with gradient checkpointing on, loaded through
 rlhf.models.load_causal_lm like a user's model. One warm-up step, then --steps timed steps. Peak GPU memory
-is torch.cuda.max_memory_allocated from just before the PPO model loads to the end. Goal: the 7B in 4-bit
-under 12 GB.
+is torch.cuda.max_memory_allocated from just before the PPO model loads to the end (held_before_gb in the
+JSON lines says what was still allocated then: ~0). Goal: the 7B in 4-bit under 12 GB.
 
 --smoke: a tiny model of each config's family (hidden 64, 2 layers, vocabulary 1,000), batch 4 x 8 tokens,
 no warm-up, one step; runs on CPU when there is no GPU, to prove the script works.
@@ -21,6 +21,7 @@ no warm-up, one step; runs on CPU when there is no GPU, to prove the script work
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -104,9 +105,11 @@ def child(model_dir: str, quantization: str, steps: int, smoke: bool) -> None:
         if reward.status != "finished":
             raise SystemExit(f"reward run {reward.status}: {reward.message}")
         reward_s = time.perf_counter() - started
+        gc.collect()  # the reward run's own copy of the base must be gone before PPO's peak is measured
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        held_before_gb = torch.cuda.memory_allocated() / 2**30 if cuda else None
         cfg = ws.load_config().override(settings)
         trainer = build_trainer(ws, cfg, reward.run_id)
         trainer.model.get_base_model().generation_config.min_new_tokens = cfg.ppo.max_new_tokens
@@ -124,6 +127,7 @@ def child(model_dir: str, quantization: str, steps: int, smoke: bool) -> None:
         / sum(m["time_rollout"] for m in timed),
         "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+        "held_before_gb": held_before_gb,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }))
 
