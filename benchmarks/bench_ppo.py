@@ -210,7 +210,7 @@ def memory_child(ws_root: str, reward_run: str, roles: str) -> None:
             hidden = response_forward(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
             logp, entropy = response_logprobs(model, hidden, rollout.response_ids, cfg.ppo.temperature)
             scored = Scored(logp=logp, values=value_head(hidden), entropy=entropy, ref_logp=logp,
-                            scores=torch.zeros(len(prompts)))
+                            scores=torch.zeros(len(prompts)), score_clipped=torch.tensor(0.0))
         del hidden
         trainer.train(rollout, scored, torch.randn_like(logp), torch.randn_like(logp))
         modules = [model, value_head]
