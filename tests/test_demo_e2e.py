@@ -149,7 +149,8 @@ def shares(sampler, prompts: list[dict]) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_rule_share_rises_after_ppo(tmp_path: Path):
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
+def test_demo_end_to_end_rule_share_rises_after_ppo(tmp_path: Path, algorithm: str):
     from peft import PeftModel
 
     from rlhf.engine.worker import latest_policy_adapter
@@ -160,6 +161,8 @@ def test_demo_end_to_end_rule_share_rises_after_ppo(tmp_path: Path):
 
     workspace = Workspace(tmp_path)
     cfg = with_demo_defaults(workspace.load_config(), keys_set_in(workspace.config_path))
+    if algorithm != "ppo":  # the same 8 responses a step: 2 prompts x 4 samples (RLOO 0.36 -> 0.94, GRPO -> 0.75)
+        cfg = cfg.override({"ppo.algorithm": algorithm, "ppo.batch_size": 2, "ppo.samples_per_prompt": 4})
     assert is_demo(cfg) and resolve_model_name(cfg) == str(demo_model_dir())
     model_name = resolve_model_name(cfg)
     tokenizer = load_tokenizer(model_name)
