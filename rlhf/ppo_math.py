@@ -33,13 +33,14 @@ def logprobs_and_entropy_from_logits(logits: Tensor, tokens: Tensor, temperature
 
     log p(token) = z[token] - logsumexp(z) ;  H = logsumexp(z) - sum(softmax(z) * z).
     Dividing by the sampling temperature T makes these the log-probs of the distribution the rollout
-    actually sampled from (otherwise KL turns negative). One shared logsumexp and no log_softmax copy keep
-    the [..., V] temporaries few. logits [..., V], tokens [...] -> ([...], [...]).
+    actually sampled from (otherwise KL turns negative). One shared logsumexp, no log_softmax copy and a
+    contraction (einsum) in place of a [..., V] product keep the [..., V] temporaries few.
+    logits [..., V], tokens [...] -> ([...], [...]).
     """
     z = _at_least_fp32(logits) / temperature
     log_normalizer = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_normalizer
-    return logp, log_normalizer - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+    return logp, log_normalizer - torch.einsum("...v,...v->...", torch.softmax(z, dim=-1), z)
 
 
 def logprobs_and_entropy_grad(logits: Tensor, tokens: Tensor, temperature: float, logp: Tensor, entropy: Tensor,
