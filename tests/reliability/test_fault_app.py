@@ -115,7 +115,9 @@ async def test_a_pasted_15_kb_note_keeps_every_line_and_hides_no_answer(workspac
         await pilot.pause(0.2)
         await pilot.press("enter")
         assert app.screen is screen and screen.pending_note == note
-        assert screen.query_one("#notice").region.height == 1  # a preview line, not 250 lines over the answers
+        shown = str(screen.query_one("#notice").render())  # a preview, not 250 lines over the answers
+        assert "note: line 0: the answer repeats itself" in shown and "(+249 more lines)" in shown
+        assert "line 1:" not in shown
         await wait_ready_to_decide(pilot, screen)  # the answers are on screen: the pair can be decided
         await pilot.press("a")
         assert rows(workspace)[-1]["note"] == note
@@ -154,9 +156,10 @@ async def test_a_database_deleted_while_labeling_is_written_back_with_every_labe
             await pilot.press(key)
         for suffix in ("", "-wal", "-shm"):  # `rm rlhf.db*` while the app runs
             Path(f"{workspace.db_path}{suffix}").unlink(missing_ok=True)
-        await wait_until(pilot, lambda: workspace.db_path.exists(), 10, "the database written back")
-        assert any(n.startswith("rlhf.db was deleted while the app ran: wrote it back with every label "
-                                "(2 comparisons); the engine restarts to use it") for n in notices(app))
+        said = ("rlhf.db was deleted while the app ran: wrote it back with every label (2 comparisons); the engine "
+                "restarts to use it")
+        await wait_until(pilot, lambda: said in notices(app), 10, "the notice")
+        assert workspace.db_path.exists()
         await wait_ready_to_decide(pilot, screen, ENGINE_TIMEOUT_S)
         await pilot.press("t")
         await wait_ready_to_decide(pilot, screen, ENGINE_TIMEOUT_S, "a pair from the restarted engine")
