@@ -121,7 +121,7 @@ async def test_form_keys_walk_the_fields_past_a_select_and_enter_submits():
         assert app.focused is select
         await pilot.press("enter")  # opens the list, which keeps the arrows
         assert select.expanded
-        await pilot.press("down", "enter")
+        await pilot.press("down", "down", "enter")  # past "model" (as [model] quantization) and "none"
         assert select.value == "4bit" and not select.expanded
         await pilot.press("down", "space")  # the checkbox
         assert app.query_one(SettingsForm).values() == {"reward.epochs": 3, "reward.quantization": "4bit",
