@@ -36,6 +36,7 @@ SCROLL_LINES = 3
 # it could be read (a held or typed-ahead key), yet no real reading of two answers is that fast.
 MIN_LOOK_MS = 250
 NOTE_PREVIEW_CHARS = 60
+REFUSAL_TOAST_S = 3.0
 
 
 @dataclass
@@ -114,6 +115,7 @@ class LabelScreen(Screen):
         self.regenerating: int | None = None  # prompt id whose fresh pair is on its way
         self.pending_note: str | None = None
         self.visible_since: float | None = None  # when the pair on screen was first painted whole
+        self._last_refusal = ("", 0.0)  # the latest "key did not count" notice and when it was shown
         self.labeled_session = 0
         self.labeled_total = 0
         self.engine_info: protocol.Ready | None = None
@@ -218,7 +220,7 @@ class LabelScreen(Screen):
                    else early_key_refusal(self.visible_since, self.app.last_key_at))
         if refusal is not None:
             self.app.bell()
-            self.notify(refusal, severity="warning", timeout=4)
+            self._refused(refusal)
             return
         elapsed = decision_ms(self.visible_since, self.app.last_key_at)
         if not self.app.ensure_database_on_disk():
@@ -235,6 +237,16 @@ class LabelScreen(Screen):
         self.labeled_total += 1
         self._show(self.queue.popleft() if self.queue else None)
         self._request_pairs()
+
+    def _refused(self, message: str) -> None:
+        """Say why a key did not decide; once per REFUSAL_TOAST_S, so that a held key does not bury the pair
+        under a stack of toasts."""
+        now = event_clock()
+        last_message, last_at = self._last_refusal
+        if message == last_message and now - last_at < REFUSAL_TOAST_S:
+            return  # that notice is still on screen
+        self.notify(message, severity="warning", timeout=REFUSAL_TOAST_S)
+        self._last_refusal = (message, now)
 
     def action_undo(self) -> None:
         if not self.history:
