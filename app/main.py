@@ -32,7 +32,8 @@ from .screens.live_run import start_ppo, stop_run
 
 # A closed terminal or dropped SSH session (SIGHUP) and a polite kill (SIGTERM) quit like Ctrl+Q: a run in
 # progress stops after its step with a checkpoint before the app exits.
-QUIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# (Windows has no SIGHUP.)
+QUIT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 ENGINE_POLL_INTERVAL_S = 0.05  # drains every waiting event at once: one redraw per batch, not per event
 NARROW_WIDTH = 100  # below this many columns the answers stack
 DATABASE_CHECK_INTERVAL_S = 2.0  # how soon a deleted rlhf.db is noticed (it is also checked before each write)
@@ -118,7 +119,10 @@ class RlhfApp(App):
             self.set_keymap(keymap)
         loop = asyncio.get_running_loop()
         for signum in QUIT_SIGNALS:
-            loop.add_signal_handler(signum, self._quit_on_signal, signum)
+            try:
+                loop.add_signal_handler(signum, self._quit_on_signal, signum)
+            except NotImplementedError:  # Windows' event loops: the signal keeps its default action
+                break
         self.engine.start()
         self.set_interval(ENGINE_POLL_INTERVAL_S, self._drain_engine)
         self.set_interval(DATABASE_CHECK_INTERVAL_S, self.ensure_database_on_disk)
@@ -134,7 +138,10 @@ class RlhfApp(App):
     def on_unmount(self) -> None:
         loop = asyncio.get_running_loop()
         for signum in QUIT_SIGNALS:
-            loop.remove_signal_handler(signum)
+            try:
+                loop.remove_signal_handler(signum)
+            except NotImplementedError:
+                break
         self.engine.stop()  # a run in progress stops after its step with a checkpoint first
         self.store.close()
 

@@ -45,7 +45,8 @@ def _engine_main(conn: Connection, workspace_root: str, config_overrides: dict[s
     # Ctrl+C and a closed terminal (SIGHUP) signal the whole process group; the app alone decides when we
     # stop (it stops a run with a checkpoint first).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # On a machine with few cores, sampling would otherwise take the CPU time the UI needs to
     # answer a key at once; a lower priority costs the engine nothing when the UI is idle.
     os.nice(ENGINE_NICENESS)
