@@ -303,7 +303,7 @@ def pretrain_tiny_llama(out_dir: Path | str, steps: int = 100) -> Path:
 
 def exclamation_rule_workspace(root: Path | str, model_dir: Path | str, quantization: str = "none") -> Workspace:
     """A workspace on `model_dir` with 16 prompts and 128 comparisons of corpus sentences decided by
-    `exclamation_rule`: the seeded task the PPO tests and benchmarks/bench_kl.py train on."""
+    `exclamation_rule`: the seeded task the PPO tests and benchmarks/bench_learning.py train on."""
     ws = Workspace(Path(root))
     ws.root.mkdir(parents=True)
     ws.config_path.write_text(f'[model]\nname = "{Path(model_dir).as_posix()}"\nquantization = "{quantization}"\n'

@@ -1,7 +1,7 @@
 """KL control and collapse guards. End to end: with an eager learning rate (1e-3) on the seeded tiny
 hidden-rule task, the log controller holds the KL per response within [0.5, 1.5] x target over the last 10 of
 30 steps while the score rises, and the early stop of the PPO epochs acts and says so; the classic
-controller, on the same run, does not hold the band (benchmarks/bench_kl.py prints both in full).
+controller, on the same run, does not hold the band (benchmarks/bench_learning.py prints both in full).
 """
 
 from __future__ import annotations

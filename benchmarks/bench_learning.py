@@ -1,19 +1,22 @@
-"""KL control with an eager learning rate: does the KL per response hold its target while the score rises?
+"""Each algorithm and KL controller on one seeded task: does the score rise while the KL holds its target?
 
-    python benchmarks/bench_kl.py [--steps 30] [--target 2] [--lr 1e-3] [--runs ppo:log ppo:classic rloo:log ...]
+    python benchmarks/bench_learning.py [--steps 40] [--target 2] [--lr 1e-3] [--runs ppo:log ppo:classic ...]
 
 The seeded tiny task of tests/test_ppo.py: the tiny Llama pre-trained on the tiny corpus, a reward model
 trained on 128 comparisons decided by a hidden rule (answers ending with "!" win), then one run per
-ALGORITHM:CONTROLLER from the same seed and settings (16 responses a step: 16 prompts for PPO, 4 prompts x
-4 samples for RLOO and GRPO; 2 minibatches, 4 epochs, 32 new tokens, init beta 0.05). Prints each run's
-KL (k1, nats per response), beta and score per step, then a table: score rise (mean of the last 3 steps
-minus the first 3), mean KL of the last 10 steps as a multiple of the target (goal: within [0.5, 1.5]),
-max KL, beta at the end, seconds per step. No assertions: tests/test_kl.py asserts the band.
+ALGORITHM:CONTROLLER from the same seed, settings and reward model (16 responses a step: 16 prompts for PPO,
+4 prompts x 4 samples for RLOO and GRPO; 2 minibatches, 4 epochs, 32 new tokens, init beta 0.05), an eager
+learning rate. Each run is its own process, so its peak memory (VmHWM: model load + run) is its own. Prints
+each run's KL (k1, nats per response), beta and score per step, then a table: score rise at the last step
+(mean of the last 3 steps minus the first 3), mean KL of the last 10 steps as a multiple of the target (goal:
+within [0.5, 1.5]), max KL, beta at the end, seconds per step, peak RSS. No assertions: tests/test_kl.py
+asserts the band.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import tempfile
 import time
@@ -59,12 +62,26 @@ def run(ws: Workspace, reward_run: str, name: str, steps: int, target: float, lr
     kls, scores = [row["kl_k1"] for row in rows], [row["score_mean"] for row in rows]
     return {"score_rise": sum(scores[-3:]) / 3 - sum(scores[:3]) / 3,
             "kl_last10": sum(kls[-10:]) / len(kls[-10:]), "kl_max": max(kls), "beta_end": rows[-1]["kl_coef"],
-            "s_per_step": seconds / steps}
+            "s_per_step": seconds / steps, "peak_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_in_child(*args: object) -> dict[str, float]:
+    """`run(*args)` in a fresh process (spawned: no memory of the parent or of earlier runs)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run, args)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--target", type=float, default=2.0, help="target KL, nats per response")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--runs", nargs="+", default=["ppo:log", "ppo:classic", "rloo:log", "grpo:log"],
@@ -73,12 +90,13 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp:
         ws, reward_run = prepare(Path(tmp))
-        summaries = {name: run(ws, reward_run, name, args.steps, args.target, args.lr) for name in args.runs}
+        summaries = {name: run_in_child(ws, reward_run, name, args.steps, args.target, args.lr) for name in args.runs}
     print(f"\n{args.steps} steps, lr {args.lr}, target KL {args.target} nats")
-    print("run           score rise  KL last 10 (x target)  max KL  beta at end  s/step")
+    print("| run | score rise | KL last 10 (x target) | max KL | beta at end | s/step | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, s in summaries.items():
-        print(f"{name:12s}  {s['score_rise']:10.2f}  {s['kl_last10']:6.2f} ({s['kl_last10'] / args.target:4.2f}x)"
-              f"         {s['kl_max']:6.2f}  {s['beta_end']:11.4f}  {s['s_per_step']:6.2f}")
+        print(f"| {name} | {s['score_rise']:.2f} | {s['kl_last10']:.2f} ({s['kl_last10'] / args.target:.2f}x) | "
+              f"{s['kl_max']:.2f} | {s['beta_end']:.4f} | {s['s_per_step']:.2f} | {s['peak_mb']:.0f} |")
 
 
 if __name__ == "__main__":
