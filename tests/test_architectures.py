@@ -9,7 +9,6 @@ model's hidden size.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from transformers.pytorch_utils import Conv1D
 
 from rlhf.checkpoints import checkpoint_path
 from rlhf.cli import main
-from rlhf.errors import RlhfError
 from rlhf.lora import lora_config
 from rlhf.models import load_causal_lm, load_sequence_classifier, load_tokenizer
 from rlhf.ppo import response_forward, response_logprobs, run_ppo
@@ -178,19 +176,3 @@ def test_an_encoder_decoder_model_is_one_line_that_names_it(tmp_path, capsys):
                                        "rlhf-tui trains decoder-only language models (Llama, Qwen, Gemma, Mistral, "
                                        "Phi, GPT-2 and the like): pass one with --model\n")
 
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_folder_without_tokenizer_or_with_pickle_weights_is_one_line_for_every_family(family_dirs, family,
-                                                                                     tmp_path):
-    no_tokenizer = Path(shutil.copytree(family_dirs(family), tmp_path / "no-tokenizer"))
-    for file in no_tokenizer.glob("tokenizer*"):
-        file.unlink()
-    with pytest.raises(RlhfError, match="no tokenizer files") as error:
-        load_tokenizer(str(no_tokenizer))
-    assert "\n" not in str(error.value)
-    pickled = Path(shutil.copytree(family_dirs(family), tmp_path / "pickled"))
-    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
-    (pickled / "model.safetensors").unlink()
-    with pytest.raises(RlhfError, match="only pickle weights") as error:
-        load_causal_lm(str(pickled))
-    assert "\n" not in str(error.value)
