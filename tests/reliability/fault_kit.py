@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rlhf.config import Workspace
+from rlhf.hooks import RunHooks
 
 # Small enough for a few seconds per run on a shared 2-core box: one PPO step is 2 prompts x 8 tokens.
 TINY_SETTINGS = """
@@ -40,6 +41,18 @@ def make_labeled_workspace(root: Path, model_dir: Path) -> Workspace:
 
     return workspace_with_pairs(root, model_dir, hidden_rule_pairs(num_prompts=8, pairs_per_prompt=3),
                                 TINY_SETTINGS)
+
+
+class StopAfter(RunHooks):
+    """Ends a run gracefully (with a checkpoint) once `steps` steps have been reported."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.steps = steps
+
+    def on_step(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+        if step >= self.steps:
+            self.stop_requested.set()
 
 
 def rlhf_tui(*args: str | Path, timeout: float = SUBPROCESS_TIMEOUT_S) -> subprocess.CompletedProcess:

@@ -75,6 +75,14 @@ BAD_SETTINGS = [
      ["option: reward.batch_size must be >= 1, got 0"]),
     ("a value of the wrong type", '[reward]\nepochs = "three"\n', ("train-reward",),
      ["reward.epochs must be int, got 'three'"]),
+    ("20-digit ppo.steps", "[ppo]\nsteps = 99999999999999999999\n", ("ppo",),
+     ["rlhf.toml: ppo.steps must be <= 1000000, got 99999999999999999999"]),
+    ("ppo.batch_size 100000", "[ppo]\nbatch_size = 100000\n", ("ppo",),
+     ["rlhf.toml: ppo.batch_size must be <= 1024, got 100000"]),
+    ("--steps 1e20", "", ("ppo", "--steps", "100000000000000000000"),
+     ["option: ppo.steps must be <= 1000000, got 100000000000000000000"]),
+    ("20-digit reward.epochs", "[reward]\nepochs = 99999999999999999999\n", ("train-reward",),
+     ["rlhf.toml: reward.epochs must be <= 1000, got 99999999999999999999"]),
 ]
 
 

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from fault_kit import assert_one_line_error, make_labeled_workspace, rlhf_tui, tree_snapshot
+from fault_kit import StopAfter, assert_one_line_error, make_labeled_workspace, rlhf_tui, tree_snapshot
 from rlhf import cli
 from rlhf.checkpoints import CHECKPOINTS_DIR
 from rlhf.config import SECTIONS, Workspace
-from rlhf.hooks import RunHooks
 from rlhf.errors import StoreError
-from rlhf.store import PromptItem, Store
+from rlhf.store import Store
 
 PAIR = '{"prompt": "q", "chosen": "a", "rejected": "b"'
 
@@ -117,36 +116,6 @@ def test_prompts_list_escapes_terminal_control_sequences(tmp_path: Path):
     assert done.stdout == ("1\tt\\x1b[31m\tClear\\x1b[2J\\x1b]0;pwned\\x07 me\\u202eevil\\rover\\nnext\n")
 
 
-def _workspace_with_a_prompt(root: Path, toml: str) -> Path:
-    root.mkdir()
-    (root / "rlhf.toml").write_text(toml, encoding="utf-8")
-    with Store(root / "rlhf.db") as store:
-        store.add_prompts([PromptItem("already here")], source="test")
-    return root
-
-
-# (case, rlhf.toml, command, what the one line must say); each used to start and die (a traceback, or the kernel).
-HUGE_SETTINGS = [
-    ("20-digit ppo.steps", "[ppo]\nsteps = 99999999999999999999\n", ("ppo",),
-     ["rlhf.toml: ppo.steps must be <= 1000000, got 99999999999999999999"]),
-    ("ppo.batch_size 100000", "[ppo]\nbatch_size = 100000\n", ("ppo",),
-     ["rlhf.toml: ppo.batch_size must be <= 1024, got 100000"]),
-    ("--steps 1e20", "", ("ppo", "--steps", "100000000000000000000"),
-     ["option: ppo.steps must be <= 1000000, got 100000000000000000000"]),
-    ("20-digit reward.epochs", "[reward]\nepochs = 99999999999999999999\n", ("train-reward",),
-     ["rlhf.toml: reward.epochs must be <= 1000, got 99999999999999999999"]),
-]
-
-
-@pytest.mark.parametrize("case, toml, command, fragments", HUGE_SETTINGS, ids=[c[0] for c in HUGE_SETTINGS])
-def test_huge_setting_is_refused_with_its_key(tmp_path: Path, case, toml, command, fragments):
-    ws = _workspace_with_a_prompt(tmp_path / "ws", toml)
-    before = tree_snapshot(ws)
-    done = rlhf_tui("--workspace", ws, *command)
-    assert_one_line_error(done.returncode, done.stderr, *fragments)
-    assert tree_snapshot(ws) == before
-
-
 def test_every_int_setting_has_an_upper_bound():
     unbounded = [f"{name}.{f.name}" for name, section in SECTIONS.items() for f in dataclasses.fields(section)
                  if f.type in ("int", int) and f.metadata["hi"] is None]
@@ -154,18 +123,6 @@ def test_every_int_setting_has_an_upper_bound():
 
 
 # -- a damaged run folder given to --resume ------------------------------------------------------
-
-
-class _StopAfter(RunHooks):
-    """Ends a run gracefully (with a checkpoint) after `steps` steps."""
-
-    def __init__(self, steps: int) -> None:
-        super().__init__()
-        self.steps = steps
-
-    def on_step(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
-        if step >= self.steps:
-            self.stop_requested.set()
 
 
 def _truncate(path: Path) -> None:
@@ -205,7 +162,7 @@ def stopped_reward_template(tmp_path_factory: pytest.TempPathFactory, tiny_model
     from rlhf.reward import train_reward
 
     ws = make_labeled_workspace(tmp_path_factory.mktemp("stopped") / "ws", tiny_model_dir)
-    result = train_reward(ws, ws.load_config(), hooks=_StopAfter(2))
+    result = train_reward(ws, ws.load_config(), hooks=StopAfter(2))
     assert (result.status, result.step) == ("stopped", 2), result.message
     return ws.root, result.run_id
 
@@ -241,7 +198,7 @@ def test_resume_from_a_damaged_ppo_checkpoint_is_one_line_and_keeps_its_status(r
     from rlhf.ppo import run_ppo
 
     ws, _ = rewarded
-    result = run_ppo(ws, ws.load_config(), hooks=_StopAfter(2))
+    result = run_ppo(ws, ws.load_config(), hooks=StopAfter(2))
     assert (result.status, result.step) == ("stopped", 2), result.message
     damage(ws.run_dir(result.run_id) / CHECKPOINTS_DIR / "step-2" / target)
     files_before = tree_snapshot(ws.runs_dir)

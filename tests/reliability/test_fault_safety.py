@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fault_kit import assert_one_line_error, start_rlhf_tui, tree_snapshot
+from fault_kit import StopAfter, assert_one_line_error, start_rlhf_tui, tree_snapshot
 from rlhf.cli import main
 from rlhf.config import Workspace
 from rlhf.errors import RunCancelled
@@ -152,16 +152,6 @@ def test_a_pickle_adapter_is_never_loaded(rewarded, capsys):
 
 
 # -- one process per run --------------------------------------------------------------------------------------
-
-
-class StopAfter(RunHooks):
-    def __init__(self, steps: int) -> None:
-        super().__init__()
-        self.steps = steps
-
-    def on_step(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
-        if step >= self.steps:
-            self.stop_requested.set()
 
 
 def test_a_reward_run_resumes_in_one_process_at_a_time(labeled: Workspace, capsys):
