@@ -6,6 +6,7 @@ rlhf.tiny (and so torch) is imported inside the fixture: tests that never ask fo
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from rlhf.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`family_dirs(family)`: that family's tiny random model (a key of rlhf.tiny.FAMILIES), built on first use
+    and shared by the whole session: tests that change its files work on a copy."""
+    from rlhf.tiny import build_tiny_model
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_model(tmp_path_factory.mktemp(family), family)
+        return built[family]
+
+    return get
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ model's hidden size.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from rlhf.ppo import response_forward, response_logprobs, run_ppo
 from rlhf.reward import (RewardScorer, encode_response, export_sequence_classifier, pad_left, standardise,
                          train_reward)
 from rlhf.sampling import PairSampler
-from rlhf.tiny import (FAMILIES, build_tiny_model, generated_sentences, hidden_rule_pairs, train_byte_level_tokenizer,
+from rlhf.tiny import (FAMILIES, generated_sentences, hidden_rule_pairs, train_byte_level_tokenizer,
                        workspace_with_pairs)
 
 QUANTIZATIONS = ("none", "4bit")
@@ -48,19 +47,6 @@ ppo_epochs = 1
 max_new_tokens = 8
 checkpoint_every = 1
 """
-
-
-@pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory) -> Callable[[str], Path]:
-    """Each family's tiny model, built on first use."""
-    built: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = build_tiny_model(tmp_path_factory.mktemp(family), family)
-        return built[family]
-
-    return get
 
 
 def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:

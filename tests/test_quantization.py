@@ -25,25 +25,12 @@ from peft import get_peft_model
 from rlhf.lora import lora_config
 from rlhf.models import load_causal_lm
 from rlhf.reward import train_reward
-from rlhf.tiny import build_tiny_model, hidden_rule_pairs, workspace_with_pairs
+from rlhf.tiny import hidden_rule_pairs, workspace_with_pairs
 
 CPU = torch.device("cpu")
 # Relative norm of the difference, per LoRA matrix: both models do the same fp32 arithmetic on the same
 # weights (measured: 0.0); the bug this guards against gave 0.25-0.98.
 GRAD_RTOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def family_dir(tmp_path_factory):
-    """Tiny random models: Llama (no biases) and Qwen2 (q/k/v projections with a bias)."""
-    built: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = build_tiny_model(tmp_path_factory.mktemp(family), family)
-        return built[family]
-
-    return get
 
 
 @pytest.fixture(params=["avx512bf16 CPU (packed path)", "other CPU (plain path)"])
@@ -87,10 +74,10 @@ def _loss_and_lora_grads(model, ids: torch.Tensor) -> tuple[float, dict[str, tor
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_lora_gradients_of_a_4bit_model_match_its_dequantized_twin_after_an_eval_forward(family_dir, family,
+def test_lora_gradients_of_a_4bit_model_match_its_dequantized_twin_after_an_eval_forward(family_dirs, family,
                                                                                         cpu_kind):
     """As rollouts, scoring and held-out evaluation do: an eval-mode forward under no_grad, then training."""
-    model_dir = family_dir(family)
+    model_dir = family_dirs(family)
     quantized = load_causal_lm(str(model_dir), "4bit", device=CPU)
     models = _with_same_random_lora(quantized, _dequantized_twin(quantized, model_dir))
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -107,13 +94,13 @@ def test_lora_gradients_of_a_4bit_model_match_its_dequantized_twin_after_an_eval
     assert max(off.values()) <= GRAD_RTOL, {name: round(x, 3) for name, x in off.items() if x > GRAD_RTOL}
 
 
-def test_a_4bit_reward_model_with_biased_layers_trains_past_its_held_out_evaluation(family_dir, cpu_kind,
+def test_a_4bit_reward_model_with_biased_layers_trains_past_its_held_out_evaluation(family_dirs, cpu_kind,
                                                                                     tmp_path):
     """Qwen2's q/k/v biases crashed 4-bit training at `result += bias` once an eval forward had run; the
     held-out evaluation runs before the first step and after each epoch."""
     toml = ('quantization = "4bit"\n[reward]\nquantization = "4bit"\nepochs = 2\nbatch_size = 4\n'
             "heldout_fraction = 0.25\nmax_length = 64\nlora_r = 4\n")
-    ws = workspace_with_pairs(tmp_path / "ws", family_dir("qwen2"), hidden_rule_pairs(8, 2), toml)
+    ws = workspace_with_pairs(tmp_path / "ws", family_dirs("qwen2"), hidden_rule_pairs(8, 2), toml)
 
     result = train_reward(ws, ws.load_config())
 

@@ -11,20 +11,7 @@ import pytest
 
 from rlhf.errors import ModelLoadError
 from rlhf.models import load_causal_lm, load_tokenizer
-from rlhf.tiny import FAMILIES, build_tiny_model
-
-
-@pytest.fixture(scope="module")
-def family_model(tmp_path_factory: pytest.TempPathFactory):
-    """Each family's tiny model, built on first use; tests get a copy to break."""
-    built: dict[str, Path] = {}
-
-    def copy_of(family: str, dest: Path) -> Path:
-        if family not in built:
-            built[family] = build_tiny_model(tmp_path_factory.mktemp(family), family)
-        return Path(shutil.copytree(built[family], dest))
-
-    return copy_of
+from rlhf.tiny import FAMILIES
 
 
 def _one_line(exc: pytest.ExceptionInfo, *fragments: str) -> None:
@@ -35,8 +22,11 @@ def _one_line(exc: pytest.ExceptionInfo, *fragments: str) -> None:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_bad_model_folders_are_one_line_in_every_family(family_model, family: str, tmp_path: Path):
-    pickled = family_model(family, tmp_path / "pickled")
+def test_bad_model_folders_are_one_line_in_every_family(family_dirs, family: str, tmp_path: Path):
+    def broken_copy(name: str) -> Path:
+        return Path(shutil.copytree(family_dirs(family), tmp_path / name))
+
+    pickled = broken_copy("pickled")
     for weights in pickled.glob("*.safetensors"):
         weights.rename(weights.with_suffix(".bin"))
     with pytest.raises(ModelLoadError) as exc:
@@ -44,7 +34,7 @@ def test_bad_model_folders_are_one_line_in_every_family(family_model, family: st
     _one_line(exc, str(pickled), "only pickle weights")
 
     marker = tmp_path / "remote-code-ran"
-    remote = family_model(family, tmp_path / "remote")
+    remote = broken_copy("remote")
     config = json.loads((remote / "config.json").read_text())
     (remote / "config.json").write_text(json.dumps(config | {
         "model_type": f"custom_{family}", "auto_map": {"AutoConfig": "custom.CustomConfig",
@@ -55,7 +45,7 @@ def test_bad_model_folders_are_one_line_in_every_family(family_model, family: st
     _one_line(exc, str(remote), "trust_remote_code = true")
     assert not marker.exists()
 
-    no_tokenizer = family_model(family, tmp_path / "no-tokenizer")
+    no_tokenizer = broken_copy("no-tokenizer")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
         (no_tokenizer / name).unlink(missing_ok=True)
     with pytest.raises(ModelLoadError) as exc:
