@@ -132,8 +132,20 @@ def _cmd_prompts_list(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     with open_workspace(args) as session:
         count = export_pairs(session.store, args.out, fmt=args.format, include_ties=args.include_ties)
-    print(f"exported {_plural(count, 'pair')} to {args.out}")
+    # Said on stderr when the pairs went to stdout, so a pipe gets nothing but JSONL.
+    print(f"exported {_plural(count, 'pair')} to {args.out}", file=sys.stderr if _is_stdout(args.out) else sys.stdout)
     return 0
+
+
+def _is_stdout(path: Path) -> bool:
+    """Whether writing `path` writes this process's stdout (`-`, /dev/stdout, /proc/self/fd/1)."""
+    if str(path) == "-":
+        return True
+    try:
+        here, there = os.fstat(sys.stdout.fileno()), os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _cmd_import_pairs(args: argparse.Namespace) -> int:
@@ -475,7 +487,7 @@ def _register_prompts(commands: argparse._SubParsersAction) -> None:
 def _register_export(commands: argparse._SubParsersAction) -> None:
     parser = _add_command(commands, "export", _cmd_export,
                           "write labeled pairs as JSONL (ties only with --include-ties; both_bad and skip never)")
-    parser.add_argument("out", type=Path, metavar="OUT.jsonl")
+    parser.add_argument("out", type=Path, metavar="OUT.jsonl", help="the file to write (- for stdout)")
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="trl",
                         help="trl: prompt/chosen/rejected strings; messages: the same as chat messages; "
                              "openai: preference fine-tuning (default: trl)")

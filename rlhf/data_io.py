@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -385,14 +386,21 @@ def export_pairs(store: Store, out_path: str | Path, fmt: str = "trl", include_t
     Ties are written only with `include_ties` (marked `"tie": true`); both_bad and skip never.
     Never writes over the workspace's own files (rlhf.db, rlhf.toml, runs/) or any SQLite database. A regular
     file appears whole or not at all (temp file, then rename); a symlink keeps pointing where it did, at the new
-    file; a FIFO or device (`/dev/stdout`, `/dev/null`) is written into, never replaced.
+    file; a FIFO or device (`/dev/stdout`, `/dev/null`) is written into, never replaced; `-` is stdout.
     """
     if fmt not in EXPORT_FORMATS:
         raise RlhfError(f"unknown export format {fmt!r} (choose {', '.join(EXPORT_FORMATS)})")
     if fmt == "openai" and include_ties:
         raise RlhfError("the openai preference format has no ties: drop --include-ties")
+    pairs = store.preference_pairs(include_ties=include_ties)
+    lines = (json.dumps(_export_record(pair, fmt), ensure_ascii=False) + "\n" for pair in pairs)
+    if str(out_path) == "-":
+        sys.stdout.writelines(lines)
+        return len(pairs)
     out = Path(out_path)
-    target = out.resolve()  # through symlinks: the file that would be written
+    # A FIFO or a device (/dev/null, /dev/stdout's pipe): written into, as renaming over it would replace it.
+    into_stream = out.exists() and not out.is_file() and not out.is_dir()
+    target = out if into_stream else out.resolve()  # through symlinks: the file that would be written
     if target.is_dir():
         raise RlhfError(f"{out}: is a directory, expected an output file name")
     if not target.parent.is_dir():
@@ -402,10 +410,8 @@ def export_pairs(store: Store, out_path: str | Path, fmt: str = "trl", include_t
                         "export to a new file name, e.g. pairs.jsonl")
     if _is_sqlite_file(target):
         raise RlhfError(f"{out}: is a SQLite database, not written over: export to a new file name, e.g. pairs.jsonl")
-    pairs = store.preference_pairs(include_ties=include_ties)
-    lines = (json.dumps(_export_record(pair, fmt), ensure_ascii=False) + "\n" for pair in pairs)
     try:
-        if target.exists() and not target.is_file():  # a FIFO or a device: renaming over it would replace it
+        if into_stream:
             with open(target, "w", encoding="utf-8") as f:
                 f.writelines(lines)
         else:

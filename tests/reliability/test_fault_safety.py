@@ -78,6 +78,12 @@ def test_export_into_a_fifo_writes_into_it(labeled: Workspace, tmp_path: Path, c
     assert len(received[0].splitlines()) == 24 and stat.S_ISFIFO(fifo.lstat().st_mode)
 
 
+def test_export_to_stdout_keeps_the_summary_off_the_pipe(labeled: Workspace, capsys):
+    code, out, err = cli(capsys, "export", "-", "--workspace", labeled.root)
+    assert code == 0 and err == "exported 24 pairs to -\n"
+    assert [sorted(json.loads(line)) for line in out.splitlines()] == [["chosen", "prompt", "rejected"]] * 24
+
+
 def _char_device(path: Path, minor: int) -> Path:
     """A copy of /dev/null (minor 3) or /dev/full (minor 7) in a test folder: a broken export must not be able
     to replace the system's own."""
