@@ -287,8 +287,8 @@ def _refuse_settings_on_resume(args: argparse.Namespace, overrides: dict[str, An
 
 def _run_headless(args: argparse.Namespace, overrides: dict[str, Any], shown: tuple[str, ...],
                   train: Callable[[Session, RunHooks], RunResult]) -> tuple[RunResult, int, list[int]]:
-    """Run `train(session, hooks)` in the workspace with a progress bar, Ctrl+C or SIGTERM stopping it after
-    the step; returns how it ended, the run's total steps and the signals received."""
+    """Run `train(session, hooks)` in the workspace with a progress bar, Ctrl+C, SIGTERM or SIGHUP stopping it
+    after the step; returns how it ended, the run's total steps and the signals received."""
     _refuse_settings_on_resume(args, overrides)
     with open_workspace(args, overrides) as session:
         _enter_demo_mode(session.config)
@@ -516,8 +516,8 @@ def _register_config(commands: argparse._SubParsersAction) -> None:
 
 def _register_train_reward(commands: argparse._SubParsersAction) -> None:
     parser = _add_command(commands, "train-reward", _cmd_train_reward,
-                          "train a LoRA Bradley-Terry reward model on the labeled pairs (Ctrl+C stops and keeps "
-                          "the adapter); flags override [reward] in rlhf.toml")
+                          "train a LoRA Bradley-Terry reward model on the labeled pairs (Ctrl+C, SIGTERM or a closed "
+                          "terminal stops it and keeps the adapter); flags override [reward] in rlhf.toml")
     parser.add_argument("--epochs", type=int, metavar="N", help="passes over the training pairs")
     parser.add_argument("--lr", type=float, metavar="X", help="learning rate")
     _add_quantization_option(parser, "the reward base's weights ([reward] quantization)")
@@ -548,8 +548,8 @@ def _register_export_reward(commands: argparse._SubParsersAction) -> None:
 def _register_ppo(commands: argparse._SubParsersAction) -> None:
     parser = _add_command(commands, "ppo", _cmd_ppo,
                           "run PPO (or RLOO / GRPO: --algorithm) against a trained reward model, one progress line "
-                          "per step; Ctrl+C or SIGTERM stops after the current step with a checkpoint; flags override "
-                          "[ppo] in rlhf.toml")
+                          "per step; Ctrl+C, SIGTERM or a closed terminal (SIGHUP) stops after the current step "
+                          "with a checkpoint; flags override [ppo] in rlhf.toml")
     parser.add_argument("--reward", metavar="RUN", help="reward run id (default: the latest finished one)")
     parser.add_argument("--algorithm", choices=ALGORITHMS,
                         help="ppo (default: value head and GAE), rloo (leave-one-out baseline) or grpo (group-"
