@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .agreement import annotator_report
 from .config import ALGORITHMS, KL_CONTROLLERS, QUANTIZATION, Config, Workspace, describe_defaults, keys_set_in
 from .data_io import (EXPORT_FORMATS, export_pairs, import_pairs, import_prompts, printable, read_pairs,
                       read_prompts)
@@ -162,6 +163,9 @@ def _cmd_import_pairs(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     with open_workspace(args) as session:
         stats = session.store.stats()
+        decisions = session.store.labeled_decisions()
+    if decisions:
+        stats.update(annotator_report(decisions))
     if args.json:
         _print_json(stats)
         return 0
@@ -171,7 +175,35 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     print(f"responses: {stats['responses']}")
     print(f"comparisons: {stats['comparisons']} ({by_choice})")
     print(f"runs: {runs}")
+    if decisions:
+        _print_annotator_report(stats)
     return 0
+
+
+def _print_annotator_report(report: dict[str, Any]) -> None:
+    """Per annotator: decisions, side-A share of a/b picks with its 95% Wilson interval (a fair annotator's
+    includes 0.5), median decision time; then agreement on the pairs two annotators both labeled."""
+    for ann in report["annotators"]:
+        picks = ann["a_picks"] + ann["b_picks"]
+        low, high = ann["a_share_wilson_95"]
+        share = "A share n/a (no a/b picks)" if not picks else \
+            f"A share {ann['a_share']:.2f} (95% Wilson {low:.2f}-{high:.2f}, {_plural(picks, 'a/b pick')})"
+        median = ann["median_decision_s"]
+        timing = f"median {median:.1f} s per decision" if median is not None else "no decision times"
+        print(f"annotator {printable(ann['annotator'])}: {_plural(ann['decisions'], 'decision')}, {share}, {timing}")
+    if not report["agreement"]:
+        print("agreement: no shared pairs (one annotator)")
+    for pair in report["agreement"]:
+        names = " ~ ".join(printable(name) for name in pair["annotators"])
+        kappa = "n/a" if pair["cohens_kappa"] is None else f"{pair['cohens_kappa']:.2f}"
+        shared = pair["shared_pairs"]
+        figures = f"Cohen's kappa {kappa} on {_plural(shared, 'shared pair')}" if shared else "no shared pairs"
+        print(f"agreement {names}: {figures}")
+    if "krippendorff_alpha" in report:
+        overall = report["krippendorff_alpha"]
+        alpha = "n/a" if overall["alpha"] is None else f"{overall['alpha']:.2f}"
+        print(f"agreement, all {len(report['annotators'])} annotators: Krippendorff's alpha (nominal) {alpha} "
+              f"on {_plural(overall['pairs'], 'pair')} labeled by two or more")
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -502,7 +534,10 @@ def _register_import_pairs(commands: argparse._SubParsersAction) -> None:
 
 
 def _register_stats(commands: argparse._SubParsersAction) -> None:
-    parser = _add_command(commands, "stats", _cmd_stats, "count prompts, responses, comparisons by choice, runs")
+    parser = _add_command(commands, "stats", _cmd_stats,
+                          "count prompts, responses, comparisons by choice, runs; then per annotator: decisions, "
+                          "side-A share (position bias), median decision time, and agreement (Cohen's kappa, "
+                          "Krippendorff's alpha) on pairs labeled by more than one")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

@@ -427,6 +427,13 @@ class Store:
     def comparisons(self) -> list[dict[str, Any]]:
         return self._query("SELECT * FROM comparisons ORDER BY id")
 
+    def labeled_decisions(self) -> list[dict[str, Any]]:
+        """Decisions made by labeling (blind sides), oldest first; imported pairs are left out: their side A is
+        always the chosen answer, so they say nothing about annotators."""
+        return self._query("""
+            SELECT annotator, prompt_id, response_a_id, response_b_id, choice, decision_ms FROM comparisons
+            WHERE source = 'label' ORDER BY id""")
+
     def preference_pairs(self, include_ties: bool = False) -> list[dict[str, Any]]:
         """Decided comparisons as chosen/rejected pairs (ties only if asked; both_bad and skip never).
 
