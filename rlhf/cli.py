@@ -402,6 +402,16 @@ def _cmd_export_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_bundle(args: argparse.Namespace) -> int:
+    from .bundle import export_bundle
+
+    with open_workspace(args) as session:
+        out = export_bundle(session.workspace, session.store, args.engine, args.out, reward_run=args.reward,
+                            ppo_run=args.ppo)
+    print(f"{args.engine} bundle written to {out}: {out / 'README.md'} says what each file is and how to launch it")
+    return 0
+
+
 # `rlhf-tui ppo` flag -> config key; --resume takes none of them (the run keeps its own settings).
 PPO_FLAGS = {"steps": "ppo.steps", "batch_size": "ppo.batch_size", "minibatches": "ppo.minibatches",
              "epochs": "ppo.ppo_epochs", "lr": "ppo.lr", "init_kl": "ppo.init_kl_coef", "target_kl": "ppo.target_kl",
@@ -580,6 +590,21 @@ def _register_export_reward(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("out", metavar="DIR", help="a new (or empty) folder to write it to")
 
 
+def _register_export_bundle(commands: argparse._SubParsersAction) -> None:
+    from .bundle import ENGINES
+
+    parser = _add_command(commands, "export-bundle", _cmd_export_bundle,
+                          "write the labels, the reward model and the latest PPO policy adapter in another engine's "
+                          "formats (openrlhf, verl, llamafactory, trl), with a README holding its launch command")
+    parser.add_argument("--for", dest="engine", required=True, choices=ENGINES,
+                        help="openrlhf, verl (needs pyarrow), llamafactory or trl")
+    parser.add_argument("--reward", metavar="RUN", help="reward run id (default: the latest finished one)")
+    parser.add_argument("--ppo", metavar="RUN",
+                        help="PPO run whose last checkpoint's policy adapter goes in (default: the latest PPO run "
+                             "with a checkpoint; none when there is no such run)")
+    parser.add_argument("out", metavar="DIR", help="a new (or empty) folder to write it to")
+
+
 def _register_ppo(commands: argparse._SubParsersAction) -> None:
     parser = _add_command(commands, "ppo", _cmd_ppo,
                           "run PPO (or RLOO / GRPO: --algorithm) against a trained reward model, one progress line "
@@ -628,6 +653,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_train_reward,
     _register_score,
     _register_export_reward,
+    _register_export_bundle,
     _register_ppo,
     _register_runs,
 ]
