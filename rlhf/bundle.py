@@ -80,13 +80,23 @@ def _write_parquet(path: Path, records: list[dict[str, Any]]) -> None:
     pq.write_table(pa.Table.from_pylist(records), str(path))
 
 
+def saved_dtype(stored: Any) -> Any:
+    """The dtype a merged model is saved in: the base's own when it is a 16-bit one (half the size of fp32,
+    what the engines load anyway), else fp32. The merge itself runs in fp32 either way."""
+    import torch
+
+    return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def _merged_classifier(reward_dir: Path, meta: dict[str, Any], out: Path) -> None:
     """The reward model as one full `AutoModelForSequenceClassification` checkpoint in `out`: the base
     loaded unquantized in fp32, the reward LoRA merged in, the score head as `score`, saved in the base's
-    own dtype with the tokenizer and the mean/std (config.reward_mean / reward_std and reward.json)."""
+    own dtype with the tokenizer and the mean/std (config reward_mean / reward_std, also as mean / std, and
+    reward.json)."""
     import torch
     from peft import PeftConfig, PeftModel
     from safetensors.torch import load_file
+    from transformers import AutoConfig
 
     from .models import load_sequence_classifier, load_tokenizer, safetensors_adapter
     from .reward import ADAPTER_SUBDIR, META_FILE, SCORE_HEAD_FILE
@@ -94,7 +104,8 @@ def _merged_classifier(reward_dir: Path, meta: dict[str, Any], out: Path) -> Non
     tokenizer = load_tokenizer(meta["base_model"], padding_side="right")
     base = load_sequence_classifier(meta["base_model"], "none", pad_token_id=tokenizer.pad_token_id,
                                     device=torch.device("cpu"), dtype=torch.float32)
-    saved_dtype = base.config.dtype if base.config.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    # From the files: the loaded model's config.dtype is the dtype it was loaded in, fp32.
+    stored = AutoConfig.from_pretrained(meta["base_model"], local_files_only=True).dtype
     adapter = safetensors_adapter(reward_dir / ADAPTER_SUBDIR)
     # Trained on the causal LM, whose decoder the classifier shares: loaded as a plain (task-less) adapter.
     config = PeftConfig.from_pretrained(adapter)
@@ -104,7 +115,8 @@ def _merged_classifier(reward_dir: Path, meta: dict[str, Any], out: Path) -> Non
         merged.score.weight.copy_(load_file(str(reward_dir / SCORE_HEAD_FILE))["weight"])
     norm = meta["normalisation"]
     merged.config.reward_mean, merged.config.reward_std = norm["mean"], norm["std"]
-    merged.to(saved_dtype).save_pretrained(out, safe_serialization=True)
+    merged.config.mean, merged.config.std = norm["mean"], norm["std"]  # the names OpenRLHF's --normalize_reward reads
+    merged.to(saved_dtype(stored)).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
@@ -143,10 +155,10 @@ LAUNCH = {
     "openrlhf": "deepspeed --module openrlhf.cli.train_rm --pretrain BASE --dataset pairs.jsonl --prompt_key prompt "
                 "--chosen_key chosen --rejected_key rejected --apply_chat_template ...   # a reward model of its own\n"
                 "ray job submit -- python3 -m openrlhf.cli.train_ppo_ray --pretrain BASE --reward_pretrain reward "
-                "--prompt_data prompts.jsonl --input_key input --apply_chat_template ...",
+                "--normalize_reward --prompt_data prompts.jsonl --input_key input --apply_chat_template ...",
     "trl": "from datasets import load_dataset\n"
-           "pairs = load_dataset('json', data_files='pairs.jsonl')['train']      # RewardTrainer / DPOTrainer\n"
-           "prompts = load_dataset('json', data_files='prompts.jsonl')['train']  # GRPOTrainer(..., reward_funcs='reward')",
+           "pairs = load_dataset('json', data_files='pairs.jsonl')['train']  # RewardTrainer, DPOTrainer\n"
+           "prompts = load_dataset('json', data_files='prompts.jsonl')['train']  # GRPOTrainer(reward_funcs='reward')",
     "verl": "python3 -m verl.trainer.main_ppo data.train_files=prompts.parquet data.val_files=prompts.parquet "
             "actor_rollout_ref.model.path=BASE reward_model.enable=True reward_model.model.path=reward ...",
     "llamafactory": "llamafactory-cli train --stage ppo --model_name_or_path BASE --dataset_dir . --dataset "
@@ -167,7 +179,8 @@ def _readme(engine: str, base: str, policy: str | None, counts: dict[str, int]) 
         reward = ("- `reward/`: the reward model, merged: a full sequence-classification checkpoint (`score` head, "
                   "safetensors, tokenizer) that `AutoModelForSequenceClassification.from_pretrained` loads without "
                   "peft; its logits are raw scores: standardise them with config.json's `reward_mean` / "
-                  "`reward_std` (also in reward.json)\n")
+                  "`reward_std` (also as `mean` / `std`, which OpenRLHF's --normalize_reward applies, and in "
+                  "reward.json)\n")
     files = (f"- `policy/`: the PPO policy LoRA adapter ({policy}), peft safetensors for BASE\n" if policy else
              "- no `policy/`: the workspace had no PPO checkpoint (run `rlhf-tui ppo` first for one)\n")
     launch = LAUNCH[engine] + (POLICY_FLAG[engine] if policy else "")

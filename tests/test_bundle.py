@@ -101,6 +101,7 @@ def test_merged_reward_model_loads_without_peft_and_scores_like_rlhf_tui_score(r
         items = [(p["prompt"], answer) for p in store.preference_pairs()[:4] for answer in (p["chosen"], p["rejected"])]
     standardised = scorer.score_many(items)
     mean, std = model.config.reward_mean, model.config.reward_std
+    assert (model.config.mean, model.config.std) == (mean, std)  # OpenRLHF's names
     assert json.loads((out / "reward.json").read_text())["normalisation"] == {"mean": mean, "std": std}
     for (prompt, answer), expected in zip(items, standardised):
         ids = encode_response(tokenizer, prompt, answer, scorer.max_length)[0]
@@ -136,7 +137,7 @@ def test_llamafactory_bundle_has_a_ranking_dataset_and_its_lora_reward_format(re
     assert value_head.keys() == {"v_head.summary.weight", "v_head.summary.bias"}
     assert torch.equal(value_head["v_head.summary.weight"], head) and head.shape == (1, 64)
     assert torch.equal(value_head["v_head.summary.bias"], torch.zeros(1))
-    assert (out / "reward" / "adapter_config.json").is_file() and (out / "reward" / "adapter_model.safetensors").is_file()
+    assert {p.name for p in (out / "reward").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
 
 
 def test_verl_bundle_is_parquet_with_its_fields(rewarded, tmp_path):
@@ -173,6 +174,21 @@ def test_bad_options_are_one_line_errors(rewarded, tmp_path, capsys, argv, expec
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("stored, saved", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                           (torch.float32, torch.float32), (None, torch.float32)])
+def test_the_merged_model_keeps_a_16_bit_base_dtype_and_is_fp32_otherwise(stored, saved):
+    from rlhf.bundle import saved_dtype
+
+    assert saved_dtype(stored) == saved
+
+
+def test_the_workspace_runs_folder_is_refused(rewarded, capsys):
+    ws, _ = rewarded
+    assert main(["--workspace", str(ws.root), "export-bundle", "--for", "trl", str(ws.runs_dir / "bundle")]) == 2
+    assert "workspace's own state" in capsys.readouterr().err
+    assert not (ws.runs_dir / "bundle").exists()
 
 
 def test_a_folder_with_files_in_it_is_refused_and_left_alone(rewarded, tmp_path, capsys):
