@@ -56,17 +56,25 @@ def prompt_record(engine: str, prompt: dict[str, Any], chat: bool) -> dict[str, 
     return {"input" if engine == "openrlhf" else "prompt": messages if chat else prompt["text"]}
 
 
-def latest_ppo_checkpoint(store: Store, run_id: str | None) -> tuple[str, int] | None:
-    """(run id, step) of the named PPO run's checkpoint, or of the latest PPO run that has one; None when
-    no run was named and no PPO run has a checkpoint."""
+def ppo_policy_adapter(workspace: Workspace, store: Store, run_id: str | None) -> tuple[Path, str] | None:
+    """The policy adapter folder of the named PPO run's last checkpoint, or of the latest PPO run that has
+    one, and a description of it ("run ID, step K"); None when no run was named and no PPO run has one."""
+    from .checkpoints import checkpoint_path
+    from .models import safetensors_adapter
+    from .ppo import POLICY_ADAPTER
+
     if run_id is not None:
         run = store.run(run_id)
         if run["kind"] != "ppo" or not run["checkpoint_step"]:
             raise RlhfError(f"run {run_id!r} is a {run['kind']} run without a PPO checkpoint: name a PPO run "
                             "that has one (see `rlhf-tui runs`), or leave out --ppo")
-        return run_id, run["checkpoint_step"]
-    with_checkpoint = [run for run in store.runs("ppo") if run["checkpoint_step"]]
-    return (with_checkpoint[-1]["id"], with_checkpoint[-1]["checkpoint_step"]) if with_checkpoint else None
+    else:
+        with_checkpoint = [run for run in store.runs("ppo") if run["checkpoint_step"]]
+        if not with_checkpoint:
+            return None
+        run = with_checkpoint[-1]
+    folder = checkpoint_path(workspace.run_dir(run["id"]), run["checkpoint_step"]) / POLICY_ADAPTER
+    return Path(safetensors_adapter(folder)), f"run {run['id']}, step {run['checkpoint_step']}"
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -192,7 +200,7 @@ def _readme(engine: str, base: str, policy: str | None, counts: dict[str, int]) 
 def export_bundle(workspace: Workspace, store: Store, engine: str, out_dir: str | Path, *,
                   reward_run: str | None = None, ppo_run: str | None = None) -> Path:
     """Write the bundle for `engine` into `out_dir` (new or empty) atomically; returns the folder."""
-    from .checkpoints import CheckpointWriteError, checkpoint_path, write_folder_atomically
+    from .checkpoints import CheckpointWriteError, write_folder_atomically
     from .models import load_tokenizer
     from .reward import read_reward_meta, reward_dir_of
 
@@ -211,7 +219,7 @@ def export_bundle(workspace: Workspace, store: Store, engine: str, out_dir: str 
     run_id = store.finished_reward_run(reward_run)["id"]
     reward_dir = reward_dir_of(workspace.run_dir(run_id))
     meta = read_reward_meta(reward_dir)
-    policy = latest_ppo_checkpoint(store, ppo_run)
+    policy = ppo_policy_adapter(workspace, store, ppo_run)
     # LLaMA-Factory's ranking data is plain strings: it applies its own --template.
     chat = engine != "llamafactory" and bool(load_tokenizer(meta["base_model"]).chat_template)
     pairs = [pair_record(p, chat) for p in store.preference_pairs()]
@@ -232,10 +240,10 @@ def export_bundle(workspace: Workspace, store: Store, engine: str, out_dir: str 
         else:
             _merged_classifier(reward_dir, meta, folder / "reward")
         if policy is not None:
-            shutil.copytree(checkpoint_path(workspace.run_dir(policy[0]), policy[1]) / "policy", folder / "policy")
+            shutil.copytree(policy[0], folder / "policy")
         counts = {"pairs": len(pairs), "prompts": len(prompts)}
-        described = f"run {policy[0]}, step {policy[1]}" if policy else None
-        (folder / "README.md").write_text(_readme(engine, meta["base_model"], described, counts), encoding="utf-8")
+        readme = _readme(engine, meta["base_model"], policy[1] if policy else None, counts)
+        (folder / "README.md").write_text(readme, encoding="utf-8")
 
     try:
         return write_folder_atomically(out, write)

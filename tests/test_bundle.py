@@ -78,9 +78,9 @@ def test_openrlhf_bundle_has_its_keys_and_the_ppo_policy_adapter(with_ppo, tmp_p
     assert set(pairs[0]) == {"prompt", "chosen", "rejected"}
     assert pairs[0]["prompt"][0]["role"] == "user" and pairs[0]["chosen"][0]["role"] == "assistant"
     assert set(prompts[0]) == {"input"} and prompts[0]["input"][0]["role"] == "user"
-    saved = checkpoint_path(ws.run_dir(ppo_run), 1) / "policy" / "adapter_model.safetensors"
+    saved = load_file(str(checkpoint_path(ws.run_dir(ppo_run), 1) / "policy" / "adapter_model.safetensors"))
     exported = load_file(str(out / "policy" / "adapter_model.safetensors"))
-    assert exported.keys() == load_file(str(saved)).keys()
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
     readme = (out / "README.md").read_text(encoding="utf-8")
     assert "openrlhf.cli.train_ppo_ray" in readme and f"run {ppo_run}, step 1" in readme
 
@@ -120,8 +120,12 @@ def test_trl_bundle_without_a_ppo_run_has_prompt_only_data_and_says_there_is_no_
     assert "no `policy/`" in (out / "README.md").read_text(encoding="utf-8")
 
 
-def test_llamafactory_bundle_has_a_ranking_dataset_and_its_lora_reward_format(rewarded, tmp_path):
+def test_llamafactory_bundle_has_a_ranking_dataset_and_its_lora_reward_format(rewarded, tiny_model_dir, tmp_path):
+    from peft import PeftModel
     from safetensors.torch import load_file
+
+    from rlhf.models import load_causal_lm
+    from rlhf.reward import RewardScorer, encode_response, pad_left, raw_scores
 
     ws, reward_run = rewarded
     out = bundle(ws, "llamafactory", tmp_path / "b")
@@ -137,7 +141,16 @@ def test_llamafactory_bundle_has_a_ranking_dataset_and_its_lora_reward_format(re
     assert value_head.keys() == {"v_head.summary.weight", "v_head.summary.bias"}
     assert torch.equal(value_head["v_head.summary.weight"], head) and head.shape == (1, 64)
     assert torch.equal(value_head["v_head.summary.bias"], torch.zeros(1))
-    assert {p.name for p in (out / "reward").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    # The adapter and the value head on the causal-LM base score as `rlhf-tui score` does, before standardising.
+    scorer = RewardScorer.from_run(ws, reward_run)
+    model = PeftModel.from_pretrained(load_causal_lm(str(tiny_model_dir)), str(out / "reward")).eval()
+    v_head = torch.nn.Linear(64, 1)
+    v_head.load_state_dict({"weight": value_head["v_head.summary.weight"], "bias": value_head["v_head.summary.bias"]})
+    ids, mask = pad_left([encode_response(scorer.tokenizer, "Say hi", "hi there", scorer.max_length)[0]],
+                         scorer.tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        raw = raw_scores(model, v_head, ids, mask).item()
+    assert (raw - scorer.reward.mean) / scorer.reward.std == pytest.approx(scorer.score("Say hi", "hi there"), abs=1e-4)
 
 
 def test_verl_bundle_is_parquet_with_its_fields(rewarded, tmp_path):
@@ -189,6 +202,15 @@ def test_the_workspace_runs_folder_is_refused(rewarded, capsys):
     assert main(["--workspace", str(ws.root), "export-bundle", "--for", "trl", str(ws.runs_dir / "bundle")]) == 2
     assert "workspace's own state" in capsys.readouterr().err
     assert not (ws.runs_dir / "bundle").exists()
+
+
+def test_a_ppo_checkpoint_gone_from_disk_is_a_one_line_error(with_ppo, tmp_path, capsys):
+    ws = Workspace(shutil.copytree(with_ppo[0].root, tmp_path / "ws"))
+    shutil.rmtree(ws.run_dir(with_ppo[1]) / "checkpoints")
+    assert main(["--workspace", str(ws.root), "export-bundle", "--for", "trl", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no LoRA adapter here" in err
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_folder_with_files_in_it_is_refused_and_left_alone(rewarded, tmp_path, capsys):
