@@ -221,3 +221,17 @@ def test_a_folder_with_files_in_it_is_refused_and_left_alone(rewarded, tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not an empty folder" in err
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["notes.txt"]
+
+
+def test_prompt_records_keep_a_stored_conversation_and_use_each_engines_key():
+    from rlhf.bundle import prompt_record
+
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    stored = {"id": 7, "text": "Hi?", "messages": turns}
+    plain = {"id": 8, "text": "Hello?", "messages": None}
+    assert prompt_record("openrlhf", stored, chat=True) == {"input": turns}
+    assert prompt_record("trl", plain, chat=True) == {"prompt": [{"role": "user", "content": "Hello?"}]}
+    assert prompt_record("llamafactory", stored, chat=False) == {"prompt": "Hi?"}
+    assert prompt_record("verl", plain, chat=False) == {
+        "data_source": "rlhf-tui", "prompt": [{"role": "user", "content": "Hello?"}], "ability": "chat",
+        "reward_model": {"style": "model", "ground_truth": ""}, "extra_info": {"prompt_id": 8}}
