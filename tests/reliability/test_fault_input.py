@@ -23,6 +23,7 @@ from rlhf import cli
 from rlhf.store import DEFAULT_BUSY_TIMEOUT_S, SCHEMA_VERSION, PromptItem, Store
 
 GOOD_PROMPTS = "Name a river\nWrite a haiku\n"
+PAIR = '{"prompt": "q", "chosen": "a", "rejected": "b"'
 
 # (case, input file name, its bytes, command before the file, what the one line must say)
 BAD_FILES = [
@@ -38,6 +39,18 @@ BAD_FILES = [
     ("pairs file missing a key", "p.jsonl", b'{"prompt": "q", "chosen": "a"}\n', ("import-pairs",),
      ["p.jsonl:1: missing 'rejected'"]),
     ("bad prompts file given to the app", "p.txt", b"", ("--prompts",), ["p.txt: empty file"]),
+    # issue 11, second pass: each of these ended in a traceback (and an empty rlhf.db)
+    ("JSONL line nested 100k deep", "p.jsonl", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+     ("import-pairs",), ["p.jsonl:1: JSON nested too deeply", "fix the line"]),
+    ("lone surrogate escape", "p.jsonl", b'{"prompt": "q\\ud800", "chosen": "a", "rejected": "b"}\n', ("import-pairs",),
+     ["p.jsonl:1: a lone UTF-16 surrogate \\ud800 in a string (half of an escaped character pair; not text)"]),
+    ("lone surrogate in a prompt file", "p.jsonl", b'{"prompt": "q\\udfff"}\n', ("prompts", "import"),
+     ["p.jsonl:1: a lone UTF-16 surrogate \\udfff"]),
+    ("400-digit margin", "p.jsonl", (PAIR + ', "margin": 1' + "0" * 400 + "}\n").encode(), ("import-pairs",),
+     ["p.jsonl:1: 'margin' must be a number from -100 to 100 (a reward difference; datasets use 0 to about 10), "
+      "got 10000000000000000000..."]),
+    ("margin 1e308", "p.jsonl", (PAIR + ', "margin": 1e308}\n').encode(), ("import-pairs",),
+     ["p.jsonl:1: 'margin' must be a number from -100 to 100", "got 1e+308"]),
 ]
 
 
