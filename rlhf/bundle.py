@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Workspace
-from .data_io import _export_record
+from .data_io import export_record
 from .errors import RlhfError
 from .store import Store
 
@@ -43,7 +43,7 @@ def chat_prompt(text: str, messages: list[dict[str, str]] | None) -> list[dict[s
 
 def pair_record(pair: dict[str, Any], chat: bool) -> dict[str, Any]:
     """One prompt/chosen/rejected line (OpenRLHF, trl, LLaMA-Factory): chat messages or plain strings."""
-    return _export_record(pair, "messages" if chat else "trl")
+    return export_record(pair, "messages" if chat else "trl")
 
 
 def prompt_record(engine: str, prompt: dict[str, Any], chat: bool) -> dict[str, Any]:

@@ -362,7 +362,7 @@ def import_pairs(store: Store, path: str | Path) -> PairImportSummary:
                              duplicates=len(pairs) - len(stored_prompts), identical=len(read) - len(pairs))
 
 
-def _export_record(pair: dict[str, Any], fmt: str) -> dict[str, Any]:
+def export_record(pair: dict[str, Any], fmt: str) -> dict[str, Any]:
     """One line of the export, from a `Store.preference_pairs` row."""
     if fmt == "trl":
         record: dict[str, Any] = {"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"]}
@@ -393,7 +393,7 @@ def export_pairs(store: Store, out_path: str | Path, fmt: str = "trl", include_t
     if fmt == "openai" and include_ties:
         raise RlhfError("the openai preference format has no ties: drop --include-ties")
     pairs = store.preference_pairs(include_ties=include_ties)
-    lines = (json.dumps(_export_record(pair, fmt), ensure_ascii=False) + "\n" for pair in pairs)
+    lines = (json.dumps(export_record(pair, fmt), ensure_ascii=False) + "\n" for pair in pairs)
     if str(out_path) == "-":
         sys.stdout.writelines(lines)
         return len(pairs)
