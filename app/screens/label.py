@@ -17,12 +17,16 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from textual._time import get_time as event_clock  # the clock Textual stamps key events with
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, ProgressBar, Static
+
+try:  # the clock Textual stamps key events with; a private module, so a rename must not stop the app
+    from textual._time import get_time as event_clock
+except ImportError:  # pragma: no cover - Textual's choice on every platform but Windows
+    from time import monotonic as event_clock
 
 from rlhf.engine import protocol
 from rlhf.errors import RlhfError

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -34,13 +35,19 @@ def notices(app: RlhfApp) -> list[str]:
     return [str(n.message) for n in app._notifications]
 
 
-async def test_keys_faster_than_a_person_can_read_are_refused(workspace):
-    cfg = make_workspace(workspace, prompts=6, prefetch=3)
-    app = RlhfApp(workspace, cfg, annotator="ann")
+@asynccontextmanager
+async def labeling_with_pairs_ready(workspace):
+    """The app on the Label screen with a readable pair and two more ready: (app, pilot, label screen)."""
+    app = RlhfApp(workspace, make_workspace(workspace, prompts=6, prefetch=3), annotator="ann")
     async with app.run_test(size=(120, 36)) as pilot:
         screen = app.screen
         await wait_until(pilot, lambda: ready_to_decide(screen) and len(screen.queue) >= 2, ENGINE_TIMEOUT_S,
                          "a readable pair and two ready ones")
+        yield app, pilot, screen
+
+
+async def test_keys_faster_than_a_person_can_read_are_refused(workspace):
+    async with labeling_with_pairs_ready(workspace) as (app, pilot, screen):
         first = screen.current
         for _ in range(20):  # a held-down key: 20 presses as fast as the terminal sends them
             app.post_message(events.Key("a", "a"))
@@ -62,12 +69,7 @@ async def test_keys_faster_than_a_person_can_read_are_refused(workspace):
 
 
 async def test_keys_typed_during_a_database_stall_are_dropped_not_replayed(workspace):
-    cfg = make_workspace(workspace, prompts=6, prefetch=3)
-    app = RlhfApp(workspace, cfg, annotator="ann")
-    async with app.run_test(size=(120, 36)) as pilot:
-        screen = app.screen
-        await wait_until(pilot, lambda: ready_to_decide(screen) and len(screen.queue) >= 2, ENGINE_TIMEOUT_S,
-                         "a readable pair and two ready ones")
+    async with labeling_with_pairs_ready(workspace) as (app, pilot, screen):
         # Another process holds the write lock for 1.5 s: the decision waits on it (the busy timeout) and the
         # UI stalls meanwhile, while the person goes on typing.
         blocker = sqlite3.connect(workspace.db_path, check_same_thread=False)
