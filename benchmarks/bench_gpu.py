@@ -6,7 +6,7 @@
 Each config is built from transformers' config class with the published shapes written below (no hub):
 random bf16 weights, initialised on the GPU and saved as safetensors (the 7B is ~15 GB on disk, written to
 --workdir and deleted afterwards), and a byte-level BPE with exactly the model's vocabulary size
-(rlhf.tiny.large_byte_level_tokenizer, ChatML). Then, in a fresh process per config (a clean CUDA
+(tools.tiny.large_byte_level_tokenizer, ChatML). Then, in a fresh process per config (a clean CUDA
 context): a one-epoch reward run on the same base and quantization (so all four roles share one base:
 policy LoRA, value head, reference = adapters off, reward adapter), and PPO at batch 16 x 128 new tokens
 (min_new_tokens = 128: every response is that long) with gradient checkpointing on, loaded through
@@ -30,6 +30,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tools/ (tiny models) is not installed; it sits beside benchmarks/
 
 # Published shapes (each model's config.json on the hub).
 CONFIGS: dict[str, tuple[str, dict[str, object]]] = {
@@ -63,7 +66,7 @@ def build_model(out: Path, name: str, smoke: bool) -> float:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from rlhf.tiny import CHATML, large_byte_level_tokenizer
+    from tools.tiny import CHATML, large_byte_level_tokenizer
 
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per config would garble the table
     config_class, shape = CONFIGS[name]
@@ -92,7 +95,7 @@ def child(model_dir: str, quantization: str, steps: int, smoke: bool) -> None:
     from rlhf.ppo import build_trainer, prepare_prompts, prompt_batch
     from rlhf.reward import train_reward
     from rlhf.store import Store
-    from rlhf.tiny import hidden_rule_pairs, workspace_with_pairs
+    from tools.tiny import hidden_rule_pairs, workspace_with_pairs
 
     cuda = torch.cuda.is_available()
     settings = SMOKE_PPO if smoke else PPO

@@ -128,7 +128,7 @@ def main() -> None:
         tmp = Path(tmp_dir)
         model = args.model
         if model is None:
-            from rlhf.tiny import build_tiny_llama
+            from tools.tiny import build_tiny_llama
 
             model = str(build_tiny_llama(tmp / "tiny-llama"))
         print(f"model: {args.model or 'tiny random Llama'}; think time {args.think} s; max_new_tokens 32")

@@ -18,12 +18,16 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from rlhf.config import Workspace
-from rlhf.store import Store
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tools/ (tiny models) is not installed; it sits beside benchmarks/
+
+from rlhf.config import Workspace  # noqa: E402
+from rlhf.store import Store  # noqa: E402
 
 SETTINGS = {"ppo.batch_size": 16, "ppo.minibatches": 2, "ppo.ppo_epochs": 4, "ppo.max_new_tokens": 32,
             "ppo.init_kl_coef": 0.05, "ppo.checkpoint_every": 1000}
@@ -32,7 +36,7 @@ SETTINGS = {"ppo.batch_size": 16, "ppo.minibatches": 2, "ppo.ppo_epochs": 4, "pp
 def prepare(root: Path) -> tuple[Workspace, str]:
     """The hidden-rule workspace on the pre-trained tiny Llama, with a finished reward run."""
     from rlhf.reward import train_reward
-    from rlhf.tiny import exclamation_rule_workspace, pretrain_tiny_llama
+    from tools.tiny import exclamation_rule_workspace, pretrain_tiny_llama
 
     ws = exclamation_rule_workspace(root / "ws", pretrain_tiny_llama(root / "model"))
     reward = train_reward(ws, ws.load_config())

@@ -4,7 +4,7 @@
 
 For each vocabulary size it builds a random Qwen2-architecture model (hidden 256, 4 layers, 4 heads, 2 KV
 heads, intermediate 688, tied embeddings, as Qwen2.5 ties them) whose byte-level BPE has exactly that many
-entries (`rlhf.tiny.large_byte_level_tokenizer`, ChatML template, two stop tokens), so every sampled id is a
+entries (`tools.tiny.large_byte_level_tokenizer`, ChatML template, two stop tokens), so every sampled id is a
 real token. It trains a one-epoch reward model on hidden-rule pairs (whose prompts are the PPO prompts), then
 runs ONE full PPO step (rollout, policy/reference/reward scoring, the update: 1 epoch x 4 minibatches) at
 batch 16 x 96 new tokens (min_new_tokens = 96, so every response has 96 tokens) in a fresh process, and
@@ -27,6 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tools/ (tiny models) is not installed; it sits beside benchmarks/
+
 BATCH, NEW_TOKENS = 16, 96
 PPO = {"ppo.batch_size": BATCH, "ppo.max_new_tokens": NEW_TOKENS, "ppo.minibatches": 4, "ppo.ppo_epochs": 1}
 SHAPE = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -45,7 +48,7 @@ def build_model(out: Path, vocab_size: int) -> float:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from rlhf.tiny import CHATML, large_byte_level_tokenizer
+    from tools.tiny import CHATML, large_byte_level_tokenizer
 
     tokenizer = large_byte_level_tokenizer(vocab_size, CHATML)
     config = Qwen2Config(**SHAPE, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
@@ -62,7 +65,7 @@ def build_model(out: Path, vocab_size: int) -> float:
 def prepare(root: Path, vocab_size: int) -> tuple[str, str, float]:
     """A workspace on a fresh model with a finished reward run: (workspace, reward run id, parameters in M)."""
     from rlhf.reward import train_reward
-    from rlhf.tiny import hidden_rule_pairs, workspace_with_pairs
+    from tools.tiny import hidden_rule_pairs, workspace_with_pairs
 
     params = build_model(root / "model", vocab_size)
     ws = workspace_with_pairs(root / "ws", root / "model", hidden_rule_pairs(16, 2), "[reward]\nepochs = 1\n")

@@ -3,7 +3,7 @@ its unavoidable passes, and peak memory with all four roles vs the policy alone.
 
     python benchmarks/bench_ppo.py [--size tiny|35m|both] [--repeats 5] [--quantization none|4bit]
 
-For each size it builds a random Llama (rlhf.tiny), trains a one-epoch reward model on hidden-rule pairs
+For each size it builds a random Llama (tools.tiny), trains a one-epoch reward model on hidden-rule pairs
 (the pairs' prompts are the PPO prompts; the reward's quality does not matter for timing), then:
 - after a warm-up step, runs `--repeats` rounds of: one PPO step (seconds per step; median per phase),
   `PPOTrainer.rollout` and a plain `model.generate` with the same model, settings and seed (tokens/s
@@ -32,9 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tools/ (tiny models) is not installed; it sits beside benchmarks/
+
 # These modules load no torch, so OMP_NUM_THREADS set in main() still takes effect.
-from rlhf.config import Workspace
-from rlhf.store import Store
+from rlhf.config import Workspace  # noqa: E402
+from rlhf.store import Store  # noqa: E402
 
 SIZES = {
     "tiny": {},
@@ -87,7 +90,7 @@ def prepare_workspace(root: Path, size: str, quantization: str) -> tuple[Workspa
     model's parameter count in millions."""
     from rlhf.models import load_causal_lm
     from rlhf.reward import train_reward
-    from rlhf.tiny import build_tiny_llama, hidden_rule_pairs, workspace_with_pairs
+    from tools.tiny import build_tiny_llama, hidden_rule_pairs, workspace_with_pairs
 
     model_dir = build_tiny_llama(root / "model", **SIZES[size])
     params = sum(p.numel() for p in load_causal_lm(str(model_dir)).parameters()) / 1e6

@@ -1,7 +1,7 @@
 """Reward training: rlhf-tui's `train_reward` against trl's `RewardTrainer`, same pairs, same model.
 
 Both train a LoRA (r, alpha, all linear layers) and a score head with the Bradley-Terry loss plus
-centering, on the same hidden-rule pairs (rlhf.tiny.hidden_rule_pairs), tokenized once by rlhf-tui
+centering, on the same hidden-rule pairs (tools.tiny.hidden_rule_pairs), tokenized once by rlhf-tui
 and handed to trl pre-tokenized, so both see identical token ids and the identical split by prompt.
 Reported: seconds per epoch and held-out pairwise accuracy.
 
@@ -24,10 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tools/ (tiny models) is not installed; it sits beside benchmarks/
+
 # These modules load no torch, so OMP_NUM_THREADS set in main() still takes effect.
-from rlhf.hooks import RunHooks
-from rlhf.store import Store
-from rlhf.tiny import workspace_with_pairs
+from rlhf.hooks import RunHooks  # noqa: E402
+from rlhf.store import Store  # noqa: E402
+from tools.tiny import workspace_with_pairs  # noqa: E402
 
 SIZES = {
     "tiny": {},
@@ -123,7 +126,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from rlhf.models import load_causal_lm
-    from rlhf.tiny import build_tiny_llama, hidden_rule_pairs
+    from tools.tiny import build_tiny_llama, hidden_rule_pairs
 
     with tempfile.TemporaryDirectory(prefix="bench-reward-") as tmp:
         root = Path(tmp)

@@ -69,7 +69,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def build_workspace(workdir: Path, ppo_steps: int) -> Workspace:
     """The ~35M model and a workspace with 24 hidden-rule pairs; run in a child process (see main)."""
-    from rlhf.tiny import build_tiny_llama, hidden_rule_pairs, workspace_with_pairs
+    from tools.tiny import build_tiny_llama, hidden_rule_pairs, workspace_with_pairs
 
     model = build_tiny_llama(workdir / "model-35m", **MODEL_SHAPE)
     return workspace_with_pairs(

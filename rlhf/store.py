@@ -132,7 +132,24 @@ def _migrate_2_to_3(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE runs ADD COLUMN session_started_at TEXT")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3]
+def _migrate_3_to_4(db: sqlite_utils.Database) -> None:
+    # Label quality. repeat_of: a re-shown pair (sides swapped) points at the decision it repeats, for
+    # self-consistency. response_scores: a reward run's score of a served answer; reward_run / reward_margin:
+    # the comparison's pair as that run scored it (margin = preferred answer's score - the other's; > 0 agrees).
+    db.execute("ALTER TABLE comparisons ADD COLUMN repeat_of INTEGER REFERENCES comparisons(id) ON DELETE SET NULL")
+    db.execute("ALTER TABLE comparisons ADD COLUMN reward_run TEXT")
+    db.execute("ALTER TABLE comparisons ADD COLUMN reward_margin REAL")
+    db.execute("""
+        CREATE TABLE response_scores (
+            response_id INTEGER NOT NULL REFERENCES responses(id),
+            reward_run TEXT NOT NULL REFERENCES runs(id),
+            score REAL NOT NULL,
+            PRIMARY KEY (response_id, reward_run)
+        )""")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3,
+                                                             _migrate_3_to_4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,6 +1,6 @@
 """Shared fixtures: one tiny random Llama per test session, and a fresh workspace + store per test.
 
-rlhf.tiny (and so torch) is imported inside the fixture: tests that never ask for a model collect fast.
+tools.tiny (and so torch) is imported inside the fixture: tests that never ask for a model collect fast.
 """
 
 from __future__ import annotations
@@ -36,16 +36,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 64-wide random Llama with a 384-token byte-level BPE and a chat template."""
-    from rlhf.tiny import build_tiny_llama
+    from tools.tiny import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
 def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """`family_dirs(family)`: that family's tiny random model (a key of rlhf.tiny.FAMILIES), built on first use
+    """`family_dirs(family)`: that family's tiny random model (a key of tools.tiny.FAMILIES), built on first use
     and shared by the whole session: tests that change its files work on a copy."""
-    from rlhf.tiny import build_tiny_model
+    from tools.tiny import build_tiny_model
 
     built: dict[str, Path] = {}
 

@@ -1,6 +1,6 @@
 """Every popular model family through our own code paths, in full precision and in 4-bit.
 
-Tiny random models are built at test time from transformers' config classes (`rlhf.tiny.FAMILIES`): per
+Tiny random models are built at test time from transformers' config classes (`tools.tiny.FAMILIES`): per
 family, a labeling pair is sampled the way the engine samples it, a reward model trains, its export loads
 in plain transformers + peft and scores as ours does, and PPO runs two steps with its value head on the
 model's hidden size.
@@ -26,7 +26,7 @@ from rlhf.ppo import response_forward, response_logprobs, run_ppo
 from rlhf.reward import (RewardScorer, encode_response, export_sequence_classifier, pad_left, standardise,
                          train_reward)
 from rlhf.sampling import PairSampler
-from rlhf.tiny import (FAMILIES, generated_sentences, hidden_rule_pairs, train_byte_level_tokenizer,
+from tools.tiny import (FAMILIES, generated_sentences, hidden_rule_pairs, train_byte_level_tokenizer,
                        workspace_with_pairs)
 
 QUANTIZATIONS = ("none", "4bit")

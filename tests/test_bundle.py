@@ -36,7 +36,7 @@ max_new_tokens = 8
 def rewarded(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Workspace, str]:
     """A workspace with 24 labeled pairs on 8 prompts and a finished reward run (its id); no PPO run."""
     from rlhf.reward import train_reward
-    from rlhf.tiny import hidden_rule_pairs, workspace_with_pairs
+    from tools.tiny import hidden_rule_pairs, workspace_with_pairs
 
     ws = workspace_with_pairs(tmp_path_factory.mktemp("rewarded") / "ws", tiny_model_dir,
                               hidden_rule_pairs(num_prompts=8, pairs_per_prompt=3), TINY_SETTINGS)

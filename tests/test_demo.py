@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf.demo import (TrainSettings, answer_style_features, answer_token_loss, demo_prompts, encode_exchanges,
+from tools.demo import (TrainSettings, answer_style_features, answer_token_loss, demo_prompts, encode_exchanges,
                        generate_corpus, learning_rate, length_grouped_batches, main)
 from rlhf.errors import RlhfError
 from rlhf.paths import demo_model_dir, demo_prompts_file

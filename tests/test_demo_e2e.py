@@ -18,7 +18,7 @@ import pytest
 
 from rlhf import cli
 from rlhf.config import Config, Workspace, keys_set_in
-from rlhf.demo import answer_style_features
+from tools.demo import answer_style_features
 from rlhf.demo_mode import (DEMO_DEFAULTS, DEMO_NOTICE, DEMO_PROMPT_TAG, DEMO_TORCH_THREADS, import_demo_prompts,
                             is_demo, use_demo_threads, with_demo_defaults)
 from rlhf.paths import demo_model_dir, demo_prompts_file

@@ -18,7 +18,7 @@ from rlhf.ppo import build_trainer, prepare_prompts, response_forward, response_
 from rlhf.ppo_math import logprobs_and_entropy_from_logits
 from rlhf.reward import train_reward
 from rlhf.store import Store
-from rlhf.tiny import hidden_rule_pairs, workspace_with_pairs
+from tools.tiny import hidden_rule_pairs, workspace_with_pairs
 
 pytestmark = pytest.mark.gpu
 

@@ -13,7 +13,7 @@ from rlhf.hooks import RunHooks
 from rlhf.ppo import guard_warnings, run_ppo
 from rlhf.reward import train_reward
 from rlhf.store import Store
-from rlhf.tiny import exclamation_rule_workspace, pretrain_tiny_llama
+from tools.tiny import exclamation_rule_workspace, pretrain_tiny_llama
 
 TARGET_KL = 2.0  # nats per response: reached within ~5 steps at lr 1e-3
 SETTINGS = {"ppo.steps": 30, "ppo.batch_size": 16, "ppo.minibatches": 2, "ppo.ppo_epochs": 4, "ppo.lr": 1e-3,

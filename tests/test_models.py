@@ -13,7 +13,7 @@ from rlhf.config import Config
 from rlhf.errors import ModelLoadError
 from rlhf.models import (disable_dropout, encode_prompt, format_prompt, load_causal_lm, load_sequence_classifier,
                          load_tokenizer, quantization_config, resolve_model_name, tokenizer_fingerprint)
-from rlhf.tiny import CHAT_TEMPLATE, build_tiny_llama
+from tools.tiny import CHAT_TEMPLATE, build_tiny_llama
 
 
 def _copy_without(src: Path, dst: Path, *patterns: str) -> Path:

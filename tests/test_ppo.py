@@ -32,7 +32,7 @@ from rlhf.ppo import (LOCK_FILE, POLICY_ADAPTER, REFERENCE_ADAPTER, REWARD_ADAPT
 from rlhf.ppo_math import logprobs_and_entropy_from_logits
 from rlhf.reward import RewardScorer, train_reward
 from rlhf.store import Store
-from rlhf.tiny import exclamation_rule_workspace, pretrain_tiny_llama
+from tools.tiny import exclamation_rule_workspace, pretrain_tiny_llama
 
 pytestmark = pytest.mark.slow
 

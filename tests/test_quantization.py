@@ -25,7 +25,7 @@ from peft import get_peft_model
 from rlhf.lora import lora_config
 from rlhf.models import load_causal_lm
 from rlhf.reward import train_reward
-from rlhf.tiny import hidden_rule_pairs, workspace_with_pairs
+from tools.tiny import hidden_rule_pairs, workspace_with_pairs
 
 CPU = torch.device("cpu")
 # Relative norm of the difference, per LoRA matrix: both models do the same fp32 arithmetic on the same

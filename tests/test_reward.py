@@ -1,6 +1,6 @@
 """Reward model: loss formulas by hand, then training through `train_reward` on the tiny Llama.
 
-The end-to-end data follows a hidden rule (rlhf.tiny.hidden_rule_pairs): both answers fill the same
+The end-to-end data follows a hidden rule (tools.tiny.hidden_rule_pairs): both answers fill the same
 three adjective slots of one sentence shape and the one that says "good" more often wins. Held-out
 pairwise accuracy must reach 0.85 (chance is 0.5). That is reachable because a single token's
 count separates the answers and attention can pool it into the last position; trl's RewardTrainer
@@ -30,7 +30,7 @@ from rlhf.reward import (RewardScorer, bradley_terry_loss, centering_penalty, en
                          is_heldout, load_reward_onto, pad_left, pairwise_accuracy, reward_loss,
                          reward_tokenizer_matches, standardise, symmetric_tie_loss, train_reward)
 from rlhf.store import Store
-from rlhf.tiny import build_tiny_llama, hidden_rule_pairs, workspace_with_pairs
+from tools.tiny import build_tiny_llama, hidden_rule_pairs, workspace_with_pairs
 
 ACCURACY_BAR = 0.85
 t = torch.tensor

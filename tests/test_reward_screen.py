@@ -23,7 +23,7 @@ from app.widgets.settings_form import SettingsForm, check_setting, parse_setting
 from rlhf.config import Config, Workspace
 from rlhf.errors import ConfigError
 from rlhf.store import Store
-from rlhf.tiny import hidden_rule_pairs, workspace_with_pairs
+from tools.tiny import hidden_rule_pairs, workspace_with_pairs
 
 ENGINE_TIMEOUT_S = 180  # a cold engine imports torch first: slow on the shared 2-core machine
 STEP_TIMEOUT_S = 90

@@ -23,7 +23,7 @@ from rlhf.models import encode_prompt, eos_token_ids, format_prompt, load_causal
 from rlhf.ppo import PPOTrainer, PreparedPrompt, ValueHead
 from rlhf.sampling import PairSampler
 from rlhf.store import Store
-from rlhf.tiny import CHATML, LLAMA3, ChatFormat, build_tiny_model, large_byte_level_tokenizer
+from tools.tiny import CHATML, LLAMA3, ChatFormat, build_tiny_model, large_byte_level_tokenizer
 
 # Llama 3's and Qwen2.5's vocabulary sizes.
 FORMATS = {"llama3": (LLAMA3, 128_256), "chatml": (CHATML, 151_646)}

@@ -37,7 +37,7 @@ SUBPROCESS_TIMEOUT_S = 300  # a cold process imports torch first; the box is sha
 
 def make_labeled_workspace(root: Path, model_dir: Path) -> Workspace:
     """A workspace on the tiny model with TINY_SETTINGS and 24 imported hidden-rule pairs on 8 prompts."""
-    from rlhf.tiny import hidden_rule_pairs, workspace_with_pairs  # imports torch: only when a test needs one
+    from tools.tiny import hidden_rule_pairs, workspace_with_pairs  # imports torch: only when a test needs one
 
     return workspace_with_pairs(root, model_dir, hidden_rule_pairs(num_prompts=8, pairs_per_prompt=3),
                                 TINY_SETTINGS)

@@ -11,7 +11,7 @@ import pytest
 
 from rlhf.errors import ModelLoadError
 from rlhf.models import load_causal_lm, load_tokenizer
-from rlhf.tiny import FAMILIES
+from tools.tiny import FAMILIES
 
 
 def _one_line(exc: pytest.ExceptionInfo, *fragments: str) -> None:
