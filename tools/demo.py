@@ -1,7 +1,7 @@
 """The bundled demo: a seeded grammar of everyday questions and answers, and the script that trains
 the tiny demo model on it.
 
-    python -m rlhf.demo build [--out data/demo] [--steps N] [--minutes N] [--threads N]
+    python -m tools.demo build [--out data/demo] [--steps N] [--minutes N] [--threads N]
 
 writes `prompts.txt` (every question the grammar can ask, one per line) and `model/` (a Llama-style
 causal LM of about 1.4 million parameters with its byte-level BPE tokenizer and chat template). All
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import RlhfError
+from rlhf.errors import RlhfError
 
 # --- The grammar ------------------------------------------------------------------------------------
 
@@ -412,7 +412,7 @@ def answer_style_features(text: str) -> dict[str, Any]:
 
 # --- The demo model ---------------------------------------------------------------------------------
 
-# Like rlhf.tiny's template, plus EOS after each assistant turn: a rendered conversation is exactly
+# Like tools.tiny's template, plus EOS after each assistant turn: a rendered conversation is exactly
 # what the model was trained on, and a sampled answer ends with EOS.
 DEMO_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}"
@@ -441,7 +441,7 @@ def encode_exchanges(tokenizer: Any, exchanges: list[tuple[str, str]]) -> list[t
     The prompt is encoded exactly as sampling encodes it (rlhf.models.encode_prompt), and the answer
     as the continuation of the template's "assistant:" followed by EOS.
     """
-    from .models import encode_prompt, format_prompt
+    from rlhf.models import encode_prompt, format_prompt
 
     prompt_ids = {q: encode_prompt(tokenizer, format_prompt(tokenizer, q)) for q in {q for q, _ in exchanges}}
     answer_ids = tokenizer([" " + a for _, a in exchanges], add_special_tokens=False)["input_ids"]
@@ -478,7 +478,7 @@ def build_demo(out_dir: Path, settings: TrainSettings = TrainSettings(), minutes
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .tiny import train_byte_level_tokenizer
+    from tools.tiny import train_byte_level_tokenizer
 
     started, cpu_started = time.monotonic(), time.process_time()
     if threads is not None:  # 1 and 2 threads were checked to give bit-identical weights
@@ -570,9 +570,9 @@ def _batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[Any, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .paths import demo_model_dir
+    from rlhf.paths import demo_model_dir
 
-    parser = argparse.ArgumentParser(prog="python -m rlhf.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="write the demo prompts and train the demo model")
     build.add_argument("--out", type=Path, default=demo_model_dir().parent, help="output folder (default: data/demo)")

@@ -20,9 +20,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 import transformers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from .config import Workspace
-from .data_io import import_pairs
-from .store import PromptItem, Store
+from rlhf.config import Workspace
+from rlhf.data_io import import_pairs
+from rlhf.store import PromptItem, Store
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -279,7 +279,7 @@ def pretrain_tiny_llama(out_dir: Path | str, steps: int = 100) -> Path:
     """`build_tiny_llama` followed by `steps` steps of language modelling on chat-formatted corpus sentences
     (~6 s for 100), so that its samples are sentences: a random model samples near-uniform bytes, too flat
     for LoRA to move in a few PPO steps. Seeded; the global torch RNG is left as it was. Returns `out_dir`."""
-    from .models import load_tokenizer  # rlhf.models imports much more than building a model needs
+    from rlhf.models import load_tokenizer  # rlhf.models imports much more than building a model needs
 
     out = build_tiny_llama(out_dir)
     tokenizer = load_tokenizer(str(out))
