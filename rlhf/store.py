@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import sqlite_utils
 
+from .agreement import reward_margin
 from .errors import StoreError
 
 CHOICES = ("a", "b", "tie", "both_bad", "skip")
@@ -421,8 +422,10 @@ class Store:
 
     def add_comparison(self, prompt_id: int, response_a_id: int, response_b_id: int, choice: str, *,
                        annotator: str | None = None, note: str | None = None, decision_ms: int | None = None,
-                       margin: float | None = None, source: str = "label") -> int:
-        """Record one decision; `response_a_id` is the answer shown on the left (side A)."""
+                       margin: float | None = None, source: str = "label", repeat_of: int | None = None) -> int:
+        """Record one decision; `response_a_id` is the answer shown on the left (side A). `repeat_of`: the
+        decision this one repeats (the same pair shown again, sides swapped). When a reward run scored both
+        answers as they were served, its margin on the decision is stored with it (`reward_margin`)."""
         if choice not in CHOICES:
             raise StoreError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
         with self.transaction():
@@ -431,7 +434,20 @@ class Store:
                    note, decision_ms, source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 [prompt_id, response_a_id, response_b_id, choice, margin, annotator, note, decision_ms, source,
                  now_iso()])
+            self._record_reward_verdict(cur.lastrowid, response_a_id, response_b_id, choice, repeat_of)
             return cur.lastrowid
+
+    def _record_reward_verdict(self, comparison_id: int, response_a_id: int, response_b_id: int, choice: str,
+                               repeat_of: int | None) -> None:
+        """Store the repeat link and the margin of the latest reward run that scored both answers."""
+        scored = self._query("""
+            SELECT sa.reward_run, sa.score AS score_a, sb.score AS score_b FROM response_scores sa
+            JOIN response_scores sb ON sb.reward_run = sa.reward_run AND sb.response_id = ?
+            WHERE sa.response_id = ? ORDER BY sa.rowid DESC LIMIT 1""", [response_b_id, response_a_id])
+        verdict = scored[0] if scored else None
+        margin = reward_margin(verdict["score_a"], verdict["score_b"], choice) if verdict else None
+        self.db.execute("UPDATE comparisons SET repeat_of = ?, reward_run = ?, reward_margin = ? WHERE id = ?",
+                        [repeat_of, verdict["reward_run"] if verdict else None, margin, comparison_id])
 
     def delete_comparison(self, comparison_id: int) -> None:
         with self.transaction():
@@ -448,13 +464,48 @@ class Store:
         """Decisions made by labeling (blind sides), oldest first; imported pairs are left out: their side A is
         always the chosen answer, so they say nothing about annotators."""
         return self._query("""
-            SELECT annotator, prompt_id, response_a_id, response_b_id, choice, decision_ms FROM comparisons
-            WHERE source = 'label' ORDER BY id""")
+            SELECT id, annotator, prompt_id, response_a_id, response_b_id, choice, decision_ms, repeat_of
+            FROM comparisons WHERE source = 'label' ORDER BY id""")
+
+    # -- label quality: the reward model's verdicts, repeated pairs ----------------------------------
+
+    def add_response_scores(self, reward_run: str, scores: dict[int, float]) -> None:
+        """A reward run's scores of answers ({response id: standardised score}), as they were served."""
+        with self.transaction():
+            self.db.conn.executemany(
+                "INSERT INTO response_scores (response_id, reward_run, score) VALUES (?, ?, ?) "
+                "ON CONFLICT (response_id, reward_run) DO UPDATE SET score = excluded.score",
+                [(response_id, reward_run, float(score)) for response_id, score in scores.items()])
+
+    def reward_margins(self, limit: int, reward_run: str | None = None) -> list[dict[str, Any]]:
+        """The newest `limit` labeled decisions the reward model judged (id, choice, reward_run, reward_margin;
+        newest first), of one reward run when named."""
+        run_filter = "AND reward_run = ?" if reward_run else ""
+        return self._query(f"""
+            SELECT id, choice, reward_run, reward_margin FROM comparisons
+            WHERE source = 'label' AND reward_margin IS NOT NULL {run_filter} ORDER BY id DESC LIMIT ?""",
+                           [*([reward_run] if reward_run else []), limit])
+
+    def repeat_candidate(self, seed: int) -> dict[str, Any] | None:
+        """A labeled decision to show again for self-consistency: a judged one (not a skip) that is neither a
+        repeat nor repeated yet, drawn by `seed`; with its prompt and both answers' texts and lengths."""
+        rows = self._query("""
+            SELECT c.id, c.prompt_id, c.response_a_id, c.response_b_id FROM comparisons c
+            WHERE c.source = 'label' AND c.choice != 'skip' AND c.repeat_of IS NULL
+              AND NOT EXISTS (SELECT 1 FROM comparisons r WHERE r.repeat_of = c.id) ORDER BY c.id""")
+        if not rows:
+            return None
+        row = random.Random(seed).choice(rows)
+        for side in ("a", "b"):
+            response = self.response(row[f"response_{side}_id"])
+            row[f"text_{side}"], row[f"tokens_{side}"] = response["text"], response["response_tokens"]
+        return row
 
     def preference_pairs(self, include_ties: bool = False) -> list[dict[str, Any]]:
         """Decided comparisons as chosen/rejected pairs (ties only if asked; both_bad and skip never).
 
-        For ties, `chosen` is side A and `rejected` side B; `choice` says it was a tie.
+        For ties, `chosen` is side A and `rejected` side B; `choice` says it was a tie. A repeated pair's second
+        decision is left out (it measures the annotator's self-consistency; the first one counts).
         """
         choices = ["a", "b"] + (["tie"] if include_ties else [])
         rows = self._query(f"""
@@ -466,6 +517,7 @@ class Store:
             JOIN responses ra ON ra.id = c.response_a_id
             JOIN responses rb ON rb.id = c.response_b_id
             WHERE c.choice IN ({", ".join("?" for _ in choices)})
+              AND c.repeat_of IS NULL
             ORDER BY c.id""", choices)
         pairs = []
         for r in rows:
