@@ -1,6 +1,8 @@
-"""Annotator quality: position bias, decision time and agreement between annotators on the same pairs.
+"""Annotator quality: position bias, decision time, self-consistency on repeated pairs and agreement between
+annotators on the same pairs; the reward model's agreement with the person and the length-vs-score correlation.
 
-Pure functions over the labeled comparisons (`Store.labeled_decisions`); `rlhf-tui stats` prints their figures.
+Pure functions over the labeled comparisons (`Store.labeled_decisions`, `Store.reward_margins`) and a run's
+samples; `rlhf-tui stats` prints their figures, the Train screen the reward model's.
 """
 
 from __future__ import annotations
@@ -79,14 +81,94 @@ def preferred_side(response_a_id: int, response_b_id: int, choice: str) -> str |
     return "first" if preferred == min(response_a_id, response_b_id) else "second"
 
 
+def reward_margin(score_a: float, score_b: float, choice: str) -> float | None:
+    """The reward model's margin on a person's decision: the score of the answer the person preferred minus the
+    other's (> 0: the reward model agrees, < 0: it prefers the other answer). None for tie, both_bad and skip,
+    where no answer was preferred."""
+    if choice == "a":
+        return score_a - score_b
+    if choice == "b":
+        return score_b - score_a
+    return None
+
+
+def share_with_interval(successes: int, trials: int) -> dict[str, Any]:
+    """A share k/n with its 95% Wilson interval, as stats and the screens show it (share None when n = 0)."""
+    return {"agree": successes, "n": trials, "share": successes / trials if trials else None,
+            "wilson_95": list(wilson_interval(successes, trials))}
+
+
+def reward_agreement(margins: Iterable[float]) -> dict[str, Any]:
+    """How often the reward model agreed with the person (margin > 0; a margin of exactly 0 is no agreement),
+    with the share's 95% Wilson interval."""
+    margins = list(margins)
+    return share_with_interval(sum(m > 0 for m in margins), len(margins))
+
+
+def agreement_falls(agree: int, n: int, heldout_accuracy: float | None, *, floor: float = 0.6,
+                    min_labels: int = 10) -> str | None:
+    """The reward-hacking alarm: why the reward model's recent agreement with the person has fallen, or None.
+
+    With at least `min_labels` labels, it has fallen when the share agreeing is below `floor` (0.6: little
+    better than a coin), or when even the upper end of its 95% Wilson interval is below the reward model's
+    held-out accuracy (it agrees with the person on fresh policy samples significantly less often than on
+    the held-out pairs it was tested on: the policy found answers it scores wrongly)."""
+    if n < min_labels:
+        return None
+    share = agree / n
+    if share < floor:
+        return f"reward model agrees with you on only {share:.0%} of the last {n} labels"
+    upper = wilson_interval(agree, n)[1]
+    if heldout_accuracy is not None and upper < heldout_accuracy:
+        return (f"reward model agrees with you on {share:.0%} of the last {n} labels (95% up to {upper:.0%}), "
+                f"below its held-out accuracy {heldout_accuracy:.0%}")
+    return None
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson correlation cov(x, y) / (sd(x)·sd(y)); None with fewer than two points or a constant series."""
+    if len(xs) != len(ys):
+        raise ValueError("both series must have the same length")
+    n = len(xs)
+    if n < 2:
+        return None
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    cov = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
+    var_x = sum((x - mean_x) ** 2 for x in xs)
+    var_y = sum((y - mean_y) ** 2 for y in ys)
+    if var_x == 0 or var_y == 0:
+        return None
+    return cov / math.sqrt(var_x * var_y)
+
+
+def length_score_correlation(samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Pearson correlation between answer length (characters) and reward score over a run's samples (rows with
+    response and score); a strong positive one while agreement falls says the policy is buying reward with
+    length."""
+    scored = [s for s in samples if s["score"] is not None]
+    return {"samples": len(scored),
+            "pearson": pearson([float(len(s["response"])) for s in scored], [s["score"] for s in scored])}
+
+
+def self_consistency(pairs: Iterable[tuple[str | None, str | None]]) -> dict[str, Any]:
+    """Of (original, repeat) labels of the same pair (each as `preferred_side` maps it), the share where the
+    repeat says the same, with its 95% Wilson interval; a skip on either side judges nothing and is left out."""
+    judged = [(first, second) for first, second in pairs if first is not None and second is not None]
+    return share_with_interval(sum(first == second for first, second in judged), len(judged))
+
+
 def annotator_report(decisions: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-annotator figures and pairwise agreement from labeled decisions (rows with annotator, prompt_id,
-    response_a_id, response_b_id, choice, decision_ms, oldest first). An annotator who labeled a pair more
-    than once counts with their latest decision for agreement."""
+    response_a_id, response_b_id, choice, decision_ms, and optionally id and repeat_of, oldest first). An
+    annotator who labeled a pair more than once counts with their latest decision for agreement; a repeated
+    pair (repeat_of: the decision it repeats) counts for the annotator's self-consistency when the same
+    annotator made both decisions."""
     by_annotator: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in decisions:
         by_annotator[row["annotator"] or UNNAMED].append(row)
-    annotators = [_annotator_figures(name, rows) for name, rows in sorted(by_annotator.items())]
+    by_id = {row["id"]: row for row in decisions if row.get("id") is not None}
+    annotators = [_annotator_figures(name, rows) | {"self_consistency": _self_consistency_of(rows, by_id)}
+                  for name, rows in sorted(by_annotator.items())]
 
     labels: dict[tuple[int, int, int], dict[str, str]] = defaultdict(dict)  # pair -> annotator -> label
     for row in decisions:
@@ -107,6 +189,16 @@ def annotator_report(decisions: list[dict[str, Any]]) -> dict[str, Any]:
         report["krippendorff_alpha"] = {"pairs": len(multiply_labeled),
                                         "alpha": krippendorff_alpha_nominal(multiply_labeled)}
     return report
+
+
+def _self_consistency_of(rows: list[dict[str, Any]], by_id: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """`self_consistency` over one annotator's repeats of their own decisions."""
+    def label(row: dict[str, Any]) -> str | None:
+        return preferred_side(row["response_a_id"], row["response_b_id"], row["choice"])
+
+    originals = [(by_id.get(row.get("repeat_of")), row) for row in rows if row.get("repeat_of") is not None]
+    return self_consistency((label(original), label(repeat)) for original, repeat in originals
+                            if original is not None and original["annotator"] == repeat["annotator"])
 
 
 def _annotator_figures(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -4,13 +4,15 @@ the per-annotator lines `rlhf-tui stats` prints for a workspace labeled by sever
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from rlhf import cli
-from rlhf.agreement import (annotator_report, cohens_kappa, krippendorff_alpha_nominal, preferred_side,
-                            wilson_interval)
+from rlhf.agreement import (agreement_falls, annotator_report, cohens_kappa, krippendorff_alpha_nominal,
+                            length_score_correlation, pearson, preferred_side, reward_agreement, reward_margin,
+                            self_consistency, wilson_interval)
 from rlhf.store import PromptItem, Store
 
 
@@ -138,3 +140,84 @@ def test_stats_with_one_annotator_says_there_are_no_shared_pairs(capsys, tmp_pat
         "annotator alice: 1 decision, A share n/a (no a/b picks), median 0.8 s per decision",
         "agreement: no shared pairs (one annotator)",
     ]
+
+
+# -- reward model vs the person, length vs score, repeated pairs -------------------------------------------
+
+
+def test_reward_margin_is_the_preferred_answers_score_minus_the_others():
+    assert reward_margin(1.5, -0.5, "a") == 2.0  # agrees
+    assert reward_margin(1.5, -0.5, "b") == -2.0  # the person preferred the answer it scored lower
+    assert [reward_margin(1.0, 0.0, c) for c in ("tie", "both_bad", "skip")] == [None, None, None]
+
+
+def test_reward_agreement_counts_positive_margins_with_a_wilson_interval():
+    # 2 of 4 margins above 0 (a zero margin is no agreement): Wilson(2, 4) = 0.150-0.850 by the formula.
+    figures = reward_agreement([2.0, -1.0, 0.5, 0.0])
+    assert (figures["agree"], figures["n"], figures["share"]) == (2, 4, 0.5)
+    assert figures["wilson_95"] == [pytest.approx(0.15004, abs=1e-4), pytest.approx(0.84996, abs=1e-4)]
+    assert reward_agreement([]) == {"agree": 0, "n": 0, "share": None, "wilson_95": [0.0, 1.0]}
+
+
+def test_agreement_falls_below_the_floor_or_significantly_below_heldout_accuracy():
+    assert agreement_falls(2, 9, 0.9) is None  # under 10 labels: too few to say
+    assert "only 50% of the last 10 labels" in agreement_falls(5, 10, None)  # below the 0.6 floor
+    # 8 of 10: Wilson upper bound (0.8 + 0.19207 + 0.31363) / 1.38415 = 0.9433.
+    assert "below its held-out accuracy 95%" in agreement_falls(8, 10, 0.95)
+    assert agreement_falls(8, 10, 0.94) is None  # 0.94 lies inside the interval: not significantly below
+    assert agreement_falls(8, 10, None) is None
+
+
+def test_pearson_by_hand():
+    # x 1 2 3, y 2 4 7: cov 5, var_x 2, var_y 38/3 -> r = 5 / sqrt(76/3) = 0.99340.
+    assert pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(5 / math.sqrt(76 / 3))
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert pearson([1, 1, 1], [1, 2, 3]) is None and pearson([1], [2]) is None
+    with pytest.raises(ValueError):
+        pearson([1, 2], [1])
+
+
+def test_length_score_correlation_uses_characters_and_skips_unscored_samples():
+    samples = [{"response": "ab", "score": 0.0}, {"response": "abcd", "score": 1.0},
+               {"response": "abcdef", "score": 3.0}, {"response": "abcdefgh", "score": None}]
+    # lengths 2 4 6, scores 0 1 3: cov 6, var_x 8, var_y 14/3 -> r = 6 / sqrt(112/3) = 0.98198.
+    assert length_score_correlation(samples) == {"samples": 3, "pearson": pytest.approx(6 / math.sqrt(112 / 3))}
+
+
+def test_self_consistency_leaves_skips_out():
+    figures = self_consistency([("first", "first"), ("first", "second"), ("tie", "tie"), (None, "first")])
+    assert (figures["agree"], figures["n"]) == (2, 3)
+    assert figures["wilson_95"] == list(wilson_interval(2, 3))
+
+
+def test_report_counts_an_annotators_repeats_of_their_own_decisions():
+    def row(id_, name, a, b, choice, repeat_of=None):
+        return {"id": id_, "annotator": name, "prompt_id": 1, "response_a_id": a, "response_b_id": b,
+                "choice": choice, "decision_ms": None, "repeat_of": repeat_of}
+    rows = [row(1, "ann", 1, 2, "a"), row(2, "ann", 3, 4, "tie"), row(3, "bo", 5, 6, "b"),
+            row(4, "ann", 2, 1, "b", repeat_of=1),  # sides swapped, same answer preferred: consistent
+            row(5, "ann", 4, 3, "a", repeat_of=2),  # was a tie: inconsistent
+            row(6, "ann", 6, 5, "a", repeat_of=3)]  # bo's decision: not ann's self-consistency
+    ann, bo = annotator_report(rows)["annotators"]
+    assert (ann["self_consistency"]["agree"], ann["self_consistency"]["n"]) == (1, 2)
+    assert bo["self_consistency"]["n"] == 0
+
+
+def test_store_keeps_the_reward_models_margin_and_repeat_links(tmp_path: Path):
+    with Store(tmp_path / "rlhf.db") as store:
+        (prompt_id,), _ = store.add_prompts([PromptItem("q")], source="test")
+        first, second = (store.add_response(prompt_id, text, model="m") for text in ("one", "two"))
+        reward_run = store.create_run("reward", {})
+        store.add_response_scores(reward_run, {first: 0.25, second: 1.0})
+        original = store.add_comparison(prompt_id, first, second, "a")
+        unscored = store.add_comparison(prompt_id, first, store.add_response(prompt_id, "three", model="m"), "a")
+        assert store.repeat_candidate(seed=0)["id"] in (original, unscored)
+        repeat = store.add_comparison(prompt_id, second, first, "b", repeat_of=original)
+        assert [(r["id"], r["reward_run"], r["reward_margin"]) for r in store.reward_margins(10)] == \
+            [(repeat, reward_run, -0.75), (original, reward_run, -0.75)]  # it preferred "two"; the person "one"
+        assert store.reward_margins(10, reward_run="other") == []
+        assert [d["repeat_of"] for d in store.labeled_decisions()] == [None, None, original]
+        assert [p["comparison_id"] for p in store.preference_pairs()] == [original, unscored]  # repeat left out
+        assert store.repeat_candidate(seed=0)["id"] == unscored  # the original is repeated already
+        store.delete_comparison(original)  # undone: the repeat stays, as a decision of its own
+        assert store.labeled_decisions()[-1]["repeat_of"] is None
