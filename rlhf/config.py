@@ -42,6 +42,7 @@ def _f(default: Any, doc: str, *, lo: float | None = None, hi: float | None = No
 QUANTIZATION = ("none", "4bit", "8bit")
 KL_CONTROLLERS = ("log", "classic", "fixed")
 ALGORITHMS = ("ppo", "rloo", "grpo")
+SELECTIONS = ("random", "uncertain")  # [label] selection: how served pairs are chosen
 # Upper bounds of the int settings: far above any real use, low enough that a typo (an extra zero, a pasted
 # 20-digit number) is refused with its key instead of running until the kernel kills the process.
 MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range
@@ -82,6 +83,17 @@ class LabelConfig:
     guidelines: str = _f("guidelines.md", "Markdown file in the workspace shown by `?` and at first start; "
                                           "a path outside the workspace (symlinks resolved) is refused.")
     keymap: dict = _f({}, "Binding id -> keys, e.g. {prefer_a = \"j\"} (Textual keymap).")
+    selection: str = _f("random", "Which pairs are served: random, or uncertain (of `candidates` sampled pairs, "
+                        "the one the reward model is least sure about; needs a finished reward run).",
+                        choices=SELECTIONS)
+    candidates: int = _f(4, "selection = uncertain: pairs sampled per pair served (each costs a generation; "
+                         "the rest stay stored, unlabeled).", lo=2, hi=64)
+    uncertainty_runs: int = _f(1, "selection = uncertain: the latest reward runs that judge a pair; 1 = the "
+                               "smallest score margin, 2 = also their disagreement.", lo=1, hi=4)
+    repeat_every: int = _f(0, "Every Nth pair served re-shows a pair you already labeled, sides swapped "
+                           "(self-consistency in `stats`); 0 = off.", lo=0, hi=1000)
+    agreement_window: int = _f(50, "The last N labels the reward model's agreement with you is measured on.",
+                               lo=5, hi=100_000)
 
 
 @dataclass
