@@ -41,11 +41,6 @@ DATABASE_CHECK_INTERVAL_S = 2.0  # how soon a deleted rlhf.db is noticed (it is 
 EngineListener = Callable[[list[protocol.Event]], None]
 
 
-def dotted_settings(config: Config) -> dict[str, Any]:
-    """The whole config as `section.key` -> value (the engine applies it on top of rlhf.toml)."""
-    return {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
-
-
 def default_annotator() -> str:
     """The OS user name, or "anonymous" where there is none (e.g. a container without a passwd entry)."""
     try:
@@ -103,7 +98,7 @@ class RlhfApp(App):
         self.annotator = annotator or config.label.annotator or default_annotator()
         self.store = Store(workspace.db_path)  # opened here: a bad workspace fails before the screen takes over
         self.store.mark_interrupted_runs()  # runs killed with an earlier app (or headless) say so from the start
-        self.engine = EngineClient(workspace, dotted_settings(config))
+        self.engine = EngineClient(workspace, config)  # the engine samples and trains with this very config
         self._engine_listeners: list[EngineListener] = []
         self.database_lost: str | None = None  # why the database could not be written back, once it could not
         self.last_key_at = 0.0  # when the latest key was pressed (its event's time): decisions are timed by it

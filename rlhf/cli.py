@@ -31,6 +31,7 @@ from .demo_mode import (DEMO_NOTICE, DEMO_PROMPT_TAG, import_demo_prompts, is_de
                         with_demo_defaults)
 from .errors import RlhfError, RunCancelled
 from .hooks import RunHooks, RunResult
+from .run_requests import RunRequest, StartPPO, StartReward, run_request
 from .store import Store
 
 PROG = "rlhf-tui"
@@ -318,16 +319,17 @@ def _refuse_settings_on_resume(args: argparse.Namespace, overrides: dict[str, An
 
 
 def _run_headless(args: argparse.Namespace, overrides: dict[str, Any], shown: tuple[str, ...],
-                  train: Callable[[Session, RunHooks], RunResult]) -> tuple[RunResult, int, list[int]]:
-    """Run `train(session, hooks)` in the workspace with a progress bar, Ctrl+C, SIGTERM or SIGHUP stopping it
-    after the step; returns how it ended, the run's total steps and the signals received."""
+                  request_for: Callable[[Config], RunRequest]) -> tuple[RunResult, int, list[int]]:
+    """Run the request `request_for(config)` builds (the same record the app sends its engine) in the workspace,
+    with a progress bar, Ctrl+C, SIGTERM or SIGHUP stopping it after the step; returns how it ended, the run's
+    total steps and the signals received."""
     _refuse_settings_on_resume(args, overrides)
     with open_workspace(args, overrides) as session:
         _enter_demo_mode(session.config)
         progress = ConsoleProgress(shown)
         with stop_on_ctrl_c(progress) as received:
             try:
-                result = train(session, progress)
+                result = run_request(session.workspace, request_for(session.config), progress, session.store)
             except RunCancelled as exc:
                 exc.exit_code = stopped_exit_code(received)
                 raise
@@ -341,14 +343,8 @@ def _cmd_train_reward(args: argparse.Namespace) -> int:
     overrides = {"reward.epochs": args.epochs, "reward.lr": args.lr,
                  "reward.quantization": getattr(args, "quantization", None), "model.quantization": None,
                  "reward.batch_size": args.batch_size}
-
-    def train(session: Session, hooks: RunHooks) -> RunResult:
-        from .reward import train_reward
-
-        return train_reward(session.workspace, session.config, hooks=hooks, store=session.store,
-                            resume_run=args.resume)
-
-    result, total, received = _run_headless(args, overrides, ("loss", "train_acc", "heldout_acc"), train)
+    result, total, received = _run_headless(args, overrides, ("loss", "train_acc", "heldout_acc"),
+                                            lambda config: StartReward(config, resume_run=args.resume))
     if result.status == "failed":
         saved = f"; those weights are saved in {result.checkpoint}" if result.checkpoint else ""
         print(f"reward run {result.run_id}: failed: {result.message}{saved}", file=sys.stderr)
@@ -421,14 +417,9 @@ PPO_FLAGS = {"steps": "ppo.steps", "batch_size": "ppo.batch_size", "minibatches"
 
 def _cmd_ppo(args: argparse.Namespace) -> int:
     overrides = {key: getattr(args, flag) for flag, key in PPO_FLAGS.items()}
-
-    def train(session: Session, hooks: RunHooks) -> RunResult:
-        from .ppo import run_ppo
-
-        return run_ppo(session.workspace, session.config, reward_run=args.reward, resume_run=args.resume,
-                       hooks=hooks, store=session.store)
-
-    result, total, received = _run_headless(args, overrides, ("score_mean", "kl_k1", "entropy"), train)
+    result, total, received = _run_headless(
+        args, overrides, ("score_mean", "kl_k1", "entropy"),
+        lambda config: StartPPO(config, reward_run=args.reward, resume_run=args.resume))
     where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
     if result.status == "failed":
         print(f"ppo run {result.run_id}: failed: {result.message}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.config import SamplingConfig, Workspace
+from rlhf.config import Config, SamplingConfig, Workspace
 from rlhf.engine import protocol
 from rlhf.engine.client import EngineClient, describe_exit
 from rlhf.sampling import (PairSampler, a_side_first, cut_at_eos, generation_seed, sampling_params,
@@ -116,9 +117,10 @@ def test_sampler_cuts_long_prompts_from_the_left(tiny_policy):
 
 
 @contextmanager
-def running_engine(workspace: Workspace) -> Iterator[EngineClient]:
-    """A real engine process on the test's workspace, stopped when the test is done with it."""
-    client = EngineClient(workspace)
+def running_engine(workspace: Workspace, config: Config | None = None) -> Iterator[EngineClient]:
+    """A real engine process on the test's workspace with `config` (default: its rlhf.toml as it is now),
+    stopped when the test is done with it."""
+    client = EngineClient(workspace, config or workspace.load_config())
     client.start()
     try:
         yield client
@@ -156,8 +158,9 @@ def configure(workspace: Workspace, **sampling) -> None:
 
 
 def test_engine_serves_pairs_with_stored_provenance_and_survives_errors(workspace, store, tiny_model_dir):
-    configure(workspace, max_new_tokens=5, temperature=1.3, top_k=50)
-    with running_engine(workspace) as client:
+    configure(workspace, max_new_tokens=5, temperature=1.3)
+    # The engine samples as the config it is given says (the app's), not as rlhf.toml (which has no top_k).
+    with running_engine(workspace, workspace.load_config().override({"sampling.top_k": 50})) as client:
         seen: list = []
         ready = wait_for(client, protocol.Ready, seen=seen)
         assert isinstance(seen[0], protocol.Status) and seen[0].stage == protocol.STARTING
@@ -257,7 +260,8 @@ def test_engine_runs_reward_training_with_graceful_and_hard_stops(workspace, sto
     with running_engine(workspace) as client:
         wait_for(client, protocol.Ready)
         # Graceful: the run ends at its next step with status "stopped".
-        client.send(protocol.StartReward({"reward.epochs": 500, "reward.batch_size": 2}))
+        long_run = workspace.load_config().override({"reward.epochs": 500, "reward.batch_size": 2})
+        client.send(protocol.StartReward(long_run))
         started = wait_for(client, protocol.RunStarted)
         assert started.kind == "reward" and started.total_steps == store.run(started.run_id)["total_steps"] >= 500
         client.send(protocol.StopRun(started.run_id))
@@ -267,7 +271,7 @@ def test_engine_runs_reward_training_with_graceful_and_hard_stops(workspace, sto
         assert ended.checkpoint and Path(ended.checkpoint).is_dir()
 
         # Hard: the engine marks the run stopped and exits; the client starts a fresh engine.
-        client.send(protocol.StartReward({"reward.epochs": 500, "reward.batch_size": 2}))
+        client.send(protocol.StartReward(long_run))
         started = wait_for(client, protocol.RunStarted)
         wait_for(client, protocol.RunStep)
         old_pid = client.pid
@@ -288,7 +292,8 @@ def test_the_labeling_model_is_freed_during_a_run_and_samples_again_after(worksp
     add_labeled_pairs(store, 12)
     with running_engine(workspace) as client:
         wait_for(client, protocol.Ready)
-        client.send(protocol.StartReward({"reward.epochs": 1, "reward.batch_size": 4}))
+        client.send(protocol.StartReward(workspace.load_config().override({"reward.epochs": 1,
+                                                                           "reward.batch_size": 4})))
         seen: list = []
         ended = wait_for(client, protocol.RunEnded, seen=seen)
         statuses = [e.message for e in seen if isinstance(e, protocol.Status)]
@@ -330,7 +335,8 @@ def test_killing_the_parent_leaves_no_engine(workspace):
         from rlhf.config import Workspace
         from rlhf.engine import protocol
         from rlhf.engine.client import EngineClient
-        client = EngineClient(Workspace({str(workspace.root)!r}))
+        workspace = Workspace({str(workspace.root)!r})
+        client = EngineClient(workspace, workspace.load_config())
         client.start()
         print(client.pid, flush=True)
         while True:
@@ -351,3 +357,15 @@ def test_killing_the_parent_leaves_no_engine(workspace):
         assert not pid_running(engine_pid)
     finally:
         parent.kill()
+
+
+def test_the_apps_config_and_run_requests_cross_to_the_engine_whole():
+    # What the app hands the engine (spawn argument and run requests) is pickled: every setting survives.
+    cfg = Config()
+    cfg.sampling.temperature = 1.5
+    cfg.label.keymap = {"tie": "y"}
+    request = protocol.StartPPO(cfg, reward_run="reward-1", resume_run=None)
+    crossed = pickle.loads(pickle.dumps(request))
+    assert crossed == request and crossed.config.to_dict() == cfg.to_dict()
+    assert crossed.config.sampling.temperature == 1.5 and crossed.config.label.keymap == {"tie": "y"}
+    assert Config().to_dict() != cfg.to_dict()  # not the defaults that happened to match

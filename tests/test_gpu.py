@@ -86,7 +86,8 @@ def test_the_engine_frees_the_labeling_model_while_a_run_trains_on_cuda(workspac
     add_labeled_pairs(store, 12)  # free_during_runs is "auto": on a GPU that means freed
     with running_engine(workspace) as client:
         wait_for(client, protocol.Ready)
-        client.send(protocol.StartReward({"reward.epochs": 1, "reward.batch_size": 4}))
+        one_epoch = workspace.load_config().override({"reward.epochs": 1, "reward.batch_size": 4})
+        client.send(protocol.StartReward(one_epoch))
         seen: list = []
         ended = wait_for(client, protocol.RunEnded, seen=seen)
         assert ended.status == "finished"

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from app.main import RlhfApp, dotted_settings, keymap_problems, read_guidelines
-from app.screens import TABS
-from app.screens.dialogs import HelpScreen, NoteModal
-from app.screens.label import (MIN_LOOK_MS, STRONG_MARGIN, LabelScreen, decision_ms, early_key_refusal, note_preview,
+from rlhf_tui.app.main import RlhfApp, keymap_problems, read_guidelines
+from rlhf_tui.app.screens import TABS
+from rlhf_tui.app.screens.dialogs import HelpScreen, NoteModal
+from rlhf_tui.app.screens.label import (MIN_LOOK_MS, STRONG_MARGIN, LabelScreen, decision_ms, early_key_refusal, note_preview,
                                pairs_to_request)
-from app.widgets.answer import TextPane, visible_text
+from rlhf_tui.app.widgets.answer import TextPane, visible_text
 from rlhf.config import Config, Workspace
 from rlhf.store import PromptItem, Store
 from test_engine import pid_running  # tests/ is on sys.path (pytest's rootdir-relative import)
@@ -87,14 +87,6 @@ def test_keymap_problems():
     assert keymap_problems({"prefer_a": "j,down", "tie": "y"}, known) == []
     assert keymap_problems({"prefer_z": "j", "tie": ["y"]}, known) == [
         "unknown binding id 'prefer_z'", "'tie' must map to keys in a string, e.g. \"j,down\""]
-
-
-def test_dotted_settings_round_trip():
-    cfg = Config()
-    cfg.sampling.temperature = 1.5
-    settings = dotted_settings(cfg)
-    assert settings["sampling.temperature"] == 1.5 and settings["label.keymap"] == {}
-    assert Config().override(settings).to_dict() == cfg.to_dict()
 
 
 # -- the screen with a real engine -------------------------------------------------------------
@@ -257,8 +249,8 @@ async def test_engine_death_is_shown_and_restart_recovers(workspace):
 LABELING_SCRIPT = textwrap.dedent("""
     import asyncio, sys
     from rlhf.config import Workspace
-    from app.main import RlhfApp
-    from app.screens.label import MIN_LOOK_MS
+    from rlhf_tui.app.main import RlhfApp
+    from rlhf_tui.app.screens.label import MIN_LOOK_MS
 
     async def main(workspace, progress_path):
         ws = Workspace(workspace)

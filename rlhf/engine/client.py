@@ -16,9 +16,7 @@ import threading
 import time
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
-from typing import Any
-
-from ..config import Workspace
+from ..config import Config, Workspace
 from . import protocol
 
 # How long stop() waits for a Shutdown to be honoured before terminating the engine: an idle engine
@@ -37,8 +35,9 @@ PARENT_CHECK_INTERVAL_S = 0.5
 ENGINE_NICENESS = 5
 
 
-def _engine_main(conn: Connection, workspace_root: str, config_overrides: dict[str, Any], parent_pid: int) -> None:
-    """Entry point of the spawned process: tie its life to the app's, then import torch and serve."""
+def _engine_main(conn: Connection, workspace_root: str, config: Config, parent_pid: int) -> None:
+    """Entry point of the spawned process: tie its life to the app's, then import torch and serve with the
+    app's `config` (pickled across: the engine never reads rlhf.toml itself)."""
     _die_with_parent(parent_pid)
     # The terminal belongs to the UI: warnings and tracebacks go to the workspace's engine.log.
     _redirect_output(os.path.join(workspace_root, ENGINE_LOG))
@@ -53,7 +52,7 @@ def _engine_main(conn: Connection, workspace_root: str, config_overrides: dict[s
     conn.send(protocol.Status(protocol.STARTING, "starting the engine (importing torch)…", 0.0))
     from .worker import serve
 
-    serve(conn, workspace_root, config_overrides)
+    serve(conn, workspace_root, config)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -111,11 +110,12 @@ def _ensure_resource_tracker() -> None:
 
 
 class EngineClient:
-    """One engine worker process and the pipe to it. Not thread-safe: use it from the app's thread."""
+    """One engine worker process and the pipe to it, loading the model and sampling as `config` says (the
+    app's resolved config: rlhf.toml, flags and demo defaults). Not thread-safe: use it from the app's thread."""
 
-    def __init__(self, workspace: Workspace, config_overrides: dict[str, Any] | None = None) -> None:
+    def __init__(self, workspace: Workspace, config: Config) -> None:
         self.workspace = workspace
-        self.config_overrides = dict(config_overrides or {})
+        self.config = config
         self._ctx = mp.get_context("spawn")  # fork would copy the UI's threads and terminal state
         self._process: mp.process.BaseProcess | None = None
         self._conn: Connection | None = None
@@ -135,7 +135,7 @@ class EngineClient:
         # daemon: multiprocessing's exit handler terminates it if the app exits without stop().
         process = self._ctx.Process(
             target=_engine_main, name="rlhf-engine", daemon=True,
-            args=(child_conn, str(self.workspace.root), self.config_overrides, os.getpid()))
+            args=(child_conn, str(self.workspace.root), self.config, os.getpid()))
         process.start()
         child_conn.close()  # the child's end lives in the child only; EOF then means the child is gone
         self._process, self._conn = process, parent_conn

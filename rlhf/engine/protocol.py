@@ -1,7 +1,8 @@
 """Messages between the app and the engine process: small dataclasses pickled over a multiprocessing Pipe.
 
-Requests go app -> engine, events engine -> app. Both sides only ever exchange these records, and
-this module imports nothing heavy, so the UI process can use it without loading torch.
+Requests go app -> engine, events engine -> app. Both sides only ever exchange these records (the run
+requests StartReward and StartPPO are `rlhf.run_requests`'s, re-exported here), and this module imports
+nothing heavy, so the UI process can use it without loading torch.
 
 `Warning` and `Error` shadow Python's builtins inside this module on purpose (they are the event
 names the other screens use): import the module and write `protocol.Warning`, not `from ... import`.
@@ -9,8 +10,11 @@ names the other screens use): import the module and write `protocol.Warning`, no
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+# The run requests are the core's own records (the CLI runs the same ones), re-exported for the app.
+from ..run_requests import RunRequest, StartPPO, StartReward  # noqa: F401
 
 # -- requests (app -> engine) -----------------------------------------------------------------
 
@@ -28,25 +32,6 @@ class Regenerate:
     """Sample a fresh pair for this prompt (answered by a PairReady with regenerated=True)."""
 
     prompt_id: int
-
-
-@dataclass(frozen=True)
-class StartReward:
-    """Train a reward model, or resume a stopped reward run; `overrides` are dotted `section.key` -> value on
-    top of the engine's config (a resumed run keeps its own)."""
-
-    overrides: dict[str, Any] = field(default_factory=dict)
-    resume_run: str | None = None
-
-
-@dataclass(frozen=True)
-class StartPPO:
-    """Run PPO against a finished reward run (None = the latest), optionally resuming a stopped PPO run;
-    `overrides` as in StartReward."""
-
-    reward_run: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    resume_run: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +55,7 @@ class Ping:
     engine that stops answering is stopped (SIGSTOP), frozen or swapping, not merely busy."""
 
 
-Request = NeedPairs | Regenerate | StartReward | StartPPO | StopRun | Shutdown | Ping
+Request = NeedPairs | Regenerate | RunRequest | StopRun | Shutdown | Ping
 
 # -- events (engine -> app) -------------------------------------------------------------------
 

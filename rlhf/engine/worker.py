@@ -14,6 +14,7 @@ import sys
 import threading
 import traceback
 from collections import deque
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from ..demo_mode import is_demo, use_demo_threads
 from ..errors import RlhfError
 from ..hooks import RunHooks
 from ..models import load_causal_lm, load_tokenizer, pick_device, resolve_model_name, safetensors_adapter
+from ..run_requests import RunRequest, run_request
 from ..sampling import PairSampler, a_side_first, sampling_params
 from ..store import Store
 from . import protocol
@@ -34,10 +36,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 FATAL_ERRORS = (MemoryError, torch.OutOfMemoryError)
 
 
-def serve(conn: Connection, workspace_root: str, config_overrides: dict[str, Any]) -> None:
-    """Run the engine on this end of the pipe; returns (the process exits) after Shutdown."""
+def serve(conn: Connection, workspace_root: str, config: Config) -> None:
+    """Run the engine on this end of the pipe with the app's config; returns (the process exits) after Shutdown."""
     outbox = Outbox(conn)
-    engine = Engine(Workspace(Path(workspace_root)), config_overrides, outbox)
+    engine = Engine(Workspace(Path(workspace_root)), config, outbox)
     threading.Thread(target=engine.read_requests, args=(conn,), name="request-reader", daemon=True).start()
     code = engine.run()
     sys.stderr.flush()
@@ -84,6 +86,18 @@ class Inbox:
             while not (self._urgent or self._normal):
                 self._ready.wait()
             return (self._urgent or self._normal).popleft()
+
+    def take(self, kinds: tuple[type, ...]) -> list[protocol.Request]:
+        """Remove and return, without waiting, the queued requests of these types (urgent ones first): what a
+        run's thread serves between its steps; the others wait for the main loop."""
+        with self._ready:
+            taken = [request for queue in (self._urgent, self._normal) for request in queue
+                     if isinstance(request, kinds)]
+            for queue in (self._urgent, self._normal):
+                kept = [request for request in queue if not isinstance(request, kinds)]
+                queue.clear()
+                queue.extend(kept)
+            return taken
 
 
 class PipeHooks(RunHooks):
@@ -141,15 +155,27 @@ def prompt_display_text(prompt: dict[str, Any]) -> str:
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt["messages"])
 
 
+@dataclass(frozen=True)
+class PairSource:
+    """The model a pair is sampled from, and its provenance: the labeling model (base, or base + the newest PPO
+    policy `adapter`), or a PPO run's live policy after `run_step` steps (`run_checkpoint`: its latest
+    checkpoint then)."""
+
+    sampler: PairSampler
+    adapter: str | None = None
+    run_id: str | None = None
+    run_step: int | None = None
+    run_checkpoint: str | None = None
+
+
 class Engine:
-    def __init__(self, workspace: Workspace, config_overrides: dict[str, Any], outbox: Outbox) -> None:
+    def __init__(self, workspace: Workspace, config: Config, outbox: Outbox) -> None:
         self.workspace = workspace
-        self.config_overrides = config_overrides
+        self.cfg = config  # the app's: labeling samples with it; each run request carries its own
         self.outbox = outbox
         self.inbox = Inbox()
         self._run_lock = threading.Lock()
         self._run_hooks: PipeHooks | None = None
-        self.cfg: Config
         self.store: Store
         self.sampler: PairSampler
         self.model_name = ""
@@ -219,7 +245,6 @@ class Engine:
         self.outbox.send(protocol.Error(message, fatal=fatal or isinstance(exc, FATAL_ERRORS), request=request))
 
     def _load(self) -> None:
-        self.cfg = self.workspace.load_config().override(self.config_overrides)
         use_demo_threads(self.cfg)
         self.store = Store(self.workspace.db_path)
         self.model_name = resolve_model_name(self.cfg)
@@ -264,28 +289,15 @@ class Engine:
                                         sampling=sampling_params(self.cfg.sampling)))
 
     def _handle(self, request: protocol.Request) -> None:
-        if isinstance(request, protocol.NeedPairs):
-            if request.count <= 0:
-                return
-            pair = self._make_pair(self._next_prompt(request.exclude_prompt_ids), regenerated=False)
-            self.outbox.send(pair)
-            if request.count > 1:
-                self.inbox.put_next(protocol.NeedPairs(request.count - 1,
-                                                       (*request.exclude_prompt_ids, pair.prompt_id)))
-        elif isinstance(request, protocol.Regenerate):
-            self.outbox.send(self._make_pair(request.prompt_id, regenerated=True))
-        elif isinstance(request, protocol.StartReward):
-            from ..reward import train_reward
-
-            self._run(lambda cfg, hooks: train_reward(self.workspace, cfg, hooks=hooks, store=self.store,
-                                                      resume_run=request.resume_run),
-                      request.overrides)
-        elif isinstance(request, protocol.StartPPO):
-            from ..ppo import run_ppo
-
-            self._run(lambda cfg, hooks: run_ppo(self.workspace, cfg, reward_run=request.reward_run,
-                                                 resume_run=request.resume_run, hooks=hooks, store=self.store),
-                      request.overrides)
+        if isinstance(request, (protocol.NeedPairs, protocol.Regenerate)):
+            rest = self.answer_pair_request(request, self.labeling_source())
+            if rest is not None:
+                self.inbox.put_next(rest)  # urgent requests may come first
+        elif isinstance(request, protocol.Refit):
+            raise RlhfError("refit retrains the reward model while a PPO run trains, and no PPO run is training: "
+                            "train a reward model on the Reward model screen")
+        elif isinstance(request, (protocol.StartReward, protocol.StartPPO)):
+            self._run(request)
         else:
             raise TypeError(f"unknown request {request!r}")
 
@@ -299,14 +311,33 @@ class Engine:
                             "(or start the app with --prompts FILE)")
         return prompt_id
 
-    def _make_pair(self, prompt_id: int, *, regenerated: bool) -> protocol.PairReady:
-        """Sample two answers and store both (with provenance) before they can be shown."""
+    def labeling_source(self) -> PairSource:
+        return PairSource(self.sampler, str(self.adapter) if self.adapter else None)
+
+    def answer_pair_request(self, request: protocol.NeedPairs | protocol.Regenerate,
+                            source: PairSource) -> protocol.NeedPairs | None:
+        """Send one pair from `source` for a Regenerate, or the first of a NeedPairs; returns what is left of a
+        NeedPairs (or None), so that the caller decides when the rest comes."""
+        if isinstance(request, protocol.Regenerate):
+            self.outbox.send(self._make_pair(request.prompt_id, regenerated=True, source=source))
+            return None
+        if request.count <= 0:
+            return None
+        pair = self._make_pair(self._next_prompt(request.exclude_prompt_ids), regenerated=False, source=source)
+        self.outbox.send(pair)
+        if request.count == 1:
+            return None
+        return protocol.NeedPairs(request.count - 1, (*request.exclude_prompt_ids, pair.prompt_id))
+
+    def _make_pair(self, prompt_id: int, *, regenerated: bool, source: PairSource) -> protocol.PairReady:
+        """Sample two answers from `source` and store both (with provenance) before they can be shown."""
         prompt = self.store.prompt(prompt_id)
-        sampled = self.sampler.sample(prompt["text"], prompt["messages"], prompt_id=prompt_id,
-                                      draw=self.store.response_count(prompt_id))
-        provenance = {"model": self.model_name, "adapter": str(self.adapter) if self.adapter else None,
+        sampled = source.sampler.sample(prompt["text"], prompt["messages"], prompt_id=prompt_id,
+                                        draw=self.store.response_count(prompt_id))
+        provenance = {"model": self.model_name, "adapter": source.adapter,
                       "sampling": sampling_params(self.cfg.sampling), "seed": sampled.seed,
-                      "prompt_tokens": sampled.prompt_tokens}
+                      "prompt_tokens": sampled.prompt_tokens, "run_id": source.run_id,
+                      "run_step": source.run_step, "run_checkpoint": source.run_checkpoint}
         with self.store.transaction():
             ids = [self.store.add_response(prompt_id, answer.text, response_tokens=answer.tokens,
                                            finished=answer.finished, **provenance)
@@ -315,19 +346,21 @@ class Engine:
         if not a_side_first(self.cfg.sampling.seed, prompt_id, ids[0], ids[1]):
             views.reverse()
         return protocol.PairReady(prompt_id=prompt_id, prompt_text=prompt_display_text(prompt), a=views[0],
-                                  b=views[1], notice="; ".join(sampled.notices) or None, regenerated=regenerated)
+                                  b=views[1], notice="; ".join(sampled.notices) or None, regenerated=regenerated,
+                                  run_id=source.run_id, run_step=source.run_step)
 
-    def _run(self, train: Any, overrides: dict[str, Any]) -> None:
-        """Run a training function with hooks the reader thread can stop; report how it ended, then sample
+    def _run(self, request: RunRequest) -> None:
+        """Run a reward or PPO request with hooks the reader thread can stop; report how it ended, then sample
         from the newest policy (a PPO run leaves one), loading the labeling model again if it was freed."""
-        cfg = self.cfg.override(overrides)
-        hooks = PipeHooks(self.outbox)
+        from .during_run import DuringRunHooks
+
+        hooks = DuringRunHooks(self)
         freed = self._free_labeling_model()
         try:
             with self._run_lock:
                 self._run_hooks = hooks
             try:
-                result = train(cfg, hooks)
+                result = run_request(self.workspace, request, hooks, self.store)
             finally:
                 with self._run_lock:
                     self._run_hooks = None

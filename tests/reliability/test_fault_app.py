@@ -21,9 +21,9 @@ import pytest
 from textual import events
 from textual.widgets import Markdown, TextArea
 
-from app.main import RlhfApp
-from app.screens.dialogs import NoteModal
-from app.screens.label import MIN_LOOK_MS
+from rlhf_tui.app.main import RlhfApp
+from rlhf_tui.app.screens.dialogs import NoteModal
+from rlhf_tui.app.screens.label import MIN_LOOK_MS
 from rlhf.errors import StoreError
 from rlhf.store import PromptItem, Store
 from test_label_screen import (ENGINE_TIMEOUT_S, ROOT, make_workspace, ready_to_decide, rows, wait_ready_to_decide,
@@ -194,7 +194,7 @@ RUN_AND_WAIT_SCRIPT = textwrap.dedent("""
     import asyncio, sys
     from rlhf.config import Workspace
     from rlhf.engine import protocol
-    from app.main import RlhfApp
+    from rlhf_tui.app.main import RlhfApp
 
     async def main(workspace, progress_path):
         ws = Workspace(workspace)
@@ -202,7 +202,7 @@ RUN_AND_WAIT_SCRIPT = textwrap.dedent("""
         async with app.run_test() as pilot:
             while app.engine.pid is None or app.screen.engine_info is None:
                 await pilot.pause(0.1)
-            app.engine.send(protocol.StartPPO(overrides={"ppo.steps": 500}))
+            app.engine.send(protocol.StartPPO(app.config.override({"ppo.steps": 500})))
             while app.is_running:  # until the signal makes the app exit
                 running = sorted(app.engine.running_runs)
                 if running and app.store.run(running[0])["step"] >= 1:

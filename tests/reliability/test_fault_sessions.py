@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.main import RlhfApp, dotted_settings
+from rlhf_tui.app.main import RlhfApp
 from fault_kit import network_sockets
 from rlhf.engine import protocol
 from rlhf.engine.client import EngineClient
@@ -71,7 +71,7 @@ async def test_two_apps_label_one_workspace_without_serving_a_prompt_twice_at_on
     cfg = workspace.load_config()
     app = RlhfApp(workspace, cfg, annotator="first")
     # The second app's engine, driven the way its label screen drives one: held pairs, NeedPairs with exclusions.
-    second = EngineClient(workspace, dotted_settings(cfg))
+    second = EngineClient(workspace, cfg)
     second_held: list[protocol.PairReady] = []
     requested, ready, labeled = 0, False, {"first": 0, "second": 0}
     async with app.run_test() as pilot:
