@@ -149,8 +149,66 @@ def _migrate_3_to_4(db: sqlite_utils.Database) -> None:
         )""")
 
 
+def _migrate_4_to_5(db: sqlite_utils.Database) -> None:
+    # Blind evaluation: a session compares a PPO checkpoint (the candidate) with the reference or another
+    # checkpoint on held-out prompts; each pair records which side the candidate's answer was shown on, and a
+    # decision on it is a comparison pointing at its pair (left out of reward training and export by default).
+    db.execute("""
+        CREATE TABLE eval_sessions (
+            id TEXT PRIMARY KEY,
+            candidate TEXT NOT NULL,
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            checkpoint_step INTEGER NOT NULL,
+            opponent TEXT NOT NULL,
+            opponent_run TEXT REFERENCES runs(id),
+            opponent_step INTEGER,
+            prompt_tag TEXT,
+            seed INTEGER NOT NULL,
+            model TEXT,
+            sampling TEXT,
+            created_at TEXT NOT NULL
+        )""")
+    db.execute("""
+        CREATE TABLE eval_pairs (
+            id INTEGER PRIMARY KEY,
+            session_id TEXT NOT NULL REFERENCES eval_sessions(id),
+            prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+            response_a_id INTEGER NOT NULL REFERENCES responses(id),
+            response_b_id INTEGER NOT NULL REFERENCES responses(id),
+            candidate_side TEXT NOT NULL CHECK (candidate_side IN ('a', 'b'))
+        )""")
+    db.execute("CREATE INDEX eval_pairs_session ON eval_pairs (session_id)")
+    db.execute("ALTER TABLE comparisons ADD COLUMN eval_pair_id INTEGER REFERENCES eval_pairs(id)")
+
+
+def _migrate_5_to_6(db: sqlite_utils.Database) -> None:
+    # Labeling during runs. run_id / run_step: the run whose policy sampled an answer (a PPO run, between its
+    # steps) and after how many steps; run_checkpoint: that run's latest checkpoint then (the state to resume
+    # and step forward from). A comparison copies its pair's run and step, by trigger, whoever writes it (both
+    # answers of a pair come from one generate call). run_rewards: the reward runs a PPO run switched to (a
+    # refit) and the step after which each one scores; before the first, the run's parent_run does.
+    for table in ("responses", "comparisons"):
+        db.execute(f"ALTER TABLE {table} ADD COLUMN run_id TEXT REFERENCES runs(id)")
+        db.execute(f"ALTER TABLE {table} ADD COLUMN run_step INTEGER")
+    db.execute("ALTER TABLE responses ADD COLUMN run_checkpoint TEXT")
+    db.execute("""
+        CREATE TRIGGER comparisons_run_provenance AFTER INSERT ON comparisons WHEN NEW.run_id IS NULL
+        BEGIN
+            UPDATE comparisons SET (run_id, run_step) = (
+                SELECT run_id, run_step FROM responses WHERE id = NEW.response_a_id) WHERE id = NEW.id;
+        END""")
+    db.execute("""
+        CREATE TABLE run_rewards (
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            from_step INTEGER NOT NULL,
+            reward_run TEXT NOT NULL REFERENCES runs(id),
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (run_id, from_step)
+        )""")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_0_to_1, _migrate_1_to_2, _migrate_2_to_3,
-                                                             _migrate_3_to_4]
+                                                             _migrate_3_to_4, _migrate_4_to_5, _migrate_5_to_6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -397,13 +455,18 @@ class Store:
     def add_response(self, prompt_id: int, text: str, *, model: str | None, adapter: str | None = None,
                      sampling: dict[str, Any] | None = None, seed: int | None = None,
                      prompt_tokens: int | None = None, response_tokens: int | None = None,
-                     finished: bool | None = None, source: str = "generated") -> int:
+                     finished: bool | None = None, source: str = "generated", run_id: str | None = None,
+                     run_step: int | None = None, run_checkpoint: str | None = None) -> int:
+        """Store one answer; `run_id`, `run_step` and `run_checkpoint` name a run's policy that sampled it
+        between the run's steps (None: the labeling model)."""
         with self.transaction():
             cur = self.db.execute(
                 """INSERT INTO responses (prompt_id, text, model, adapter, sampling, seed, prompt_tokens,
-                   response_tokens, finished, source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   response_tokens, finished, source, created_at, run_id, run_step, run_checkpoint)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 [prompt_id, text, model, adapter, json.dumps(sampling) if sampling is not None else None, seed,
-                 prompt_tokens, response_tokens, None if finished is None else int(finished), source, now_iso()])
+                 prompt_tokens, response_tokens, None if finished is None else int(finished), source, now_iso(),
+                 run_id, run_step, run_checkpoint])
             return cur.lastrowid
 
     def response(self, response_id: int) -> dict[str, Any]:
@@ -501,8 +564,9 @@ class Store:
             row[f"text_{side}"], row[f"tokens_{side}"] = response["text"], response["response_tokens"]
         return row
 
-    def preference_pairs(self, include_ties: bool = False) -> list[dict[str, Any]]:
-        """Decided comparisons as chosen/rejected pairs (ties only if asked; both_bad and skip never).
+    def preference_pairs(self, include_ties: bool = False, include_eval: bool = False) -> list[dict[str, Any]]:
+        """Decided comparisons as chosen/rejected pairs (ties only if asked; both_bad and skip never). Decisions
+        on blind evaluation pairs only if asked: they judge a trained policy, and training on them would leak it.
 
         For ties, `chosen` is side A and `rejected` side B; `choice` says it was a tie. A repeated pair's second
         decision is left out (it measures the annotator's self-consistency; the first one counts).
@@ -516,9 +580,9 @@ class Store:
             JOIN prompts p ON p.id = c.prompt_id
             JOIN responses ra ON ra.id = c.response_a_id
             JOIN responses rb ON rb.id = c.response_b_id
-            WHERE c.choice IN ({", ".join("?" for _ in choices)})
+            WHERE c.choice IN ({", ".join("?" for _ in choices)}) AND (c.eval_pair_id IS NULL OR ?)
               AND c.repeat_of IS NULL
-            ORDER BY c.id""", choices)
+            ORDER BY c.id""", [*choices, include_eval])
         pairs = []
         for r in rows:
             b_wins = r["choice"] == "b"
@@ -532,6 +596,60 @@ class Store:
                 "choice": r["choice"], "margin": r["margin"], "annotator": r["annotator"], "source": r["source"],
             })
         return pairs
+
+    # -- blind evaluation ----------------------------------------------------------------------
+
+    def add_eval_session(self, session: dict[str, Any], pairs: list[dict[str, Any]]) -> str:
+        """Store an evaluation session (an `eval_sessions` row without created_at) and its blind pairs (prompt_id,
+        response_a_id, response_b_id, candidate_side), together; returns the session id."""
+        with self.transaction():
+            self.db["eval_sessions"].insert({**session, "sampling": json.dumps(session.get("sampling")),
+                                             "created_at": now_iso()})
+            self.db["eval_pairs"].insert_all([{**pair, "session_id": session["id"]} for pair in pairs])
+        return session["id"]
+
+    def eval_sessions(self) -> list[dict[str, Any]]:
+        """Every evaluation session, oldest first, with its pair count and decisions made (skips included)."""
+        rows = self._query("""
+            SELECT s.*, (SELECT COUNT(*) FROM eval_pairs e WHERE e.session_id = s.id) AS pairs,
+                   (SELECT COUNT(*) FROM comparisons c JOIN eval_pairs e ON e.id = c.eval_pair_id
+                    WHERE e.session_id = s.id) AS decided
+            FROM eval_sessions s ORDER BY s.created_at, s.id""")
+        for row in rows:
+            row["sampling"] = json.loads(row["sampling"]) if row["sampling"] else None
+        return rows
+
+    def eval_pairs(self, session_id: str) -> list[dict[str, Any]]:
+        """A session's pairs in order, each with its prompt, both answers' texts and lengths, and its latest
+        decision (choice and comparison id, None while undecided)."""
+        if not self._query("SELECT 1 FROM eval_sessions WHERE id = ?", [session_id]):
+            raise StoreError(f"no evaluation session {session_id!r} (see `rlhf-tui eval report`)")
+        return self._query("""
+            SELECT e.id, e.prompt_id, e.response_a_id, e.response_b_id, e.candidate_side,
+                   p.text AS prompt, p.messages AS prompt_messages,
+                   ra.text AS text_a, ra.response_tokens AS tokens_a, rb.text AS text_b, rb.response_tokens AS tokens_b,
+                   c.choice, c.id AS comparison_id
+            FROM eval_pairs e
+            JOIN prompts p ON p.id = e.prompt_id
+            JOIN responses ra ON ra.id = e.response_a_id
+            JOIN responses rb ON rb.id = e.response_b_id
+            LEFT JOIN comparisons c ON c.id = (SELECT MAX(id) FROM comparisons WHERE eval_pair_id = e.id)
+            WHERE e.session_id = ? ORDER BY e.id""", [session_id])
+
+    def add_eval_decision(self, eval_pair_id: int, choice: str, *, annotator: str | None = None,
+                          note: str | None = None, decision_ms: int | None = None) -> int:
+        """Record a decision on a blind evaluation pair: a comparison (source "eval") pointing at the pair."""
+        rows = self._query("SELECT prompt_id, response_a_id, response_b_id FROM eval_pairs WHERE id = ?",
+                           [eval_pair_id])
+        if not rows:
+            raise StoreError(f"no evaluation pair with id {eval_pair_id}")
+        pair = rows[0]
+        with self.transaction():
+            comparison_id = self.add_comparison(pair["prompt_id"], pair["response_a_id"], pair["response_b_id"],
+                                                choice, annotator=annotator, note=note, decision_ms=decision_ms,
+                                                source="eval")
+            self.db.execute("UPDATE comparisons SET eval_pair_id = ? WHERE id = ?", [eval_pair_id, comparison_id])
+        return comparison_id
 
     # -- runs, metrics, samples --------------------------------------------------------------
 
@@ -651,6 +769,18 @@ class Store:
             sql += " LIMIT ?"
             params.append(limit)
         return self._query(sql, params)
+
+    def add_reward_switch(self, run_id: str, reward_run: str, from_step: int) -> None:
+        """Record that PPO run `run_id` scores its steps after `from_step` with `reward_run` (a refit)."""
+        with self.transaction():
+            self.db.execute("INSERT INTO run_rewards (run_id, from_step, reward_run, created_at) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT (run_id, from_step) DO UPDATE SET reward_run = excluded.reward_run",
+                            [run_id, from_step, reward_run, now_iso()])
+
+    def reward_switches(self, run_id: str) -> list[dict[str, Any]]:
+        """A PPO run's reward switches, oldest first: {from_step, reward_run, created_at} each."""
+        return self._query("SELECT from_step, reward_run, created_at FROM run_rewards WHERE run_id = ? "
+                           "ORDER BY from_step", [run_id])
 
     # -- summary -----------------------------------------------------------------------------
 

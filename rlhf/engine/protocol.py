@@ -55,7 +55,14 @@ class Ping:
     engine that stops answering is stopped (SIGSTOP), frozen or swapping, not merely busy."""
 
 
-Request = NeedPairs | Regenerate | RunRequest | StopRun | Shutdown | Ping
+@dataclass(frozen=True)
+class Refit:
+    """Train a reward model on every label so far, between two steps of the PPO run in progress (which pauses
+    meanwhile), and switch that run to it at its next checkpoint; answered by RefitStatus events (an Error
+    when no PPO run is training)."""
+
+
+Request = NeedPairs | Regenerate | RunRequest | StopRun | Shutdown | Ping | Refit
 
 # -- events (engine -> app) -------------------------------------------------------------------
 
@@ -103,6 +110,8 @@ class PairReady:
     b: ResponseView
     notice: str | None = None  # e.g. "prompt cut to its last 256 tokens", "answers identical after 3 re-samples"
     regenerated: bool = False
+    run_id: str | None = None  # sampled between this PPO run's steps by its policy after `run_step` steps
+    run_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -177,8 +186,22 @@ class Responding:
     message: str = ""
 
 
+REFIT_STAGES = ("training", "ready", "switched", "failed")
+
+
+@dataclass(frozen=True)
+class RefitStatus:
+    """How a Refit goes: "training" (PPO paused), "ready" (trained: the run switches at its next checkpoint),
+    "switched", or "failed" (the run keeps scoring with the reward run it had); `message` says it in words."""
+
+    run_id: str  # the PPO run
+    stage: str
+    message: str
+    reward_run: str | None = None  # the refit's reward run, once it has one
+
+
 Event = (Status | Ready | PairReady | RunStarted | RunStep | RunSamples | RunCheckpoint | RunEnded | Warning
-         | Error | Pong | Responding)
+         | Error | Pong | Responding | RefitStatus)
 
 # Exit code of an engine that ended itself on a hard StopRun: the client restarts it instead of
 # reporting a crash.

@@ -1,0 +1,63 @@
+"""Refit: the reward model trained again on every label so far while a PPO run trains, and the run's switch to it.
+
+The engine trains a refit between two steps of the PPO run, in the run's own thread (the run waits; nothing else
+touches its model or its random streams), and the run switches to it at its next checkpoint. A checkpoint is
+where a run resumes from, so the reward in effect at each checkpoint is all a resume needs to know: the run's row
+names the reward run it started with (`parent_run`), the `run_rewards` table each switch and the step after which
+it scores. A refit that fails or is stopped changes nothing: the run keeps scoring with the reward it had.
+
+No torch at import time (the engine imports this before a run needs it).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .checkpoints import config_of_run
+from .config import Config, Workspace
+from .hooks import RunHooks, RunResult
+from .store import Store
+
+
+def reward_run_at(parent_run: str, switches: list[dict[str, Any]], step: int) -> str:
+    """The reward run that scores the steps after `step` of a PPO run that started with `parent_run` and switched
+    as `switches` say (rows of {from_step, reward_run}): the latest switch made at or before `step`, else the
+    parent."""
+    made = [switch for switch in switches if switch["from_step"] <= step]
+    return max(made, key=lambda switch: switch["from_step"])["reward_run"] if made else parent_run
+
+
+def current_reward_run(store: Store, ppo_run: str, step: int) -> str:
+    """The reward run scoring PPO run `ppo_run` after `step` steps, from its row and its recorded switches."""
+    return reward_run_at(store.run(ppo_run)["parent_run"], store.reward_switches(ppo_run), step)
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Put the global random streams back after side work between a run's steps (labeling pairs seed torch; a
+    refit trains with its own seed): torch's on the CPU and every CUDA device, and Python's. A run with such
+    work between its steps then draws what it would have drawn without, and resumes as it would have."""
+    import torch
+
+    python_state = random.getstate()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+
+
+def train_refit(workspace: Workspace, store: Store, ppo_run: str, step: int, user_cfg: Config,
+                hooks: RunHooks) -> tuple[str, RunResult]:
+    """Train a reward run on every label in the store with the settings of the reward run now scoring `ppo_run`
+    (same base, quantization and recipe: it loads onto the run's base as that one did). Returns (that reward
+    run's id, how the refit ended)."""
+    from .run_requests import StartReward, run_request
+
+    current = current_reward_run(store, ppo_run, step)
+    cfg = config_of_run(store.run(current), user_cfg)
+    return current, run_request(workspace, StartReward(config=cfg), hooks, store)
