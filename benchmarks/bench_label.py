@@ -56,7 +56,7 @@ async def key_to_next_pair(ws: Workspace, decisions: int, think_s: float) -> tup
     """
     from textual import events
 
-    from app.main import RlhfApp
+    from rlhf_tui.app.main import RlhfApp
 
     app = RlhfApp(ws, ws.load_config(), annotator="bench")
     latencies, ready = [], []
@@ -90,7 +90,7 @@ FIRST_FRAME_CHILD = """
 import sys, time
 start = float(sys.argv[2])
 from rlhf.config import Workspace
-from app.main import RlhfApp
+from rlhf_tui.app.main import RlhfApp
 
 class FirstFrame(RlhfApp):
     def on_mount(self):  # runs after RlhfApp.on_mount (Textual calls each class's handler)

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.main import RlhfApp  # noqa: E402
+from rlhf_tui.app.main import RlhfApp  # noqa: E402
 from rlhf.config import Workspace  # noqa: E402
 
 PROBE_INTERVAL_S = 0.010

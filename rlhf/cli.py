@@ -1,8 +1,9 @@
-"""The `rlhf-tui` command: opens the app, or runs one headless command on a workspace.
+"""The headless `rlhf-tui` commands, each run on a workspace. The app (no command, or `app`) is added by the
+UI side's entry, `rlhf_tui.app.cli` (app/cli.py), which is the console script: this module never imports the UI.
 
 Adding a command: write `_cmd_<name>(args) -> int` and `_register_<name>(commands)`, then append the
-register function to `COMMANDS`. `_add_command` gives every subcommand `--workspace` (accepted before
-or after the command name); `_add_model_option` adds `--model` to commands that load a model;
+register function to `COMMANDS`. `add_command` gives every subcommand `--workspace` (accepted before
+or after the command name); `add_model_option` adds `--model` to commands that load a model;
 `load_config` / `open_workspace` give the workspace, its config with CLI overrides applied, and its
 store. User errors are `RlhfError`s: `main` prints them on one line and returns exit code 2.
 Heavy modules (torch) are imported inside the commands that need them, never here.
@@ -16,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,7 @@ from .agreement import annotator_report
 from .config import ALGORITHMS, KL_CONTROLLERS, QUANTIZATION, Config, Workspace, describe_defaults, keys_set_in
 from .data_io import (EXPORT_FORMATS, export_pairs, import_pairs, import_prompts, printable, read_pairs,
                       read_prompts)
-from .demo_mode import (DEMO_NOTICE, DEMO_PROMPT_TAG, import_demo_prompts, is_demo, use_demo_threads,
-                        with_demo_defaults)
+from .demo_mode import DEMO_NOTICE, is_demo, use_demo_threads, with_demo_defaults
 from .errors import RlhfError, RunCancelled
 from .hooks import RunHooks, RunResult
 from .run_requests import RunRequest, StartPPO, StartReward, run_request
@@ -89,34 +89,16 @@ def _print_json(value: Any) -> None:
 # -- commands --------------------------------------------------------------------------------
 
 
-def _import_prompts(store: Store, path: Path, tags: list[str]) -> str:
+def import_prompts_file(store: Store, path: Path, tags: list[str]) -> str:
+    """Import a prompts file into `store`; the one-line summary to print."""
     imported, duplicates = import_prompts(store, path, tags)
     return f"imported {_plural(imported, 'prompt')} ({_plural(duplicates, 'duplicate')} skipped)"
-
-
-def _cmd_app(args: argparse.Namespace) -> int:
-    workspace, config = load_config(args)
-    if args.prompts:
-        read_prompts(args.prompts)  # a bad file fails before the database is created
-        with Store(workspace.db_path) as store:
-            print(_import_prompts(store, args.prompts, []))
-    if is_demo(config):
-        with Store(workspace.db_path) as store:
-            imported = import_demo_prompts(store)
-        if imported:
-            print(f"{DEMO_NOTICE}: imported {_plural(imported, 'demo prompt')} (tag {DEMO_PROMPT_TAG!r}) "
-                  "into this empty workspace")
-    try:
-        from app.main import run_app
-    except ModuleNotFoundError as exc:
-        raise RlhfError(f"cannot start the app: module {exc.name!r} is missing (reinstall rlhf-tui)") from None
-    return run_app(workspace, config, annotator=args.annotator) or 0
 
 
 def _cmd_prompts_import(args: argparse.Namespace) -> int:
     read_prompts(args.file)  # a bad file fails before the database is created
     with open_workspace(args, create=True) as session:
-        print(_import_prompts(session.store, args.file, args.tag))
+        print(import_prompts_file(session.store, args.file, args.tag))
     return 0
 
 
@@ -484,7 +466,7 @@ def _workspace_option(parser: argparse.ArgumentParser) -> None:
                         help="workspace directory holding rlhf.toml, rlhf.db and runs/ (default: current directory)")
 
 
-def _add_model_option(parser: argparse.ArgumentParser) -> None:
+def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=argparse.SUPPRESS, metavar="ID_OR_PATH",
                         help="hub id or local path of the base model (default: model.name in rlhf.toml)")
 
@@ -494,7 +476,7 @@ def _add_quantization_option(parser: argparse.ArgumentParser, what: str) -> None
                         help=f"{what}: none, 4bit (bitsandbytes NF4) or 8bit")
 
 
-def _add_command(commands: argparse._SubParsersAction, name: str, handler: Callable[[argparse.Namespace], int],
+def add_command(commands: argparse._SubParsersAction, name: str, handler: Callable[[argparse.Namespace], int],
                  summary: str) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=summary, description=summary)
     _workspace_option(parser)
@@ -506,19 +488,19 @@ def _register_prompts(commands: argparse._SubParsersAction) -> None:
     prompts = commands.add_parser("prompts", help="import or list prompts", description="Import or list prompts.")
     _workspace_option(prompts)
     actions = prompts.add_subparsers(dest="action", metavar="ACTION", required=True)
-    imp = _add_command(actions, "import", _cmd_prompts_import,
+    imp = add_command(actions, "import", _cmd_prompts_import,
                        "import prompts from .txt (one per line), .jsonl (prompt or chat messages) or .csv "
                        "(prompt column); duplicates are skipped, a bad line imports nothing")
     imp.add_argument("file", type=Path, metavar="FILE")
     imp.add_argument("--tag", action="append", default=[], metavar="T",
                      help="add this tag to every new prompt (repeatable)")
-    lst = _add_command(actions, "list", _cmd_prompts_list, "list prompts: id, tags, text")
+    lst = add_command(actions, "list", _cmd_prompts_list, "list prompts: id, tags, text")
     lst.add_argument("--tag", metavar="T", help="only prompts with this tag")
     lst.add_argument("--json", action="store_true", help="print a JSON array with every field")
 
 
 def _register_export(commands: argparse._SubParsersAction) -> None:
-    parser = _add_command(commands, "export", _cmd_export,
+    parser = add_command(commands, "export", _cmd_export,
                           "write labeled pairs as JSONL (ties only with --include-ties; both_bad and skip never)")
     parser.add_argument("out", type=Path, metavar="OUT.jsonl", help="the file to write (- for stdout)")
     parser.add_argument("--format", choices=EXPORT_FORMATS, default="trl",
@@ -528,14 +510,14 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
 
 
 def _register_import_pairs(commands: argparse._SubParsersAction) -> None:
-    parser = _add_command(commands, "import-pairs", _cmd_import_pairs,
+    parser = add_command(commands, "import-pairs", _cmd_import_pairs,
                           "import preference pairs (trl JSONL: prompt, chosen, rejected, optional margin) "
                           "as comparisons; a bad line imports nothing")
     parser.add_argument("file", type=Path, metavar="FILE.jsonl")
 
 
 def _register_stats(commands: argparse._SubParsersAction) -> None:
-    parser = _add_command(commands, "stats", _cmd_stats,
+    parser = add_command(commands, "stats", _cmd_stats,
                           "count prompts, responses, comparisons by choice, runs; then per annotator: decisions, "
                           "side-A share (position bias), median decision time, and agreement (Cohen's kappa, "
                           "Krippendorff's alpha) on pairs labeled by more than one")
@@ -543,15 +525,15 @@ def _register_stats(commands: argparse._SubParsersAction) -> None:
 
 
 def _register_config(commands: argparse._SubParsersAction) -> None:
-    parser = _add_command(commands, "config", _cmd_config,
+    parser = add_command(commands, "config", _cmd_config,
                           "print every config field with its default and doc (a starting rlhf.toml)")
     parser.add_argument("--show", action="store_true",
                         help="print the effective config of the workspace instead (rlhf.toml + flags)")
-    _add_model_option(parser)
+    add_model_option(parser)
 
 
 def _register_train_reward(commands: argparse._SubParsersAction) -> None:
-    parser = _add_command(commands, "train-reward", _cmd_train_reward,
+    parser = add_command(commands, "train-reward", _cmd_train_reward,
                           "train a LoRA Bradley-Terry reward model on the labeled pairs (Ctrl+C, SIGTERM or a closed "
                           "terminal stops it and keeps the adapter); flags override [reward] in rlhf.toml")
     parser.add_argument("--epochs", type=int, metavar="N", help="passes over the training pairs")
@@ -561,11 +543,11 @@ def _register_train_reward(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", metavar="RUN",
                         help="continue this stopped, failed or interrupted run from its last checkpoint, with its "
                              "own settings and pairs")
-    _add_model_option(parser)
+    add_model_option(parser)
 
 
 def _register_score(commands: argparse._SubParsersAction) -> None:
-    parser = _add_command(commands, "score", _cmd_score,
+    parser = add_command(commands, "score", _cmd_score,
                           "print a trained reward model's standardised score of RESPONSE to PROMPT")
     parser.add_argument("--reward", metavar="RUN", help="reward run id (default: the latest finished one)")
     _add_quantization_option(parser, "the reward base's weights (default: as the reward model was trained)")
@@ -574,7 +556,7 @@ def _register_score(commands: argparse._SubParsersAction) -> None:
 
 
 def _register_export_reward(commands: argparse._SubParsersAction) -> None:
-    parser = _add_command(commands, "export-reward", _cmd_export_reward,
+    parser = add_command(commands, "export-reward", _cmd_export_reward,
                           "write a reward run as a PEFT adapter for AutoModelForSequenceClassification "
                           "(num_labels=1), for trl or transformers")
     parser.add_argument("--reward", metavar="RUN", help="reward run id (default: the latest finished one)")
@@ -584,7 +566,7 @@ def _register_export_reward(commands: argparse._SubParsersAction) -> None:
 def _register_export_bundle(commands: argparse._SubParsersAction) -> None:
     from .bundle import ENGINES
 
-    parser = _add_command(commands, "export-bundle", _cmd_export_bundle,
+    parser = add_command(commands, "export-bundle", _cmd_export_bundle,
                           "write the labels, the reward model and the latest PPO policy adapter in another engine's "
                           "formats (openrlhf, verl, llamafactory, trl), with a README holding its launch command")
     parser.add_argument("--for", dest="engine", required=True, choices=ENGINES,
@@ -597,7 +579,7 @@ def _register_export_bundle(commands: argparse._SubParsersAction) -> None:
 
 
 def _register_ppo(commands: argparse._SubParsersAction) -> None:
-    parser = _add_command(commands, "ppo", _cmd_ppo,
+    parser = add_command(commands, "ppo", _cmd_ppo,
                           "run PPO (or RLOO / GRPO: --algorithm) against a trained reward model, one progress line "
                           "per step; Ctrl+C, SIGTERM or a closed terminal (SIGHUP) stops after the current step "
                           "with a checkpoint; flags override [ppo] in rlhf.toml")
@@ -622,15 +604,15 @@ def _register_ppo(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", metavar="RUN",
                         help="continue this stopped, failed or interrupted run from its last checkpoint, with its own "
                              "settings")
-    _add_model_option(parser)
+    add_model_option(parser)
     _add_quantization_option(parser, "the policy base's weights ([model] quantization)")
 
 
 def _register_runs(commands: argparse._SubParsersAction) -> None:
-    parser = _add_command(commands, "runs", _cmd_runs, "list runs: id, kind, status, steps, final metrics")
+    parser = add_command(commands, "runs", _cmd_runs, "list runs: id, kind, status, steps, final metrics")
     parser.add_argument("--json", action="store_true", help="print a JSON array with every field and final metrics")
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
-    show = _add_command(actions, "show", _cmd_runs_show, "print one run's metrics, one row per step")
+    show = add_command(actions, "show", _cmd_runs_show, "print one run's metrics, one row per step")
     show.add_argument("run", metavar="RUN")
     show.add_argument("--json", action="store_true", help="print JSON: the run and its steps")
 
@@ -650,27 +632,33 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Label preference pairs, train a reward model and run PPO, in a terminal. "
-                               "Without a command, opens the app on the workspace.")
+def _no_command(args: argparse.Namespace) -> int:
+    raise RlhfError("name a command (see --help); `rlhf-tui` with no command opens the app")
+
+
+def build_parser(commands: Sequence[Callable[[argparse._SubParsersAction], None]] = COMMANDS, *,
+                 description: str = "Label preference pairs, train a reward model and run PPO: the headless "
+                                    "commands.") -> argparse.ArgumentParser:
+    """The parser for `commands` (in `--help` order) and the options accepted before any command name.
+
+    The UI's entry (app/cli.py) passes its `app` command too and makes opening the app the default.
+    """
+    parser = argparse.ArgumentParser(prog=PROG, description=description)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     _workspace_option(parser)
-    _add_model_option(parser)
+    add_model_option(parser)
     _add_quantization_option(parser, "the base model's weights ([model] quantization)")
-    parser.add_argument("--prompts", type=Path, metavar="FILE", help="import this prompts file before opening the app")
-    parser.add_argument("--annotator", metavar="NAME", help="name stored with each decision (default: label.annotator "
-                                                            "in rlhf.toml, else the OS user)")
-    parser.set_defaults(handler=_cmd_app)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in COMMANDS:
-        register(commands)
+    parser.set_defaults(handler=_no_command)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in commands:
+        register(subparsers)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run one command line (`parser` defaults to `build_parser()`); the exit code. Errors are one line."""
     try:
-        args = build_parser().parse_args(argv)
+        args = (parser or build_parser()).parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
     try:

@@ -14,6 +14,7 @@ import pytest
 from rlhf import cli
 from rlhf.config import Config, describe_defaults
 from rlhf.store import Store
+from rlhf_tui.app import cli as console
 
 
 @pytest.fixture
@@ -54,11 +55,14 @@ def _command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
 
 
 def test_every_command_has_help(capsys):
-    paths = _command_paths(cli.build_parser())
-    assert {("prompts", "import"), ("prompts", "list"), ("export",), ("import-pairs",), ("stats",),
+    # The console script's parser: rlhf.cli's commands plus the app.
+    paths = _command_paths(console.build_parser())
+    assert {("app",), ("prompts", "import"), ("prompts", "list"), ("export",), ("import-pairs",), ("stats",),
             ("config",)} <= set(paths)
+    assert set(_command_paths(cli.build_parser())) == set(paths) - {("app",)}
     for path in paths:
-        code, out, err = _run(capsys, *path, "--help")
+        code = console.main([*path, "--help"])
+        out, err = capsys.readouterr()
         assert (code, err) == (0, ""), path
         assert out.startswith(f"usage: rlhf-tui {' '.join(path)}".rstrip()), path
         if path and path != ("prompts",):
@@ -190,11 +194,20 @@ def test_app_imports_prompts_first_and_gets_overrides(capsys, tmp_path: Path, ws
         return 0
 
     # Stands in for the Textual app, which has its own tests; here only the wiring is checked.
-    monkeypatch.setitem(sys.modules, "app.main", types.SimpleNamespace(run_app=run_app))
-    code, out, _ = _run(capsys, "--workspace", ws, "--model", "org/m", "--annotator", "ann",
-                        "--prompts", _prompts_file(tmp_path))
-    assert (code, out) == (0, "imported 2 prompts (1 duplicate skipped)\n")
+    monkeypatch.setitem(sys.modules, "rlhf_tui.app.main", types.SimpleNamespace(run_app=run_app))
+    assert console.main(["--workspace", str(ws), "--model", "org/m", "--annotator", "ann",
+                         "--prompts", str(_prompts_file(tmp_path))]) == 0
+    assert capsys.readouterr().out == "imported 2 prompts (1 duplicate skipped)\n"
     assert seen == {"root": ws.resolve(), "model": "org/m", "annotator": "ann", "prompts": 2}
+    # `app` is the same command, its options accepted after the name too.
+    assert console.main(["app", "--workspace", str(ws), "--annotator", "other"]) == 0
+    assert seen["annotator"] == "other" and seen["prompts"] == 2
+
+
+def test_the_headless_cli_alone_names_the_missing_command(capsys):
+    _assert_one_line_error(_run(capsys), "name a command (see --help); `rlhf-tui` with no command opens the app")
+    code, out, err = _run(capsys, "--prompts=p.txt")  # an app option: the core parser does not know it
+    assert code == 2 and out == "" and "unrecognized arguments: --prompts=p.txt" in err
 
 
 def test_keyboard_interrupt_exits_130(capsys, tmp_path: Path, ws: Path, monkeypatch):

@@ -106,19 +106,19 @@ def test_demo_prompts_go_only_into_an_empty_workspace(tmp_path: Path):
 
 def test_app_start_imports_demo_prompts_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch):
-    import app.main
+    from rlhf_tui.app import cli as app_cli, main as app_main
 
     opened = []
-    monkeypatch.setattr(app.main, "run_app", lambda workspace, config, annotator=None: opened.append(config) or 0)
-    assert cli.main(["--workspace", str(tmp_path)]) == 0
+    monkeypatch.setattr(app_main, "run_app", lambda workspace, config, annotator=None: opened.append(config) or 0)
+    assert app_cli.main(["--workspace", str(tmp_path)]) == 0
     assert f"{DEMO_NOTICE}: imported {demo_prompt_count()} demo prompts" in capsys.readouterr().out
     assert is_demo(opened[0]) and opened[0].ppo.steps == DEMO_DEFAULTS["ppo.steps"]
-    assert cli.main(["--workspace", str(tmp_path)]) == 0  # second start: prompts already there
+    assert app_cli.main(["--workspace", str(tmp_path)]) == 0  # second start: prompts already there
     assert "imported" not in capsys.readouterr().out
 
 
 def test_app_header_says_demo_model_only_in_demo_mode(tmp_path: Path):
-    from app.main import RlhfApp
+    from rlhf_tui.app.main import RlhfApp
 
     demo = RlhfApp(Workspace(tmp_path), Config())
     assert str(demo.format_title("rlhf-tui · label", "")) == f"rlhf-tui · label — {DEMO_NOTICE}"

@@ -16,10 +16,10 @@ from textual.app import App, ComposeResult
 from textual.content import Content
 from textual.widgets import Select
 
-from app.main import RlhfApp
-from app.screens.reward import RewardScreen
-from app.screens.train import TrainScreen
-from app.widgets.settings_form import SettingsForm, check_setting, parse_setting
+from rlhf_tui.app.main import RlhfApp
+from rlhf_tui.app.screens.reward import RewardScreen
+from rlhf_tui.app.screens.train import TrainScreen
+from rlhf_tui.app.widgets.settings_form import SettingsForm, check_setting, parse_setting
 from rlhf.config import Config, Workspace
 from rlhf.errors import ConfigError
 from rlhf.store import Store

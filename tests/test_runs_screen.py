@@ -13,15 +13,15 @@ from pathlib import Path
 
 from textual.widgets import DataTable
 
-from app.main import RlhfApp
-from app.screens.runs import RunScreen, RunsScreen, final_metrics_text, resume_refusal
-from app.widgets.run_feed import (SAMPLES_KEPT, DbFollower, RunFeed, RunUpdate, detail_line, elapsed_seconds,
+from rlhf_tui.app.main import RlhfApp
+from rlhf_tui.app.screens.runs import RunScreen, RunsScreen, final_metrics_text, resume_refusal
+from rlhf_tui.app.widgets.run_feed import (SAMPLES_KEPT, DbFollower, RunFeed, RunUpdate, detail_line, elapsed_seconds,
                                   eta_seconds, format_duration, samples_text, seconds_per_step, status_line,
                                   update_from_event)
-from app.widgets.run_view import SamplesPane
+from rlhf_tui.app.widgets.run_view import SamplesPane
 from rlhf.engine import protocol
 from rlhf.store import PromptItem
-from app.screens.reward import RewardScreen
+from rlhf_tui.app.screens.reward import RewardScreen
 from test_reward_screen import ENGINE_TIMEOUT_S, db_metric, db_run, make_workspace, wait_until
 from test_train_screen import rewarded  # noqa: F401 - the fixture: a workspace with a finished reward run
 

@@ -15,12 +15,12 @@ import pytest
 
 from textual.app import App, ComposeResult
 
-from app.main import RlhfApp
-from app.screens.runs import RunsScreen
-from app.screens.train import PPO_FORM_KEYS, TrainScreen
-from app.widgets.charts import REDRAW_INTERVAL_S, MetricChart
-from app.widgets.run_feed import RunUpdate
-from app.widgets.run_view import VALUE_CHART, RunView, SamplesPane, has_value_head, kl_target
+from rlhf_tui.app.main import RlhfApp
+from rlhf_tui.app.screens.runs import RunsScreen
+from rlhf_tui.app.screens.train import PPO_FORM_KEYS, TrainScreen
+from rlhf_tui.app.widgets.charts import REDRAW_INTERVAL_S, MetricChart
+from rlhf_tui.app.widgets.run_feed import RunUpdate
+from rlhf_tui.app.widgets.run_view import VALUE_CHART, RunView, SamplesPane, has_value_head, kl_target
 from rlhf.config import Workspace
 from rlhf.store import Store
 from test_reward_screen import (ENGINE_TIMEOUT_S, db_metric, db_run, make_workspace, plain, type_into,

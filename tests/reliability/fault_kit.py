@@ -57,12 +57,12 @@ class StopAfter(RunHooks):
 
 def rlhf_tui(*args: str | Path, timeout: float = SUBPROCESS_TIMEOUT_S) -> subprocess.CompletedProcess:
     """The real command line, as a user runs it, in its own process."""
-    return subprocess.run([sys.executable, "-m", "rlhf.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "rlhf_tui.app.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
 
 
 def start_rlhf_tui(*args: str | Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rlhf.cli", *map(str, args)], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "rlhf_tui.app.cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
