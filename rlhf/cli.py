@@ -337,7 +337,7 @@ def _cmd_train_reward(args: argparse.Namespace) -> int:
 
 def _reward_summary(result: RunResult, total_steps: int) -> str:
     """The one line `train-reward` ends with: how far it got, how good the model is, what it learned from."""
-    from .reward import read_reward_meta
+    from .reward_model import read_reward_meta
 
     meta = read_reward_meta(Path(result.checkpoint))
     counts, epochs = meta["counts"], meta["config"]["reward"]["epochs"]
@@ -356,7 +356,7 @@ def _reward_summary(result: RunResult, total_steps: int) -> str:
 def _cmd_score(args: argparse.Namespace) -> int:
     with open_workspace(args, {"model.quantization": None}) as session:
         run_id = session.store.finished_reward_run(args.reward)["id"]
-        from .reward import RewardScorer
+        from .reward_model import RewardScorer
 
         scorer = RewardScorer.from_run(session.workspace, run_id, session.config,
                                        quantization=getattr(args, "quantization", None))
@@ -371,7 +371,7 @@ def _cmd_export_reward(args: argparse.Namespace) -> int:
         run_dir = session.workspace.run_dir(run_id)
         if not run_dir.is_dir():
             raise RlhfError(f"no run {run_id!r} in {session.workspace.runs_dir} (see `rlhf-tui runs`)")
-        from .reward import export_sequence_classifier
+        from .reward_model import export_sequence_classifier
 
         out = export_sequence_classifier(run_dir, Path(args.out))
     print(f"reward run {run_id} exported to {out}: load it with PeftModel.from_pretrained("
@@ -455,6 +455,50 @@ def _cmd_runs_show(args: argparse.Namespace) -> int:
 
 def _format_value(value: float | None) -> str:
     return "" if value is None else f"{value:.6g}"
+
+
+def _cmd_eval_prepare(args: argparse.Namespace) -> int:
+    from .evaluation import plan_eval, prepare_eval
+
+    with open_workspace(args) as session:
+        plan = plan_eval(session.store, session.workspace, run_id=args.run, checkpoint=args.checkpoint,
+                         against=args.against, prompt_tag=args.prompts, count=args.n, seed=args.seed)
+        _enter_demo_mode(session.config)
+        from .models import load_causal_lm, load_tokenizer, pick_device
+
+        trust = session.config.model.trust_remote_code
+        quantization = session.store.run(plan.candidate.run_id)["config"]["model"]["quantization"]
+        tokenizer = load_tokenizer(plan.model_name, trust_remote_code=trust)
+        base = load_causal_lm(plan.model_name, quantization, trust_remote_code=trust, device=pick_device()).eval()
+        tty = sys.stderr.isatty()
+        session_id = prepare_eval(session.store, plan, base, tokenizer, session.config, progress=lambda done, total: (
+            print(f"{CLEAR_LINE}sampling {done}/{total}", end="", file=sys.stderr, flush=True) if tty else None))
+    if tty:
+        print(file=sys.stderr)
+    print(f"eval session {session_id}: {_plural(len(plan.prompts), 'blind pair')} of {plan.candidate.label} vs "
+          f"{plan.opponent.label} on held-out prompts (seed {plan.seed}); label them on the app's Eval screen "
+          f"(`{PROG}`, then ctrl+e), then `{PROG} eval report`")
+    return 0
+
+
+def _cmd_eval_report(args: argparse.Namespace) -> int:
+    from .evaluation import describe_result, eval_report
+
+    with open_workspace(args) as session:
+        results = eval_report(session.store)
+        sessions = session.store.eval_sessions()
+    if args.json:
+        _print_json({"results": results, "sessions": sessions})
+        return 0
+    if not sessions:
+        print(f"no evaluation sessions yet: `{PROG} eval prepare` makes one")
+        return 0
+    for row in results:
+        print(describe_result(row))
+    for s in sessions:
+        print(f"session {s['id']}	{s['candidate']} vs {s['opponent']}	{s['decided']}/{s['pairs']} labeled	"
+              f"seed {s['seed']}	{s['created_at'][:19]}")
+    return 0
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -616,6 +660,34 @@ def _register_runs(commands: argparse._SubParsersAction) -> None:
     show.add_argument("run", metavar="RUN")
     show.add_argument("--json", action="store_true", help="print JSON: the run and its steps")
 
+
+def _register_eval(commands: argparse._SubParsersAction) -> None:
+    from .evaluation import DEFAULT_EVAL_PAIRS, REFERENCE
+
+    parser = commands.add_parser("eval", help="blind evaluation of a PPO checkpoint on held-out prompts",
+                                 description="Blind evaluation: prepare pairs (one answer from a PPO checkpoint, one "
+                                             "from the reference or another run, sides randomized), label them on "
+                                             "the app's Eval screen, then report the win rate.")
+    _workspace_option(parser)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    prepare = add_command(actions, "prepare", _cmd_eval_prepare,
+                           "sample blind pairs on prompts the PPO run never drew for a rollout and store them as an "
+                           "evaluation session")
+    prepare.add_argument("--run", metavar="RUN", help="PPO run to evaluate (default: the latest with a checkpoint)")
+    prepare.add_argument("--checkpoint", type=int, metavar="STEP",
+                         help="its checkpoint's step (default: its latest, the only one kept)")
+    prepare.add_argument("--against", default=REFERENCE, metavar="reference|RUN",
+                         help="the opponent: the reference (adapters off; the SFT adapter if the run started from "
+                              "one) or another PPO run's latest checkpoint (default: reference)")
+    prepare.add_argument("--prompts", metavar="TAG", help="only held-out prompts with this tag (default: any)")
+    prepare.add_argument("-n", type=int, default=DEFAULT_EVAL_PAIRS, metavar="N",
+                         help=f"pairs to prepare (default {DEFAULT_EVAL_PAIRS}; fewer when fewer prompts are held out)")
+    prepare.add_argument("--seed", type=int, metavar="S",
+                         help="picks the prompts, sides and samples (default: random; stored with the session)")
+    report = add_command(actions, "report", _cmd_eval_report,
+                          "win rate of each evaluated checkpoint (ties count half) with its 95%% Wilson interval")
+    report.add_argument("--json", action="store_true", help="print JSON: results and sessions")
+
 # Every subcommand is registered here, in the order `--help` lists them.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_prompts,
@@ -629,6 +701,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_export_bundle,
     _register_ppo,
     _register_runs,
+    _register_eval,
 ]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 # The run requests are the core's own records (the CLI runs the same ones), re-exported for the app.
 from ..run_requests import RunRequest, StartPPO, StartReward  # noqa: F401
+from ..hooks import RunResult
 
 # -- requests (app -> engine) -----------------------------------------------------------------
 
@@ -62,7 +63,21 @@ class Refit:
     when no PPO run is training)."""
 
 
-Request = NeedPairs | Regenerate | RunRequest | StopRun | Shutdown | Ping | Refit
+@dataclass(frozen=True)
+class PrepareEval:
+    """Sample a blind evaluation session: one answer from a PPO checkpoint and one from the opponent to each of
+    `count` held-out prompts (the arguments of rlhf.evaluation.plan_eval; None = its default). Answered by
+    Status events (stage "eval") while it samples, then EvalReady, or an Error (e.g. no held-out prompts)."""
+
+    run_id: str | None = None
+    checkpoint: int | None = None
+    against: str = "reference"
+    prompt_tag: str | None = None
+    count: int = 20
+    seed: int | None = None
+
+
+Request = NeedPairs | Regenerate | RunRequest | StopRun | Shutdown | Ping | Refit | PrepareEval
 
 # -- events (engine -> app) -------------------------------------------------------------------
 
@@ -112,6 +127,9 @@ class PairReady:
     regenerated: bool = False
     run_id: str | None = None  # sampled between this PPO run's steps by its policy after `run_step` steps
     run_step: int | None = None
+    reward_run: str | None = None  # the reward run that scored both answers as served (None: none finished)
+    reward_scores: tuple[float, float] | None = None  # its standardised scores of a and b
+    repeat_of: int | None = None  # a repeated pair (sides swapped): the comparison id it repeats
 
 
 @dataclass(frozen=True)
@@ -145,12 +163,14 @@ class RunCheckpoint:
 
 @dataclass(frozen=True)
 class RunEnded:
-    """A run is over; status is one of store.FINAL_STATUSES."""
+    """A run is over: how it ended, as the training function returned it."""
 
-    run_id: str
-    status: str
-    message: str = ""
-    checkpoint: str | None = None
+    result: RunResult
+
+    @property
+    def run_id(self) -> str:
+        """The run it is about, named where every run event names it."""
+        return self.result.run_id
 
 
 @dataclass(frozen=True)
@@ -163,13 +183,18 @@ class Warning:  # noqa: A001 - the protocol's name; see the module docstring
 class Error:  # noqa: A001
     """A request failed. fatal: the engine is gone (or going) and must be restarted.
 
-    `request` names the failed request's type (e.g. "NeedPairs"), so the app can forget what it was
-    waiting for; None when the failure is not tied to one request (a crash, a failed model load).
+    `request` names the failed request's type (e.g. "NeedPairs"; test it with `is_about`), so the app can
+    forget what it was waiting for; None when the failure is not tied to one request (a crash, a failed model
+    load).
     """
 
     message: str
     fatal: bool = False
     request: str | None = None
+
+    def is_about(self, *request_types: type) -> bool:
+        """Whether this is the failure of a request of one of these types (e.g. `NeedPairs`)."""
+        return self.request in {request_type.__name__ for request_type in request_types}
 
 
 @dataclass(frozen=True)
@@ -200,8 +225,16 @@ class RefitStatus:
     reward_run: str | None = None  # the refit's reward run, once it has one
 
 
+@dataclass(frozen=True)
+class EvalReady:
+    """A PrepareEval's session is stored (rlhf.store eval tables): `pairs` blind pairs to label."""
+
+    session_id: str
+    pairs: int
+
+
 Event = (Status | Ready | PairReady | RunStarted | RunStep | RunSamples | RunCheckpoint | RunEnded | Warning
-         | Error | Pong | Responding | RefitStatus)
+         | Error | Pong | Responding | RefitStatus | EvalReady)
 
 # Exit code of an engine that ended itself on a hard StopRun: the client restarts it instead of
 # reporting a crash.

@@ -14,6 +14,7 @@ import sys
 import threading
 import traceback
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -25,8 +26,9 @@ from peft import PeftModel
 from ..config import Config, Workspace
 from ..demo_mode import is_demo, use_demo_threads
 from ..errors import RlhfError
-from ..hooks import RunHooks
+from ..hooks import RunHooks, RunResult
 from ..models import load_causal_lm, load_tokenizer, pick_device, resolve_model_name, safetensors_adapter
+from ..active import PairJudge, is_repeat_turn, least_sure, selection_provenance
 from ..run_requests import RunRequest, run_request
 from ..sampling import PairSampler, a_side_first, sampling_params
 from ..store import Store
@@ -166,6 +168,7 @@ class PairSource:
     run_id: str | None = None
     run_step: int | None = None
     run_checkpoint: str | None = None
+    judge: PairJudge | None = None  # scores the pair with the newest reward runs (rlhf.active)
 
 
 class Engine:
@@ -180,6 +183,9 @@ class Engine:
         self.sampler: PairSampler
         self.model_name = ""
         self.adapter: Path | None = None
+        self.judge: PairJudge
+        self.pairs_served = 0  # this session's, for [label] repeat_every
+        self._last_margins: list[float] = []  # each judge's margin (score a - b) on the latest pair made
 
     # -- reader thread ---------------------------------------------------------------------------
 
@@ -211,7 +217,7 @@ class Engine:
             message = "hard stop: steps after the last checkpoint were discarded"
             with Store(self.workspace.db_path) as store:  # this thread's own connection
                 store.update_run(hooks.run_id, status="stopped", error=message)
-            self.outbox.send(protocol.RunEnded(hooks.run_id, "stopped", message, hooks.last_checkpoint))
+            self.outbox.send(protocol.RunEnded(RunResult(hooks.run_id, "stopped", message, hooks.last_checkpoint)))
         os._exit(protocol.HARD_STOP_EXIT_CODE)
 
     # -- main thread -----------------------------------------------------------------------------
@@ -253,6 +259,8 @@ class Engine:
                                    padding_side="left")
         self.outbox.send(protocol.Status("loading", f"loading model {self.model_name}…", 0.4))
         self.sampler = PairSampler(self._load_base(), tokenizer, self.cfg.sampling, self.cfg.model.max_prompt_tokens)
+        committee = self.cfg.label.uncertainty_runs if self.cfg.label.selection == "uncertain" else 1
+        self.judge = PairJudge(self.workspace, self.cfg, tokenizer, self.model_name, committee)
         self._use_latest_policy()
 
     def _load_base(self) -> Any:
@@ -283,6 +291,7 @@ class Engine:
             self.sampler.model = (PeftModel.from_pretrained(base, safetensors_adapter(adapter)).eval() if adapter
                                   else base)
             self.adapter = adapter
+        self.sampler.model = self.judge.attach(self.sampler.model, self.store)
         label = "demo" if is_demo(self.cfg) else Path(self.model_name).name or self.model_name
         self.outbox.send(protocol.Ready(model_label=label,
                                         adapter=str(self.adapter) if self.adapter else None,
@@ -298,8 +307,31 @@ class Engine:
                             "train a reward model on the Reward model screen")
         elif isinstance(request, (protocol.StartReward, protocol.StartPPO)):
             self._run(request)
+        elif isinstance(request, protocol.PrepareEval):
+            self._prepare_eval(request)
         else:
             raise TypeError(f"unknown request {request!r}")
+
+    def _prepare_eval(self, request: protocol.PrepareEval) -> None:
+        """Sample a blind evaluation session on the loaded base: the labeling adapter is set aside meanwhile and
+        the newest policy put back after; EvalReady names the stored session."""
+        from ..evaluation import plan_eval, prepare_eval
+
+        plan = plan_eval(self.store, self.workspace, run_id=request.run_id, checkpoint=request.checkpoint,
+                         against=request.against, prompt_tag=request.prompt_tag, count=request.count,
+                         seed=request.seed)
+        if plan.model_name != self.model_name:
+            raise RlhfError(f"{plan.candidate.label} was trained on {plan.model_name}, not on the loaded "
+                            f"{self.model_name}: start the app with --model {plan.model_name}")
+        model = self.sampler.model
+        self.sampler.model, self.adapter = model.unload() if isinstance(model, PeftModel) else model, None
+        try:
+            session_id = prepare_eval(self.store, plan, self.sampler.model, self.sampler.tokenizer, self.cfg,
+                                      progress=lambda done, total: self.outbox.send(protocol.Status(
+                                          "eval", f"sampling evaluation pair {done}/{total}…", done / total)))
+        finally:
+            self._use_latest_policy()
+        self.outbox.send(protocol.EvalReady(session_id, len(plan.prompts)))
 
     def _next_prompt(self, held: tuple[int, ...]) -> int:
         """The next prompt to label, claimed in the store so another app on this workspace is not served it
@@ -312,7 +344,7 @@ class Engine:
         return prompt_id
 
     def labeling_source(self) -> PairSource:
-        return PairSource(self.sampler, str(self.adapter) if self.adapter else None)
+        return PairSource(self.sampler, str(self.adapter) if self.adapter else None, judge=self.judge)
 
     def answer_pair_request(self, request: protocol.NeedPairs | protocol.Regenerate,
                             source: PairSource) -> protocol.NeedPairs | None:
@@ -323,19 +355,50 @@ class Engine:
             return None
         if request.count <= 0:
             return None
-        pair = self._make_pair(self._next_prompt(request.exclude_prompt_ids), regenerated=False, source=source)
+        pair = self._next_pair(request.exclude_prompt_ids, source)
         self.outbox.send(pair)
         if request.count == 1:
             return None
         return protocol.NeedPairs(request.count - 1, (*request.exclude_prompt_ids, pair.prompt_id))
 
-    def _make_pair(self, prompt_id: int, *, regenerated: bool, source: PairSource) -> protocol.PairReady:
-        """Sample two answers from `source` and store both (with provenance) before they can be shown."""
+    def _next_pair(self, held: tuple[int, ...], source: PairSource) -> protocol.PairReady:
+        """The next pair to serve ([label] settings): a repeat of a labeled pair on its turn, else the least sure
+        of `candidates` fresh pairs with selection = uncertain (and a reward run to judge), else a fresh one."""
+        label = self.cfg.label
+        repeat_turn = is_repeat_turn(self.pairs_served, label.repeat_every)
+        self.pairs_served += 1
+        repeated = self.store.repeat_candidate(seed=self.cfg.sampling.seed + self.pairs_served) if repeat_turn else None
+        if repeated is not None:
+            return self._repeat_pair(repeated)
+        if label.selection != "uncertain" or source.judge is None or not source.judge.judges:
+            return self._make_pair(self._next_prompt(held), regenerated=False, source=source)
+        candidates: list[protocol.PairReady] = []
+        margins: list[list[float]] = []
+        for _ in range(label.candidates):
+            prompt_id = self._next_prompt((*held, *(pair.prompt_id for pair in candidates)))
+            candidates.append(self._make_pair(prompt_id, regenerated=False, source=source,
+                                              selection=selection_provenance(self.cfg, source.judge.run_ids)))
+            margins.append(self._last_margins)
+        return candidates[least_sure(margins)]
+
+    def _repeat_pair(self, repeated: dict[str, Any]) -> protocol.PairReady:
+        """A labeled pair shown again with its sides swapped, pointing at the decision it repeats."""
+        views = [protocol.ResponseView(repeated[f"response_{side}_id"], repeated[f"text_{side}"],
+                                       repeated[f"tokens_{side}"] or 0) for side in ("b", "a")]
+        return protocol.PairReady(prompt_id=repeated["prompt_id"],
+                                  prompt_text=prompt_display_text(self.store.prompt(repeated["prompt_id"])),
+                                  a=views[0], b=views[1], repeat_of=repeated["id"])
+
+    def _make_pair(self, prompt_id: int, *, regenerated: bool, source: PairSource,
+                   selection: dict[str, Any] | None = None) -> protocol.PairReady:
+        """Sample two answers from `source` and store both (with provenance; `selection`: how the pair was
+        chosen, kept in the sampling record) before they can be shown; scored by the source's judge if any."""
         prompt = self.store.prompt(prompt_id)
-        sampled = source.sampler.sample(prompt["text"], prompt["messages"], prompt_id=prompt_id,
-                                        draw=self.store.response_count(prompt_id))
+        with source.judge.sampling() if source.judge is not None else nullcontext():
+            sampled = source.sampler.sample(prompt["text"], prompt["messages"], prompt_id=prompt_id,
+                                            draw=self.store.response_count(prompt_id))
         provenance = {"model": self.model_name, "adapter": source.adapter,
-                      "sampling": sampling_params(self.cfg.sampling), "seed": sampled.seed,
+                      "sampling": sampling_params(self.cfg.sampling) | (selection or {}), "seed": sampled.seed,
                       "prompt_tokens": sampled.prompt_tokens, "run_id": source.run_id,
                       "run_step": source.run_step, "run_checkpoint": source.run_checkpoint}
         with self.store.transaction():
@@ -345,9 +408,22 @@ class Engine:
         views = [protocol.ResponseView(i, answer.text, answer.tokens) for i, answer in zip(ids, sampled.answers)]
         if not a_side_first(self.cfg.sampling.seed, prompt_id, ids[0], ids[1]):
             views.reverse()
+        verdict = self._judge_pair(source, prompt, [view.id for view in views], [view.text for view in views])
         return protocol.PairReady(prompt_id=prompt_id, prompt_text=prompt_display_text(prompt), a=views[0],
                                   b=views[1], notice="; ".join(sampled.notices) or None, regenerated=regenerated,
-                                  run_id=source.run_id, run_step=source.run_step)
+                                  run_id=source.run_id, run_step=source.run_step, **verdict)
+
+    def _judge_pair(self, source: PairSource, prompt: dict[str, Any], ids: list[int],
+                    texts: list[str]) -> dict[str, Any]:
+        """Score a served pair (sides a, b) with the source's judge and store the scores, so the decision on it
+        records whether the reward model agrees; the PairReady fields (none without a finished reward run)."""
+        if source.judge is None or not source.judge.judges:
+            return {}
+        committee = source.judge.score(prompt["text"], prompt["messages"], texts)
+        for run_id, scores in reversed(list(zip(source.judge.run_ids, committee))):  # the newest stored last
+            self.store.add_response_scores(run_id, dict(zip(ids, scores)))
+        self._last_margins = [a - b for a, b in committee]
+        return {"reward_run": source.judge.run_ids[0], "reward_scores": tuple(committee[0])}
 
     def _run(self, request: RunRequest) -> None:
         """Run a reward or PPO request with hooks the reader thread can stop; report how it ended, then sample
@@ -364,7 +440,7 @@ class Engine:
             finally:
                 with self._run_lock:
                     self._run_hooks = None
-            self.outbox.send(protocol.RunEnded(result.run_id, result.status, result.message, result.checkpoint))
+            self.outbox.send(protocol.RunEnded(result))
         finally:
             if freed:
                 self.outbox.send(protocol.Status("loading", f"loading model {self.model_name} again…", 0.4))
