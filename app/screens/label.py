@@ -232,7 +232,8 @@ class LabelScreen(Screen):
         try:
             comparison_id = self.app.store.add_comparison(
                 pair.prompt_id, pair.a.id, pair.b.id, choice, annotator=self.app.annotator,
-                note=self.pending_note, decision_ms=elapsed, margin=STRONG_MARGIN if strong else None)
+                note=self.pending_note, decision_ms=elapsed, margin=STRONG_MARGIN if strong else None,
+                repeat_of=pair.repeat_of)
         except RlhfError as exc:
             self.notify(str(exc), severity="error", timeout=10)
             return
