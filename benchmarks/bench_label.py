@@ -1,4 +1,5 @@
-"""Label screen latency: key -> next pair shown (prefetch on and off), and launch -> first frame.
+"""Label screen latency: key -> next pair shown (prefetch on and off, and while a PPO run trains), and launch
+-> first frame.
 
     python benchmarks/bench_label.py [--model DIR] [--decisions 20] [--think 2.0] [--launches 5]
 
@@ -6,8 +7,12 @@ The app runs headless (Textual's run_test) against a real engine process. "Shown
 event has been handled and the screen refresh with the next pair is done. A person needs time to read
 and decide (--think seconds between keys); with prefetch the engine fills the queue meanwhile.
 Launch -> first frame starts a fresh Python process that imports the app and runs it headless, and
-stops the clock when its first screen refresh is done. Goals: p95 < 50 ms with prefetch; first frame
-< 1.5 s. Without --model it builds the tiny random Llama the tests use.
+stops the clock when its first screen refresh is done. Goals: p95 < 50 ms with prefetch, also during a
+run; first frame < 1.5 s. Without --model it builds the tiny random Llama the tests use.
+
+During PPO: a workspace of hidden-rule pairs gets a one-epoch reward run (trained in this process first), the
+app starts a PPO run after its first pair, and every key is timed while the run trains; the engine samples the
+next pairs from the run's policy between its steps.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ from rlhf.config import Workspace  # noqa: E402
 from rlhf.store import PromptItem, Store  # noqa: E402
 
 PREFETCH_SETTINGS = (4, 0)
+DURING_PPO_PREFETCH = 4
+# A tiny PPO run that outlasts the decisions: 4 prompts a step, 16 new tokens, a checkpoint every 10 steps.
+PPO_TOML = ("[ppo]\nsteps = 100000\nbatch_size = 4\nminibatches = 2\nppo_epochs = 1\nmax_new_tokens = 16\n"
+            "checkpoint_every = 10\n")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -47,19 +56,37 @@ def make_workspace(root: Path, model: str, prefetch: int, prompts: int) -> Works
     return ws
 
 
-async def key_to_next_pair(ws: Workspace, decisions: int, think_s: float) -> tuple[list[float], list[bool]]:
-    """Milliseconds from each key event to the screen refresh that shows the next pair, and for each
-    key whether a pair was ready (a miss waits for the engine to sample one).
+def make_ppo_workspace(root: Path, model: str, prefetch: int) -> tuple[Workspace, str]:
+    """A workspace of hidden-rule pairs (their 40 prompts are labeled again) with a finished reward run."""
+    from rlhf.reward import train_reward
+    from tools.tiny import hidden_rule_pairs, workspace_with_pairs
+
+    ws = workspace_with_pairs(root, model, hidden_rule_pairs(40, 2),
+                              f"[sampling]\nprefetch = {prefetch}\nmax_new_tokens = 32\n{PPO_TOML}")
+    result = train_reward(ws, ws.load_config().override({"reward.epochs": 1}))
+    if result.status != "finished":
+        raise SystemExit(f"reward run {result.status}: {result.message}")
+    return ws, result.run_id
+
+
+async def key_to_next_pair(ws: Workspace, decisions: int, think_s: float,
+                           ppo_reward_run: str | None = None) -> tuple[list[float], list[bool], list[bool]]:
+    """Milliseconds from each key event to the screen refresh that shows the next pair; for each key whether a
+    pair was ready (a miss waits for the engine to sample one), and whether the pair shown came from a run.
+
+    With `ppo_reward_run`, a PPO run against it starts after the first pair, and the keys are timed while it
+    trains.
 
     The key is posted to the app directly: Pilot.press also waits for the whole process to go idle,
     which on a busy machine adds far more than the app itself takes.
     """
     from textual import events
 
+    from rlhf.engine import protocol
     from rlhf_tui.app.main import RlhfApp
 
     app = RlhfApp(ws, ws.load_config(), annotator="bench")
-    latencies, ready = [], []
+    latencies, ready, from_run = [], [], []
     async with app.run_test(size=(140, 40)) as pilot:
         screen = app.screen
         shown = asyncio.Event()
@@ -75,6 +102,11 @@ async def key_to_next_pair(ws: Workspace, decisions: int, think_s: float) -> tup
         while screen.current is None:
             assert time.monotonic() < deadline, "no first pair"
             await pilot.pause(0.05)
+        if ppo_reward_run is not None:
+            app.engine.send(protocol.StartPPO(config=app.config, reward_run=ppo_reward_run))
+            while screen.ppo_run is None:
+                assert time.monotonic() < deadline, "the PPO run did not start"
+                await pilot.pause(0.05)
         for _ in range(decisions):
             await asyncio.sleep(think_s)
             shown.clear()
@@ -83,7 +115,10 @@ async def key_to_next_pair(ws: Workspace, decisions: int, think_s: float) -> tup
             app.post_message(events.Key("a", "a"))
             await asyncio.wait_for(shown.wait(), 300)
             latencies.append((time.perf_counter() - start) * 1000)
-    return latencies, ready
+            from_run.append(screen.current.run_id is not None)
+        if ppo_reward_run is not None:
+            assert screen.ppo_run is not None, "the PPO run ended before the last key"
+    return latencies, ready, from_run
 
 
 FIRST_FRAME_CHILD = """
@@ -139,10 +174,19 @@ def main() -> None:
         print_row("launch -> first frame", [launch_to_first_frame(ws, script) for _ in range(args.launches)])
         for prefetch in PREFETCH_SETTINGS:
             ws = make_workspace(tmp / f"ws-prefetch-{prefetch}", model, prefetch, prompts=args.decisions + 10)
-            ms, ready = asyncio.run(key_to_next_pair(ws, args.decisions, args.think))
+            ms, ready, _ = asyncio.run(key_to_next_pair(ws, args.decisions, args.think))
             print_row(f"key -> next pair, prefetch {prefetch}", ms)
-            print_row("  of which a pair was ready", [m for m, hit in zip(ms, ready) if hit])
-            print_row("  of which none was ready", [m for m, hit in zip(ms, ready) if not hit])
+            print_readiness(ms, ready)
+        ws, reward_run = make_ppo_workspace(tmp / "ws-ppo", model, DURING_PPO_PREFETCH)
+        ms, ready, from_run = asyncio.run(key_to_next_pair(ws, args.decisions, args.think, reward_run))
+        print_row(f"key -> next pair, during PPO, pf {DURING_PPO_PREFETCH}", ms)
+        print_readiness(ms, ready)
+        print_row("  of which the run's policy sampled", [m for m, run in zip(ms, from_run) if run])
+
+
+def print_readiness(ms: list[float], ready: list[bool]) -> None:
+    print_row("  of which a pair was ready", [m for m, hit in zip(ms, ready) if hit])
+    print_row("  of which none was ready", [m for m, hit in zip(ms, ready) if not hit])
 
 
 def print_row(name: str, ms: list[float]) -> None:

@@ -172,10 +172,10 @@ async def test_launch_watch_stop_resume_and_hard_stop(rewarded):
         assert app.screen is screen and view.feed.status == "running"
         assert min(reward.points["score_mean"]) == 1  # the steps before the stop are still drawn
 
-        # Labeling meanwhile: the one engine is training, and the Label screen says why no new pairs come.
+        # Labeling meanwhile: the one engine is training, and samples the Label screen's pairs between its steps.
         await app.switch_mode("label")
         label_status = app.screen.query_one("#status")
-        await wait_until(pilot, lambda: "engine training: new pairs after the run" in str(label_status.content),
+        await wait_until(pilot, lambda: "engine training: pairs between its steps" in str(label_status.content),
                          what="the label status line")
         await app.switch_mode("train")
 

@@ -84,6 +84,13 @@ def pairs_to_request(prefetch: int, held: int, requested: int) -> int:
     return max(0, 1 + prefetch - held)
 
 
+def pair_policy(pair: protocol.PairReady | None, info: protocol.Ready) -> str:
+    """Which policy sampled the pair on screen: a PPO run's, during the run, or the labeling model's."""
+    if pair is not None and pair.run_id is not None:
+        return f"{pair.run_id} after step {pair.run_step}"
+    return "base + policy adapter" if info.adapter else "base"
+
+
 def sampling_summary(sampling: dict) -> str:
     top_k = sampling.get("top_k") or "off"
     return (f"T {sampling.get('temperature')} · top-k {top_k} · top-p {sampling.get('top_p')} · "
@@ -103,6 +110,7 @@ class LabelScreen(Screen):
         Binding("u,backspace", "undo", "undo", id="undo", priority=True),
         Binding("r", "regenerate", "regenerate", id="regenerate", priority=True),
         Binding("n", "note", "note", id="note", priority=True),
+        Binding("f", "refit", "refit reward", id="refit", priority=True),
         Binding("question_mark", "help", "help", id="help", priority=True),
         Binding("up", "scroll(-1)", "scroll up", id="scroll_up", show=False),
         Binding("down", "scroll(1)", "scroll down", id="scroll_down", show=False),
@@ -126,6 +134,8 @@ class LabelScreen(Screen):
         self.engine_status: protocol.Status | None = None
         self.engine_error: str | None = None
         self.engine_silence: str | None = None  # why the engine seems stuck (it stopped answering pings)
+        self.ppo_run: str | None = None  # the PPO run training now: its pairs come from its policy; `f` refits
+        self.refit: protocol.RefitStatus | None = None  # the latest word on a refit of that run
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -172,8 +182,25 @@ class LabelScreen(Screen):
                 self.engine_silence = None if event.responding else event.message
             elif isinstance(event, protocol.Warning) and event.run_id is None:  # a run's: its screen shows it
                 self.notify(event.message, severity="warning")
+            elif isinstance(event, (protocol.RunStarted, protocol.RunEnded, protocol.RefitStatus)):
+                self._follow_run(event)
         self._request_pairs()
         self._render_pair()
+
+    def _follow_run(self, event: protocol.RunStarted | protocol.RunEnded | protocol.RefitStatus) -> None:
+        """Which PPO run is training (the refit key works only then), and how its refit goes."""
+        if isinstance(event, protocol.RunStarted):
+            if event.kind == "ppo":
+                self.ppo_run, self.refit = event.run_id, None
+        elif isinstance(event, protocol.RunEnded):
+            if event.run_id == self.ppo_run:
+                self.ppo_run = None
+        else:
+            if event.stage != "training" or self.refit is None or self.refit.stage != "training":
+                self.notify(event.message, title=f"refit {event.stage}", timeout=8,
+                            severity="warning" if event.stage == "failed" else "information")
+            self.refit = event
+        self.refresh_bindings()
 
     def _receive_pair(self, pair: protocol.PairReady) -> None:
         if pair.regenerated:
@@ -193,6 +220,8 @@ class LabelScreen(Screen):
             self.requested, self.regenerating = 0, None
             self.notify(f"{error.message}\nctrl+r restarts the engine", severity="error", timeout=10)
             return
+        if error.is_about(protocol.Refit):
+            self.refit = None  # no PPO run took it: the key works again when one trains
         if error.request == "NeedPairs":
             self.requested = 0  # the engine dropped the rest of that request
         elif error.request == "Regenerate":
@@ -277,6 +306,23 @@ class LabelScreen(Screen):
             return
         if self.app.engine.send(protocol.Regenerate(self.current.prompt_id)):
             self.regenerating = self.current.prompt_id
+            self._render_pair()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "refit":  # only while a PPO run trains: the footer has no room for a key that does nothing
+            return self.ppo_run is not None
+        return True
+
+    def action_refit(self) -> None:
+        """Train a reward model on every label so far; the PPO run in progress switches to it at its next
+        checkpoint (the engine answers with RefitStatus events, shown as notices and in the status line)."""
+        if self.ppo_run is None or (self.refit is not None and self.refit.stage == "training"):
+            self.app.bell()
+            return
+        if self.app.engine.send(protocol.Refit()):
+            self.refit = protocol.RefitStatus(self.ppo_run, "training", "refit asked for: it starts after this step")
+            self.notify(f"refit: a reward model trains on {self.labeled_total} labels after the current step; "
+                        f"{self.ppo_run} switches to it at its next checkpoint", timeout=6)
             self._render_pair()
 
     def action_note(self) -> None:
@@ -388,8 +434,9 @@ class LabelScreen(Screen):
             message.update(f"loading model… {status.message if status else ''}")
             progress.display = True
             progress.update(progress=status.progress if status and status.progress is not None else 0.0)
-        elif self.app.engine.running_runs:  # one engine: it samples again when the run ends
-            message.update("the engine is training: the next pair is sampled when the run ends or is stopped")
+        elif self.app.engine.running_runs:  # the run's hooks sample between its steps
+            message.update("the engine is training: the next pair is sampled after the run's current step (after "
+                           "the run when the labeling model was freed for it)")
             progress.display = False
         else:
             message.update("sampling the next pair…")
@@ -400,10 +447,11 @@ class LabelScreen(Screen):
                  f"annotator {self.app.annotator}"]
         info = self.engine_info
         if info is not None:
-            policy = "base + policy adapter" if info.adapter else "base"
-            parts += [f"model {info.model_label} ({policy})", sampling_summary(info.sampling)]
+            parts += [f"model {info.model_label} ({pair_policy(self.current, info)})", sampling_summary(info.sampling)]
         parts.append(f"{len(self.queue)} ready")
-        if self.app.engine.running_runs:
-            parts.append("engine training: new pairs after the run")
+        if self.refit is not None and self.refit.stage in ("training", "ready"):
+            parts.append(f"refit {self.refit.stage}")
+        elif self.app.engine.running_runs:
+            parts.append("engine training: pairs between its steps")
         return " · ".join(parts)
 
