@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from .config import ALGORITHMS, KL_CONTROLLERS, QUANTIZATION, Config, Workspace,
 from .data_io import (EXPORT_FORMATS, export_pairs, import_pairs, import_prompts, printable, read_pairs,
                       read_prompts)
 from .demo_mode import DEMO_NOTICE, is_demo, use_demo_threads, with_demo_defaults
+from .distributed import agreed_hooks, current_ranks, is_rank, launch, rank0_first, silence_stdout_unless_writing
 from .errors import RlhfError, RunCancelled
 from .hooks import RunHooks, RunResult
 from .run_requests import RunRequest, StartPPO, StartReward, run_request
@@ -306,22 +307,38 @@ def _run_headless(args: argparse.Namespace, overrides: dict[str, Any], shown: tu
     with a progress bar, Ctrl+C, SIGTERM or SIGHUP stopping it after the step; returns how it ended, the run's
     total steps and the signals received."""
     _refuse_settings_on_resume(args, overrides)
-    with open_workspace(args, overrides) as session:
+    ranks = current_ranks()  # one of several data-parallel processes? (docs/scale-out.md)
+    silence_stdout_unless_writing(ranks)
+    with ExitStack() as stack:
+        with rank0_first(ranks):
+            session = stack.enter_context(open_workspace(args, overrides))
         _enter_demo_mode(session.config)
-        progress = ConsoleProgress(shown)
+        progress = ConsoleProgress(shown) if ranks.writes else RunHooks()
         with stop_on_ctrl_c(progress) as received:
             try:
-                result = run_request(session.workspace, request_for(session.config), progress, session.store)
+                result = run_request(session.workspace, request_for(session.config),
+                                     agreed_hooks(progress, ranks), session.store)
             except RunCancelled as exc:
                 exc.exit_code = stopped_exit_code(received)
                 raise
             finally:
                 progress.finish()
+        ranks.barrier()  # rank 0 has written the run's end (row, reward model) before any rank reads it
         total = session.store.run(result.run_id)["total_steps"]
     return result, total, received
 
 
+def _launch_processes(args: argparse.Namespace) -> int | None:
+    """`--processes N` (N > 1) in the process the user started: the command's exit code once it ran in N local
+    processes (`distributed.launch`); None to run it here (one process, or this is one of the N)."""
+    if args.processes <= 1 or is_rank():
+        return None
+    return launch(args.command_line, args.processes)
+
+
 def _cmd_train_reward(args: argparse.Namespace) -> int:
+    if (launched := _launch_processes(args)) is not None:
+        return launched
     overrides = {"reward.epochs": args.epochs, "reward.lr": args.lr,
                  "reward.quantization": getattr(args, "quantization", None), "model.quantization": None,
                  "reward.batch_size": args.batch_size}
@@ -398,6 +415,8 @@ PPO_FLAGS = {"steps": "ppo.steps", "batch_size": "ppo.batch_size", "minibatches"
 
 
 def _cmd_ppo(args: argparse.Namespace) -> int:
+    if (launched := _launch_processes(args)) is not None:
+        return launched
     overrides = {key: getattr(args, flag) for flag, key in PPO_FLAGS.items()}
     result, total, received = _run_headless(
         args, overrides, ("score_mean", "kl_k1", "entropy"),
@@ -588,6 +607,7 @@ def _register_train_reward(commands: argparse._SubParsersAction) -> None:
                         help="continue this stopped, failed or interrupted run from its last checkpoint, with its "
                              "own settings and pairs")
     add_model_option(parser)
+    _add_processes_option(parser)
 
 
 def _register_score(commands: argparse._SubParsersAction) -> None:
@@ -650,6 +670,20 @@ def _register_ppo(commands: argparse._SubParsersAction) -> None:
                              "settings")
     add_model_option(parser)
     _add_quantization_option(parser, "the policy base's weights ([model] quantization)")
+    _add_processes_option(parser)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_processes_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--processes", type=_positive_int, default=1, metavar="N",
+                        help="data-parallel: run in N local processes (one per GPU; on CPU gloo), each on its share "
+                             "of every batch, gradients summed; nothing listens beyond 127.0.0.1 (docs/scale-out.md)")
 
 
 def _register_runs(commands: argparse._SubParsersAction) -> None:
@@ -732,6 +766,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     """Run one command line (`parser` defaults to `build_parser()`); the exit code. Errors are one line."""
     try:
         args = (parser or build_parser()).parse_args(argv)
+        args.command_line = list(sys.argv[1:] if argv is None else argv)  # what `--processes` starts again
     except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
     try:

@@ -28,13 +28,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import RlhfError
+from .hooks import RunHooks
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -214,8 +216,11 @@ class Ranks:
             for p in params:
                 p.copy_(broadcast(p.detach().clone(), from_process=0))
 
-    def masked_moments(self, x: Tensor, mask: Tensor) -> tuple[float, float]:
-        """Mean and unbiased variance of `x` over the real tokens of every rank's share (`pooled_mean_var`)."""
+    def masked_moments(self, x: Tensor, mask: Tensor) -> tuple[float, float] | None:
+        """Mean and unbiased variance of `x` over the real tokens of every rank's share (`pooled_mean_var`), for
+        `ppo_math.masked_whiten`; None in one process, where it measures them itself."""
+        if self.world == 1:
+            return None
         real = x[mask.bool()].double()
         total, total_sq, count = self.sum([real.sum().item(), (real**2).sum().item(), float(real.numel())])
         return pooled_mean_var(total, total_sq, count)
@@ -224,19 +229,64 @@ class Ranks:
 SINGLE = Ranks()
 
 
+class AgreedStop:
+    """`hooks` with its `should_stop` agreed by every rank: true everywhere once any rank was asked to stop (Ctrl+C
+    or SIGTERM on one rank stops them all after the same step). The loops poll it the same number of times on
+    every rank, so each poll is one collective; everything else is `hooks`'s own."""
+
+    def __init__(self, hooks: RunHooks, ranks: Ranks) -> None:
+        self.hooks, self.ranks = hooks, ranks
+
+    def should_stop(self) -> bool:
+        return self.ranks.any(self.hooks.should_stop())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.hooks, name)
+
+
+def agreed_hooks(hooks: RunHooks, ranks: Ranks) -> RunHooks:
+    """`hooks` for a run on `ranks`: themselves in one process, else an `AgreedStop` around them."""
+    return hooks if ranks.world == 1 else AgreedStop(hooks, ranks)  # type: ignore[return-value]
+
+
+@contextmanager
+def rank0_first(ranks: Ranks) -> Iterator[None]:
+    """Rank 0 runs the block before the other ranks start it (opening the workspace: a schema migration, runs
+    left running marked interrupted), so the ranks never race on it."""
+    if not ranks.writes:
+        ranks.barrier()
+    yield
+    if ranks.writes:
+        ranks.barrier()
+
+
+def silence_stdout_unless_writing(ranks: Ranks) -> None:
+    """Send a rank > 0's stdout to /dev/null: rank 0 prints the run's summary once (errors stay on stderr)."""
+    if not ranks.writes:
+        sys.stdout.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _device() -> Any:
     from accelerate import PartialState
 
     return PartialState().device
 
 
+def is_rank() -> bool:
+    """Whether this process is one of several ranks (started by `launch`, `accelerate launch` or torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
 def current_ranks() -> Ranks:
     """This process's `Ranks`: `SINGLE` unless started as one of several (WORLD_SIZE > 1, by `launch`,
     `accelerate launch` or torchrun), then joins the process group first. FSDP and DeepSpeed launches are
     refused: these loops hold the whole model on each rank (docs/scale-out.md)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
+    if not is_rank():
         return SINGLE
+    world = int(os.environ["WORLD_SIZE"])
     for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if os.environ.get(flag, "false").lower() == "true":
             raise RlhfError(f"{name} is not supported: rlhf-tui's reward and PPO loops run data-parallel (each "
@@ -269,6 +319,9 @@ def launch(argv: list[str], processes: int) -> int:
     this launcher, which passes each on to every rank once (each rank then stops after the step, or aborts on
     the second, as a single run does). When a rank fails the others get PEER_FAILURE_GRACE_S to end (their
     next collective fails) before they are killed."""
+    gpus = _gpu_count()
+    if gpus and processes > gpus:
+        raise RlhfError(f"--processes {processes}: this machine has {gpus} GPUs; run at most one process per GPU")
     threads = threads_per_process(os.cpu_count() or 1, processes)
     with tempfile.TemporaryDirectory(prefix="rlhf-tui-ranks-") as folder:
         rendezvous = Path(folder) / "rendezvous"
@@ -288,6 +341,13 @@ def launch(argv: list[str], processes: int) -> int:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+def _gpu_count() -> int:
+    """CUDA devices this process sees (loads torch; the launcher needs nothing else of it)."""
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _wait_for_ranks(children: list[subprocess.Popen]) -> int:

@@ -136,13 +136,15 @@ def masked_var(x: Tensor, mask: Tensor) -> Tensor:
     return masked_sum(centered**2, mask) / (n - 1).clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True,
+                  moments: tuple[float, float] | None = None) -> Tensor:
     """Whitening over real tokens: (x - mean) / sqrt(var + eps); shift_mean=False adds the mean back.
 
-    Masked positions come out as 0.
+    mean and var are `masked_mean` and `masked_var` of x, or `moments` when given (measured over a larger batch:
+    every rank's share of a data-parallel step). Masked positions come out as 0.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
+    mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask))
+    whitened = (x - mean) * torch.rsqrt(torch.as_tensor(var + WHITEN_EPS, dtype=x.dtype, device=x.device))
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))

@@ -55,6 +55,18 @@ def test_one_process_is_the_identity():
     assert SINGLE.writes and SINGLE.share([1, 2, 3]) == [1, 2, 3]
     assert SINGLE.sum([1.5]) == [1.5] and SINGLE.mean_metrics({"a": 2.0}) == {"a": 2.0}
     assert not SINGLE.any(False) and SINGLE.from_rank0("run") == "run"
+    assert SINGLE.masked_moments(None, None) is None  # masked_whiten measures them itself
+
+
+def test_masked_whiten_with_pooled_moments_is_one_batch_whitening():
+    import torch
+
+    from rlhf.ppo_math import masked_whiten
+
+    x, mask = torch.tensor([[1.0, 2.0, 3.0], [4.0, 6.0, 0.0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    pooled = masked_whiten(x, mask, moments=pooled_mean_var(16.0, 66.0, 5.0))
+    assert torch.allclose(pooled, masked_whiten(x, mask))
+    assert pooled[0, 0].item() == pytest.approx((1 - 3.2) / math.sqrt(3.7 + 1e-8), rel=1e-6)
 
 
 # -- two ranks ---------------------------------------------------------------------------------
