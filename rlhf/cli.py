@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .agreement import annotator_report
+from .agreement import annotator_report, reward_model_check
 from .config import ALGORITHMS, KL_CONTROLLERS, QUANTIZATION, Config, Workspace, describe_defaults, keys_set_in
 from .data_io import (EXPORT_FORMATS, export_pairs, import_pairs, import_prompts, printable, read_pairs,
                       read_prompts)
@@ -148,6 +148,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     with open_workspace(args) as session:
         stats = session.store.stats()
         decisions = session.store.labeled_decisions()
+        stats["reward_model"] = reward_model_check(session.store, session.config.label.agreement_window)
     if decisions:
         stats.update(annotator_report(decisions))
     if args.json:
@@ -161,7 +162,31 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     print(f"runs: {runs}")
     if decisions:
         _print_annotator_report(stats)
+    _print_reward_model_check(stats["reward_model"])
     return 0
+
+
+def _share(figures: dict[str, Any], of: str) -> str:
+    """'k of n <of> (share, 95% Wilson low-high)' for a share_with_interval dict."""
+    low, high = figures["wilson_95"]
+    return (f"{figures['agree']} of {_plural(figures['n'], of)} ({figures['share']:.2f}, "
+            f"95% Wilson {low:.2f}-{high:.2f})")
+
+
+def _print_reward_model_check(check: dict[str, Any]) -> None:
+    """The reward model's agreement with the labels on pairs it scored as they were served, its alarm, and the
+    length-vs-score correlation of the latest PPO run's samples; nothing when there is neither."""
+    if check["n"]:
+        heldout = check["heldout_accuracy"]
+        tested = f", held-out accuracy {heldout:.2f}" if heldout is not None else ""
+        print(f"reward model vs labels: agrees on {_share(check, 'label')}, newest {check['n']} judged "
+              f"(reward run {check['reward_run']}{tested})")
+    if check["warning"]:
+        print(f"warning: {check['warning']}")
+    length = check["length_score"]
+    if length["samples"]:
+        r = "n/a" if length["pearson"] is None else f"{length['pearson']:.2f}"
+        print(f"length vs score ({length['ppo_run']}): Pearson {r} over {_plural(length['samples'], 'sample')}")
 
 
 def _print_annotator_report(report: dict[str, Any]) -> None:
@@ -175,6 +200,9 @@ def _print_annotator_report(report: dict[str, Any]) -> None:
         median = ann["median_decision_s"]
         timing = f"median {median:.1f} s per decision" if median is not None else "no decision times"
         print(f"annotator {printable(ann['annotator'])}: {_plural(ann['decisions'], 'decision')}, {share}, {timing}")
+        if ann["self_consistency"]["n"]:
+            print(f"annotator {printable(ann['annotator'])} self-consistency: same answer preferred on "
+                  f"{_share(ann['self_consistency'], 'repeated pair')}")
     if not report["agreement"]:
         print("agreement: no shared pairs (one annotator)")
     for pair in report["agreement"]:
