@@ -211,3 +211,24 @@ def _annotator_figures(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "a_share_wilson_95": list(wilson_interval(a_picks, a_picks + b_picks)),
         "median_decision_s": statistics.median(times) if times else None,
     }
+
+
+RECENT_SAMPLES = 200  # a PPO run's newest samples the length-vs-score correlation is measured on
+
+
+def reward_model_check(store: Any, window: int, ppo_run: str | None = None) -> dict[str, Any]:
+    """The reward model against the person on the newest `window` labels it judged (`reward_agreement`, and
+    the alarm of `agreement_falls` against that reward run's held-out accuracy), with the length-vs-score
+    correlation over the newest samples of `ppo_run` (default: the latest PPO run). Reads a `rlhf.store.Store`."""
+    judged = store.reward_margins(window)
+    reward_run = judged[0]["reward_run"] if judged else None
+    figures = reward_agreement(row["reward_margin"] for row in judged)
+    accuracy = store.metrics(reward_run, "heldout_acc") if reward_run else []
+    heldout = accuracy[-1]["value"] if accuracy else None
+    if ppo_run is None:
+        runs = store.runs("ppo")
+        ppo_run = runs[-1]["id"] if runs else None
+    samples = store.samples(ppo_run, limit=RECENT_SAMPLES) if ppo_run else []
+    return {"reward_run": reward_run, **figures, "heldout_accuracy": heldout,
+            "warning": agreement_falls(figures["agree"], figures["n"], heldout),
+            "length_score": {"ppo_run": ppo_run, **length_score_correlation(samples)}}

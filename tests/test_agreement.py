@@ -221,3 +221,40 @@ def test_store_keeps_the_reward_models_margin_and_repeat_links(tmp_path: Path):
         assert store.repeat_candidate(seed=0)["id"] == unscored  # the original is repeated already
         store.delete_comparison(original)  # undone: the repeat stays, as a decision of its own
         assert store.labeled_decisions()[-1]["repeat_of"] is None
+
+
+def test_stats_prints_the_reward_models_agreement_length_correlation_and_self_consistency(capsys, tmp_path: Path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    with Store(ws / "rlhf.db") as store:
+        reward_run = store.create_run("reward", {})
+        store.log_metrics(reward_run, 3, {"heldout_acc": 0.9})
+        prompt_ids, _ = store.add_prompts([PromptItem(f"q{i}") for i in range(4)], source="test")
+        first_comparison = None
+        for prompt_id, (score_a, score_b, choice) in zip(prompt_ids, [(1.0, 0.0, "a"), (0.0, 2.0, "b"),
+                                                                      (0.5, 0.25, "a"), (1.0, 0.0, "b")]):
+            a, b = (store.add_response(prompt_id, text, model="m") for text in ("one", "two"))
+            store.add_response_scores(reward_run, {a: score_a, b: score_b})
+            comparison = store.add_comparison(prompt_id, a, b, choice, annotator="alice")
+            first_comparison = first_comparison or (comparison, prompt_id, a, b)
+        comparison, prompt_id, a, b = first_comparison
+        store.add_comparison(prompt_id, b, a, "b", annotator="alice", repeat_of=comparison)  # sides swapped: same
+        ppo_run = store.create_run("ppo", {})
+        store.add_samples(ppo_run, 1, [{"prompt": "q", "response": text, "score": score}
+                                       for text, score in [("ab", 0.0), ("abcd", 1.0), ("abcdef", 3.0)]])
+
+    assert cli.main(["stats", "--workspace", str(ws)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # Margins +1, +2, +0.25, -1 (the repeat's answers were scored too: +1): 4 of 5 agree, Wilson(4, 5) = 0.38-0.96;
+    # fewer than 10 labels, so no alarm. Pearson of lengths 2 4 6 and scores 0 1 3 = 6 / sqrt(112/3) = 0.98.
+    assert lines[-4:] == [
+        "annotator alice self-consistency: same answer preferred on 1 of 1 repeated pair (1.00, 95% Wilson 0.21-1.00)",
+        "agreement: no shared pairs (one annotator)",
+        f"reward model vs labels: agrees on 4 of 5 labels (0.80, 95% Wilson 0.38-0.96), newest 5 judged "
+        f"(reward run {reward_run}, held-out accuracy 0.90)",
+        f"length vs score ({ppo_run}): Pearson 0.98 over 3 samples",
+    ]
+    assert cli.main(["stats", "--json", "--workspace", str(ws)]) == 0
+    check = json.loads(capsys.readouterr().out)["reward_model"]
+    assert (check["agree"], check["n"], check["reward_run"], check["warning"]) == (4, 5, reward_run, None)
+    assert check["length_score"] == {"ppo_run": ppo_run, "samples": 3, "pearson": pytest.approx(6 / math.sqrt(112 / 3))}
