@@ -92,7 +92,8 @@ def child(model_dir: str, quantization: str, steps: int, smoke: bool) -> None:
     """Runs in a fresh process: a reward run, then PPO steps on the same base; prints JSON."""
     import torch
 
-    from rlhf.ppo import build_trainer, prepare_prompts, prompt_batch
+    from rlhf.ppo import prepare_prompts, prompt_batch
+    from rlhf.ppo_trainer import build_trainer
     from rlhf.reward import train_reward
     from rlhf.store import Store
     from tools.tiny import hidden_rule_pairs, workspace_with_pairs

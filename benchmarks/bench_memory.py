@@ -76,7 +76,8 @@ def child(workspace: str, reward_run: str) -> None:
     """Runs in a fresh process: build the trainer, one PPO step; prints JSON."""
     import rlhf
     from rlhf.config import Workspace
-    from rlhf.ppo import build_trainer, prepare_prompts, prompt_batch
+    from rlhf.ppo import prepare_prompts, prompt_batch
+    from rlhf.ppo_trainer import build_trainer
     from rlhf.store import Store
 
     libraries_mb = rss_mb("VmRSS")

@@ -111,7 +111,7 @@ def first_batch(ws: Workspace, tokenizer, cfg):
 
 def load(ws: Workspace, reward_run: str):
     """The trainer on the workspace's config, and the first PPO batch of prompts."""
-    from rlhf.ppo import build_trainer
+    from rlhf.ppo_trainer import build_trainer
 
     cfg = ws.load_config().override(PPO)
     trainer = build_trainer(ws, cfg, reward_run)
@@ -131,7 +131,7 @@ def measure_speed(ws: Workspace, reward_run: str, repeats: int) -> dict[str, flo
     """A warm-up step, then `repeats` rounds of: one PPO step and each unavoidable pass once, interleaved."""
     import torch
 
-    from rlhf.ppo import response_forward, response_logprobs
+    from rlhf.ppo_trainer import response_forward, response_logprobs
 
     trainer, batch = load(ws, reward_run)
     cfg, model = trainer.cfg, trainer.model
@@ -188,7 +188,7 @@ def memory_child(ws_root: str, reward_run: str, roles: str) -> None:
     from peft import LoraConfig, get_peft_model
 
     from rlhf.models import load_causal_lm, load_tokenizer, pick_device
-    from rlhf.ppo import POLICY_ADAPTER, PPOTrainer, Scored, ValueHead, response_forward, response_logprobs
+    from rlhf.ppo_trainer import POLICY_ADAPTER, PPOTrainer, Scored, ValueHead, response_forward, response_logprobs
 
     ws = Workspace(Path(ws_root))
     cuda = torch.cuda.is_available()

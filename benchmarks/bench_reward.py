@@ -56,7 +56,8 @@ class EpochTimer(RunHooks):
 
 
 def ours(root: Path, model_dir: Path, pairs: list[dict], args: argparse.Namespace) -> dict:
-    from rlhf.reward import read_reward_meta, train_reward
+    from rlhf.reward import train_reward
+    from rlhf.reward_model import read_reward_meta
 
     ws = workspace_with_pairs(root / "ws", model_dir, pairs,
                               f"[reward]\nepochs = {args.epochs}\nlr = {args.lr}\nheldout_fraction = {args.heldout}\n"
@@ -75,7 +76,7 @@ def trl_reward_trainer(root: Path, model_dir: Path, mine: dict, args: argparse.N
     from trl import RewardConfig, RewardTrainer
 
     from rlhf.models import load_sequence_classifier, load_tokenizer
-    from rlhf.reward import encode_pairs, is_heldout
+    from rlhf.reward_pairs import encode_pairs, is_heldout
 
     cfg = mine["config"]
     with Store(mine["workspace"].db_path) as store:

@@ -61,7 +61,7 @@ def ppo_policy_adapter(workspace: Workspace, store: Store, run_id: str | None) -
     one, and a description of it ("run ID, step K"); None when no run was named and no PPO run has one."""
     from .checkpoints import checkpoint_path
     from .models import safetensors_adapter
-    from .ppo import POLICY_ADAPTER
+    from .ppo_trainer import POLICY_ADAPTER
 
     if run_id is not None:
         run = store.run(run_id)
@@ -107,7 +107,7 @@ def _merged_classifier(reward_dir: Path, meta: dict[str, Any], out: Path) -> Non
     from transformers import AutoConfig
 
     from .models import load_sequence_classifier, load_tokenizer, safetensors_adapter
-    from .reward import ADAPTER_SUBDIR, META_FILE, SCORE_HEAD_FILE
+    from .reward_model import ADAPTER_SUBDIR, META_FILE, SCORE_HEAD_FILE
 
     tokenizer = load_tokenizer(meta["base_model"], padding_side="right")
     base = load_sequence_classifier(meta["base_model"], "none", pad_token_id=tokenizer.pad_token_id,
@@ -135,7 +135,7 @@ def _llamafactory_reward(reward_dir: Path, meta: dict[str, Any], out: Path) -> N
     import torch
     from safetensors.torch import load_file, save_file
 
-    from .reward import ADAPTER_SUBDIR, META_FILE, SCORE_HEAD_FILE
+    from .reward_model import ADAPTER_SUBDIR, META_FILE, SCORE_HEAD_FILE
 
     out.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -202,7 +202,7 @@ def export_bundle(workspace: Workspace, store: Store, engine: str, out_dir: str 
     """Write the bundle for `engine` into `out_dir` (new or empty) atomically; returns the folder."""
     from .checkpoints import CheckpointWriteError, write_folder_atomically
     from .models import load_tokenizer
-    from .reward import read_reward_meta, reward_dir_of
+    from .reward_model import read_reward_meta, reward_dir_of
 
     if engine not in ENGINES:
         raise RlhfError(f"unknown engine {engine!r} for --for (choose {', '.join(ENGINES)})")

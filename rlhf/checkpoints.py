@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .config import SECTIONS, Config
+from .config import SECTIONS, Config, Workspace
 from .errors import RlhfError, describe_write_error
 from .store import Store, _pid_alive
 
@@ -134,6 +134,19 @@ def check_checkpoint(folder: Path, run_id: str, kind: str, *, adapter: str, tens
     if problem is not None:
         raise RlhfError(f"{folder}: the checkpoint of {kind} run {run_id} is {problem}: it cannot resume; "
                         f"{NEW_RUN_ADVICE[kind]}")
+
+
+def resume_checkpoint(workspace: Workspace, run: dict[str, Any], *, adapter: str, tensor_files: tuple[str, ...],
+                      state_keys: tuple[str, ...]) -> tuple[int, Path | None]:
+    """The step a resumable run goes on from and its checkpoint folder (0 and None: from the start), the folder
+    read whole first (`check_checkpoint`). Found from the run id, not the stored path: the workspace may have
+    moved since."""
+    step = run["checkpoint_step"] or 0
+    if not step:
+        return 0, None
+    folder = checkpoint_path(workspace.run_dir(run["id"]), step)
+    check_checkpoint(folder, run["id"], run["kind"], adapter=adapter, tensor_files=tensor_files, state_keys=state_keys)
+    return step, folder
 
 
 def _checkpoint_problem(folder: Path, adapter: str, tensor_files: tuple[str, ...],

@@ -15,17 +15,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import SamplingConfig
 from .models import encode_prompt, eos_token_ids, format_prompt
+from .tokens import truncate_left
 
 ANSWERS_PER_PAIR = 2
-
-
-def truncate_left(ids: list[int], max_tokens: int) -> tuple[list[int], int]:
-    """Left truncation: keep the last `max_tokens` ids (the end of a prompt is what the answer follows).
-
-    Returns (kept ids, number of ids cut).
-    """
-    cut = max(0, len(ids) - max_tokens)
-    return ids[cut:], cut
 
 
 def generation_seed(base_seed: int, prompt_id: int, draw: int, resample: int = 0) -> int:

@@ -22,9 +22,10 @@ from rlhf.checkpoints import checkpoint_path
 from rlhf.cli import main
 from rlhf.lora import lora_config
 from rlhf.models import load_causal_lm, load_sequence_classifier, load_tokenizer
-from rlhf.ppo import response_forward, response_logprobs, run_ppo
-from rlhf.reward import (RewardScorer, encode_response, export_sequence_classifier, pad_left, standardise,
-                         train_reward)
+from rlhf.ppo import run_ppo
+from rlhf.ppo_trainer import response_forward, response_logprobs
+from rlhf.reward import train_reward
+from rlhf.reward_model import RewardScorer, encode_response, export_sequence_classifier, standardise
 from rlhf.sampling import PairSampler
 from tools.tiny import (FAMILIES, generated_sentences, hidden_rule_pairs, train_byte_level_tokenizer,
                        workspace_with_pairs)

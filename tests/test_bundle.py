@@ -88,7 +88,7 @@ def test_openrlhf_bundle_has_its_keys_and_the_ppo_policy_adapter(with_ppo, tmp_p
 def test_merged_reward_model_loads_without_peft_and_scores_like_rlhf_tui_score(rewarded, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf.reward import RewardScorer, encode_response
+    from rlhf.reward_model import RewardScorer, encode_response
 
     ws, reward_run = rewarded
     out = bundle(ws, "trl", tmp_path / "b") / "reward"
@@ -125,7 +125,8 @@ def test_llamafactory_bundle_has_a_ranking_dataset_and_its_lora_reward_format(re
     from safetensors.torch import load_file
 
     from rlhf.models import load_causal_lm
-    from rlhf.reward import RewardScorer, encode_response, pad_left, raw_scores
+    from rlhf.reward_model import RewardScorer, encode_response, raw_scores
+    from rlhf.tokens import pad_left
 
     ws, reward_run = rewarded
     out = bundle(ws, "llamafactory", tmp_path / "b")

@@ -20,8 +20,8 @@ import pytest
 from rlhf.config import Config, SamplingConfig, Workspace
 from rlhf.engine import protocol
 from rlhf.engine.client import EngineClient, describe_exit
-from rlhf.sampling import (PairSampler, a_side_first, cut_at_eos, generation_seed, sampling_params,
-                           truncate_left)
+from rlhf.sampling import PairSampler, a_side_first, cut_at_eos, generation_seed, sampling_params
+from rlhf.tokens import truncate_left
 from rlhf.store import PromptItem, Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,9 +266,9 @@ def test_engine_runs_reward_training_with_graceful_and_hard_stops(workspace, sto
         assert started.kind == "reward" and started.total_steps == store.run(started.run_id)["total_steps"] >= 500
         client.send(protocol.StopRun(started.run_id))
         ended = wait_for(client, protocol.RunEnded)
-        assert (ended.run_id, ended.status) == (started.run_id, "stopped")
+        assert (ended.result.run_id, ended.result.status) == (started.run_id, "stopped")
         assert store.run(started.run_id)["status"] == "stopped"
-        assert ended.checkpoint and Path(ended.checkpoint).is_dir()
+        assert ended.result.checkpoint and Path(ended.result.checkpoint).is_dir()
 
         # Hard: the engine marks the run stopped and exits; the client starts a fresh engine.
         client.send(protocol.StartReward(long_run))
@@ -277,7 +277,8 @@ def test_engine_runs_reward_training_with_graceful_and_hard_stops(workspace, sto
         old_pid = client.pid
         client.send(protocol.StopRun(None, hard=True))
         ended = wait_for(client, protocol.RunEnded)
-        assert (ended.run_id, ended.status) == (started.run_id, "stopped") and "hard stop" in ended.message
+        result = ended.result
+        assert (result.run_id, result.status) == (started.run_id, "stopped") and "hard stop" in result.message
         restarted = wait_for(client, protocol.Status)
         assert restarted.stage == protocol.STARTING and client.pid != old_pid
         wait_for(client, protocol.Ready)
@@ -297,7 +298,7 @@ def test_the_labeling_model_is_freed_during_a_run_and_samples_again_after(worksp
         seen: list = []
         ended = wait_for(client, protocol.RunEnded, seen=seen)
         statuses = [e.message for e in seen if isinstance(e, protocol.Status)]
-        assert ended.status == "finished" and statuses == ["freeing the labeling model for the run…"]
+        assert ended.result.status == "finished" and statuses == ["freeing the labeling model for the run…"]
         after: list = []
         wait_for(client, protocol.Ready, seen=after)  # the model is loaded again once the run has ended
         assert [e.message for e in after if isinstance(e, protocol.Status)] == [

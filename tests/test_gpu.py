@@ -14,7 +14,8 @@ from peft import get_peft_model
 
 from rlhf.lora import lora_config
 from rlhf.models import load_causal_lm
-from rlhf.ppo import build_trainer, prepare_prompts, response_forward, response_logprobs, run_ppo
+from rlhf.ppo import prepare_prompts, run_ppo
+from rlhf.ppo_trainer import build_trainer, response_forward, response_logprobs
 from rlhf.ppo_math import logprobs_and_entropy_from_logits
 from rlhf.reward import train_reward
 from rlhf.store import Store
@@ -90,7 +91,7 @@ def test_the_engine_frees_the_labeling_model_while_a_run_trains_on_cuda(workspac
         client.send(protocol.StartReward(one_epoch))
         seen: list = []
         ended = wait_for(client, protocol.RunEnded, seen=seen)
-        assert ended.status == "finished"
+        assert ended.result.status == "finished"
         statuses = [e.message for e in seen if isinstance(e, protocol.Status)]
         assert "freeing the labeling model for the run…" in statuses
         wait_for(client, protocol.Ready)

@@ -26,11 +26,12 @@ from rlhf.errors import RlhfError
 from rlhf.models import load_causal_lm
 from rlhf.hooks import RunHooks
 from rlhf.checkpoints import CHECKPOINTS_DIR
-from rlhf.ppo import (LOCK_FILE, POLICY_ADAPTER, REFERENCE_ADAPTER, REWARD_ADAPTER, VALUE_HEAD_FILE, SeparateReward,
-                      SharedBaseReward, build_trainer, ppo_lock, prepare_prompts, prompt_batch, response_forward,
-                      response_logprobs, run_ppo)
+from rlhf.ppo import LOCK_FILE, VALUE_HEAD_FILE, ppo_lock, prepare_prompts, prompt_batch, run_ppo
+from rlhf.ppo_trainer import (POLICY_ADAPTER, REFERENCE_ADAPTER, REWARD_ADAPTER, SeparateReward, SharedBaseReward,
+                              build_trainer, response_forward, response_logprobs)
 from rlhf.ppo_math import logprobs_and_entropy_from_logits
-from rlhf.reward import RewardScorer, train_reward
+from rlhf.reward import train_reward
+from rlhf.reward_model import RewardScorer
 from rlhf.store import Store
 from tools.tiny import exclamation_rule_workspace, pretrain_tiny_llama
 
@@ -198,9 +199,9 @@ def tiny_causal_lm(family: str):
 def test_response_logprobs_equal_the_models_own_logits_and_gradients(family, monkeypatch):
     """Chunked log-probs and entropies (3-4 positions per chunk here) equal those from the model's full
     forward (`.logits`, soft-capped by transformers for Gemma 2), and so do their gradients to the LoRA."""
-    from rlhf import ppo
+    from rlhf import ppo_trainer
 
-    monkeypatch.setattr(ppo, "LOGIT_CHUNK_ELEMENTS", 3 * 1000)
+    monkeypatch.setattr(ppo_trainer, "LOGIT_CHUNK_ELEMENTS", 3 * 1000)
     model = tiny_causal_lm(family)
     model.train()
     torch.manual_seed(1)

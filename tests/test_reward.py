@@ -25,10 +25,13 @@ from rlhf.config import Config, Workspace
 from rlhf.errors import RlhfError
 from rlhf.hooks import RunHooks
 from rlhf.models import load_causal_lm, load_sequence_classifier, load_tokenizer
-from rlhf.reward import (RewardScorer, bradley_terry_loss, centering_penalty, encode_response,
-                         export_sequence_classifier, fit_to_length,
-                         is_heldout, load_reward_onto, pad_left, pairwise_accuracy, reward_loss,
-                         reward_tokenizer_matches, standardise, symmetric_tie_loss, train_reward)
+from rlhf.bradley_terry import (batch_metrics, bradley_terry_loss, centering_penalty, pairwise_accuracy, reward_loss,
+                                symmetric_tie_loss)
+from rlhf.reward import train_reward
+from rlhf.reward_model import (RewardScorer, encode_response, export_sequence_classifier, load_reward_onto,
+                               reward_tokenizer_matches, standardise)
+from rlhf.reward_pairs import is_heldout
+from rlhf.tokens import fit_to_length, pad_left
 from rlhf.store import Store
 from tools.tiny import build_tiny_llama, hidden_rule_pairs, workspace_with_pairs
 
@@ -76,6 +79,14 @@ def test_pairwise_accuracy_and_standardise():
     assert pairwise_accuracy(t([1.0, 2.0, 3.0]), t([0.0, 2.0, 4.0])) == pytest.approx(1 / 3)  # a draw is wrong
     assert math.isnan(pairwise_accuracy(t([]), t([])))
     assert torch.allclose(standardise(t([1.0, 3.0]), mean=2.0, std=0.5), t([-2.0, 2.0]))
+
+
+def test_batch_metrics_hand_numbers():
+    # decided pairs 1 and 3: margins 1 and -1 -> mean 0, one of two right; the tie counts only in the means
+    metrics = batch_metrics(t([2.0, 0.5, 0.0]), t([1.0, 0.5, 1.0]), t([False, True, False]))
+    assert metrics == pytest.approx({"margin_mean": 0.0, "chosen_mean": 2.5 / 3, "rejected_mean": 2.5 / 3,
+                                     "train_acc": 0.5})
+    assert batch_metrics(t([1.0]), t([0.0]), t([True])) == {"chosen_mean": 1.0, "rejected_mean": 0.0}  # all ties
 
 
 def test_heldout_split_is_deterministic_by_prompt_and_seed():

@@ -20,6 +20,7 @@ from rlhf_tui.app.widgets.run_feed import (SAMPLES_KEPT, DbFollower, RunFeed, Ru
                                   update_from_event)
 from rlhf_tui.app.widgets.run_view import SamplesPane
 from rlhf.engine import protocol
+from rlhf.hooks import RunResult
 from rlhf.store import PromptItem
 from rlhf_tui.app.screens.reward import RewardScreen
 from test_reward_screen import ENGINE_TIMEOUT_S, db_metric, db_run, make_workspace, wait_until
@@ -67,7 +68,7 @@ def test_update_from_event():
     samples = update_from_event(protocol.RunSamples("r", 5, [{"prompt": "p", "response": "a", "score": 1.0}]))
     assert samples.samples == {5: [{"prompt": "p", "response": "a", "score": 1.0, "step": 5}]}
     assert update_from_event(protocol.RunCheckpoint("r", 6, "/x")) == RunUpdate(checkpoint_step=6)
-    assert update_from_event(protocol.RunEnded("r", "stopped", "stopped at 6")) == RunUpdate(
+    assert update_from_event(protocol.RunEnded(RunResult("r", "stopped", "stopped at 6"))) == RunUpdate(
         status="stopped", message="stopped at 6")
     assert update_from_event(protocol.Ready("m", None, {})) is None
 

@@ -20,7 +20,7 @@ from rlhf.config import Config
 from rlhf.data_io import export_pairs, import_pairs, import_prompts
 from rlhf.lora import lora_config
 from rlhf.models import encode_prompt, eos_token_ids, format_prompt, load_causal_lm, load_tokenizer
-from rlhf.ppo import PPOTrainer, PreparedPrompt, ValueHead
+from rlhf.ppo_trainer import PPOTrainer, PreparedPrompt, ValueHead
 from rlhf.sampling import PairSampler
 from rlhf.store import Store
 from tools.tiny import CHATML, LLAMA3, ChatFormat, build_tiny_model, large_byte_level_tokenizer

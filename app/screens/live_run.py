@@ -241,8 +241,9 @@ class LiveRunScreen(Screen):
     def _ended(self, event: protocol.RunEnded) -> None:
         self.view.sync()  # the row has the end time, the checkpoint and any error
         self._stop_done()
-        severity = "error" if event.status == "failed" else "information"
-        self.notify(f"{self.LABEL} run {event.run_id} {event.status}: {event.message}", severity=severity,
+        result = event.result
+        severity = "error" if result.status == "failed" else "information"
+        self.notify(f"{self.LABEL} run {result.run_id} {result.status}: {result.message}", severity=severity,
                     timeout=10)
 
     # -- stopping --------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def update_from_event(event: protocol.Event) -> RunUpdate | None:
     if isinstance(event, protocol.RunCheckpoint):
         return RunUpdate(checkpoint_step=event.step)
     if isinstance(event, protocol.RunEnded):
-        return RunUpdate(status=event.status, message=event.message or None)
+        return RunUpdate(status=event.result.status, message=event.result.message or None)
     return None
 
 

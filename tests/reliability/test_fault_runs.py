@@ -19,9 +19,9 @@ import torch
 from safetensors import SafetensorError
 
 from fault_kit import assert_one_line_error, tree_snapshot
-from rlhf import checkpoints, cli, models, ppo, reward
+from rlhf import checkpoints, cli, models, ppo, ppo_trainer, reward, reward_model
 from rlhf.checkpoints import CHECKPOINTS_DIR
-from rlhf.reward import RewardScorer
+from rlhf.reward_model import RewardScorer
 from rlhf.store import PromptItem, Store
 
 # What safetensors raises when the disk is full (measured on a 64 KiB tmpfs).
@@ -95,7 +95,7 @@ def test_reward_disk_full_while_saving_leaves_no_half_model_and_the_previous_one
     def disk_full(*args, **kwargs):
         raise SafetensorError(DISK_FULL)
 
-    monkeypatch.setattr(reward, "save_file", disk_full)  # the adapter is written, then the score head fails
+    monkeypatch.setattr(reward_model, "save_file", disk_full)  # the adapter is written, then the score head fails
     code, out, err = _main(capsys, "train-reward", "--workspace", ws.root)
     line = _only_problem_line(err, "error")
     with Store(ws.db_path) as store:
@@ -154,7 +154,7 @@ def _latest_ppo_run(ws) -> dict:
 
 def test_ppo_out_of_memory_names_the_settings_keeps_the_checkpoint_and_resumes(rewarded, capsys, monkeypatch):
     ws, _ = rewarded
-    _raise_on_training_forward(monkeypatch, ppo, "response_forward", 0, 3, torch.cuda.OutOfMemoryError(OOM))
+    _raise_on_training_forward(monkeypatch, ppo_trainer, "response_forward", 0, 3, torch.cuda.OutOfMemoryError(OOM))
     code, _, err = _main(capsys, "ppo", "--workspace", ws.root, "--steps", "4")
     run = _latest_ppo_run(ws)
     line = _only_problem_line(err, "failed")

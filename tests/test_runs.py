@@ -1,0 +1,135 @@
+"""RunSession, the run bookkeeping reward training and PPO share, on a real store with a stand-in optimisation
+(a checkpoint is one small file): rows, metrics, samples, checkpoints, ends, and a rank that does not write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rlhf.checkpoints import CHECKPOINTS_DIR, CheckpointWriteError
+from rlhf.config import Workspace
+from rlhf.errors import RlhfError
+from rlhf.hooks import RunHooks
+from rlhf.runs import RunSession, error_line
+from rlhf.store import Store
+
+
+class Recorder(RunHooks):
+    """Every report a session makes, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def on_start(self, run_id, kind, total_steps, start_step=0):
+        self.calls.append(("start", total_steps, start_step))
+
+    def on_step(self, run_id, step, metrics):
+        self.calls.append(("step", step))
+
+    def on_samples(self, run_id, step, samples):
+        self.calls.append(("samples", step))
+
+    def on_checkpoint(self, run_id, step, path):
+        self.calls.append(("checkpoint", step, Path(path).name))
+
+    def on_warning(self, run_id, message):
+        self.calls.append(("warning", message))
+
+
+def write_step(folder: Path, step: int) -> None:
+    (folder / "state.txt").write_text(str(step))
+
+
+def _run_three_steps(session: RunSession) -> None:
+    for step in range(3):
+        session.step_done({"loss": 1.0 / (step + 1)}, [{"prompt_id": None, "prompt": "p", "response": "r"}])
+        if session.step % 2 == 0:
+            session.checkpoint(write_step)
+    session.warn("w")
+
+
+def test_a_session_writes_rows_metrics_samples_and_keeps_only_the_last_checkpoint(tmp_path):
+    ws, hooks = Workspace(tmp_path), Recorder()
+    with Store(ws.db_path) as store:
+        session = RunSession.start(store, ws, hooks, "ppo", {"ppo": {}}, total_steps=3)
+        with session:
+            _run_three_steps(session)
+            session.stop(write_step)  # steps 3 > 2: saved on the way out
+        result = session.finish("stopped", "stopped at step 3/3")
+        run = store.run(session.run_id)
+        assert [row["value"] for row in store.metrics(session.run_id, "loss")] == pytest.approx([1, 1 / 2, 1 / 3])
+        assert len(store.samples(session.run_id)) == 3
+    assert (run["status"], run["step"], run["checkpoint_step"], run["error"]) == ("stopped", 3, 3, None)
+    assert sorted(p.name for p in (ws.run_dir(session.run_id) / CHECKPOINTS_DIR).iterdir()) == ["step-3"]
+    assert (result.status, result.step, Path(result.checkpoint).name) == ("stopped", 3, "step-3")
+    assert hooks.calls == [("start", 3, 0), ("step", 1), ("samples", 1), ("step", 2), ("samples", 2),
+                           ("checkpoint", 2, "step-2"), ("step", 3), ("samples", 3), ("warning", "w"),
+                           ("checkpoint", 3, "step-3")]
+
+
+def test_a_session_that_does_not_write_counts_steps_and_leaves_no_trace(tmp_path):
+    """A data-parallel rank > 0: the same loop, nothing in the store or on disk, nothing reported."""
+    ws, hooks = Workspace(tmp_path), Recorder()
+    with Store(ws.db_path) as store:
+        session = RunSession.start(store, ws, hooks, "ppo", {}, total_steps=3, run_id="ppo-rank1", writes=False)
+        with session:
+            _run_three_steps(session)
+        result = session.finish("finished", "finished 3 steps")
+        assert store.runs() == [] and store.metrics("ppo-rank1") == []
+    assert not ws.runs_dir.exists() and hooks.calls == []
+    assert (result.run_id, result.status, result.step, session.saved_step) == ("ppo-rank1", "finished", 3, 2)
+
+
+def test_a_product_run_names_its_product_and_a_finished_one_drops_its_checkpoints(tmp_path):
+    ws, hooks = Workspace(tmp_path), Recorder()
+    with Store(ws.db_path) as store:
+        session = RunSession.start(store, ws, hooks, "reward", {}, total_steps=3,
+                                   files=lambda folder: (folder / "pairs.json").write_text("[]"))
+        with session:
+            _run_three_steps(session)
+        product = ws.run_dir(session.run_id) / "reward"
+        result = session.finish_with_product(product, "finished", "held-out accuracy 1.0")
+        run = store.run(session.run_id)
+    assert (run["status"], run["checkpoint"], run["checkpoint_step"]) == ("finished", str(product), 3)
+    assert sorted(p.name for p in ws.run_dir(session.run_id).iterdir()) == ["pairs.json"]
+    assert (result.checkpoint, hooks.calls[-1]) == (str(product), ("checkpoint", 3, "reward"))
+
+
+@pytest.mark.parametrize(("exc", "status", "error"), [
+    (KeyboardInterrupt(), "interrupted", "KeyboardInterrupt"),
+    (ValueError("bad value\nmore"), "failed", "ValueError: bad value"),
+    (RlhfError("one line for the user"), "failed", "one line for the user"),
+])
+def test_an_escaping_exception_marks_the_run_and_goes_on(tmp_path, exc, status, error):
+    ws = Workspace(tmp_path)
+    with Store(ws.db_path) as store:
+        session = RunSession.start(store, ws, RunHooks(), "ppo", {}, total_steps=3)
+        with pytest.raises(type(exc)), session:
+            session.step_done({"loss": 1.0})
+            raise exc
+        run = store.run(session.run_id)
+    assert (run["status"], run["error"], run["step"]) == (status, error, 1) and error_line(exc) == error
+
+
+def test_failure_messages_say_what_is_kept_and_how_to_go_on(tmp_path):
+    ws = Workspace(tmp_path)
+    with Store(ws.db_path) as store:
+        session = RunSession.start(store, ws, RunHooks(), "reward", {}, total_steps=9)
+        assert session.step_failed("out of GPU memory", "Lower it.") == (
+            "step 1: out of GPU memory; the run stopped (no checkpoint yet). Lower it.")
+        session.step_done({})
+        session.checkpoint(write_step)
+        assert session.checkpoint_failed(CheckpointWriteError("disk full")) == (
+            f"disk full; the run stopped (last checkpoint: step 1). Resume it with "
+            f"`rlhf-tui train-reward --resume {session.run_id}` once there is room")
+
+
+def test_a_stop_while_loading_starts_nothing(tmp_path):
+    ws, hooks = Workspace(tmp_path), RunHooks()
+    hooks.stop_requested.set()
+    with Store(ws.db_path) as store:
+        with pytest.raises(RlhfError, match="ppo: stopped before its first step"):
+            RunSession.start(store, ws, hooks, "ppo", {}, total_steps=3)
+        assert store.runs() == []
