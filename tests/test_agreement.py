@@ -14,6 +14,7 @@ from rlhf.agreement import (agreement_falls, annotator_report, cohens_kappa, kri
                             length_score_correlation, pearson, preferred_side, reward_agreement, reward_margin,
                             self_consistency, wilson_interval)
 from rlhf.store import PromptItem, Store
+from rlhf_tui.app.widgets.agreement import agreement_lines
 
 
 def test_wilson_interval_by_hand():
@@ -258,3 +259,77 @@ def test_stats_prints_the_reward_models_agreement_length_correlation_and_self_co
     check = json.loads(capsys.readouterr().out)["reward_model"]
     assert (check["agree"], check["n"], check["reward_run"], check["warning"]) == (4, 5, reward_run, None)
     assert check["length_score"] == {"ppo_run": ppo_run, "samples": 3, "pearson": pytest.approx(6 / math.sqrt(112 / 3))}
+
+
+# -- the agreement pane (Train screen) -----------------------------------------------------------------
+
+
+def judged_workspace(root: Path, margins: list[float]) -> tuple[Path, str]:
+    """A workspace whose reward run (held-out accuracy 0.9) judged one label per margin (score a - b, choice a)."""
+    root.mkdir()
+    with Store(root / "rlhf.db") as store:
+        reward_run = store.create_run("reward", {})
+        store.log_metrics(reward_run, 1, {"heldout_acc": 0.9})
+        prompt_ids, _ = store.add_prompts([PromptItem(f"q{i}") for i in range(len(margins))], source="test")
+        for prompt_id, margin in zip(prompt_ids, margins):
+            a, b = (store.add_response(prompt_id, text, model="m") for text in ("one", "two"))
+            store.add_response_scores(reward_run, {a: margin, b: 0.0})
+            store.add_comparison(prompt_id, a, b, "a")
+    return root, reward_run
+
+
+def test_agreement_lines_by_hand():
+    check = {"n": 12, "agree": 3, "share": 0.25, "wilson_95": list(wilson_interval(3, 12)), "heldout_accuracy": 0.9,
+             "warning": agreement_falls(3, 12, 0.9), "length_score": {"samples": 3, "pearson": 0.5}}
+    # Wilson(3, 12) = 0.089-0.532 by the formula.
+    assert agreement_lines(check) == [
+        "reward model vs you: agrees on 3/12 newest labels (25%, 95% 9%-53%), held-out 90% · length~score r +0.50 "
+        "(3 samples)",
+        "⚠ reward model agrees with you on only 25% of the last 12 labels: the policy may be exploiting it; label "
+        "more, then refit"]
+    none = {**check, "n": 0, "warning": None, "length_score": {"samples": 0, "pearson": None}}
+    assert agreement_lines(none) == ["reward model vs you: no labels it judged yet (pairs served after a reward "
+                                     "run are)"]
+
+
+async def test_agreement_pane_follows_the_store_and_warns_when_agreement_falls(tmp_path: Path):
+    from textual.app import App, ComposeResult
+
+    from rlhf_tui.app.widgets.agreement import AgreementPane
+
+    ws, reward_run = judged_workspace(tmp_path / "ws", [1.0] * 10)
+    with Store(ws / "rlhf.db") as store:
+
+        class PaneApp(App):
+            def compose(self) -> ComposeResult:
+                yield AgreementPane(store, window=10)
+
+        app = PaneApp()
+        async with app.run_test(size=(120, 10)) as pilot:
+            pane = app.query_one(AgreementPane)
+            assert "agrees on 10/10 newest labels (100%" in str(pane.render()) and not pane.has_class("falling")
+            prompt_ids, _ = store.add_prompts([PromptItem(f"late {i}") for i in range(8)], source="test")
+            for prompt_id in prompt_ids:  # the policy moved: the reward model now prefers the answers you reject
+                a, b = (store.add_response(prompt_id, text, model="m") for text in ("one", "two"))
+                store.add_response_scores(reward_run, {a: -1.0, b: 0.0})
+                store.add_comparison(prompt_id, a, b, "a")
+            await pilot.pause(2.5)  # the pane reads the store again every 2 s
+            assert "agrees on 2/10 newest labels (20%" in str(pane.render()) and pane.has_class("falling")
+            assert "⚠ reward model agrees with you on only 20% of the last 10 labels" in str(pane.render())
+
+
+async def test_train_screen_shows_the_agreement_pane(tmp_path: Path, tiny_model_dir: Path):
+    from rlhf_tui.app.main import RlhfApp
+    from rlhf_tui.app.screens.train import TrainScreen
+    from rlhf_tui.app.widgets.agreement import AgreementPane
+    from rlhf.config import Workspace
+
+    ws, _ = judged_workspace(tmp_path / "ws", [1.0, -1.0, 1.0, 1.0])
+    (ws / "rlhf.toml").write_text(f'[model]\nname = "{tiny_model_dir.as_posix()}"\n', encoding="utf-8")
+    workspace = Workspace(ws)
+    app = RlhfApp(workspace, workspace.load_config())
+    async with app.run_test(size=(120, 30)) as pilot:
+        train = await app.show_screen("train", TrainScreen)
+        await pilot.pause()
+        pane = train.query_one(AgreementPane)
+        assert pane.region.height >= 1 and "agrees on 3/4 newest labels (75%" in str(pane.render())
