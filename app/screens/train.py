@@ -19,6 +19,7 @@ from textual.widgets import Button, ContentSwitcher, Footer, Header, Input, Labe
 from rlhf.engine import protocol
 from rlhf.store import Store
 
+from ..widgets.agreement import AgreementPane
 from ..widgets.run_feed import format_number
 from ..widgets.run_view import SCROLL_SAMPLES_BINDINGS, RunView
 from ..widgets.settings_form import FieldNavigation, SettingsForm
@@ -70,6 +71,7 @@ class TrainScreen(LiveRunScreen):
                     yield Button("Start PPO", id="start", variant="primary", compact=True)
                     yield Static("", id="form-error", markup=False)
             yield RunView("ppo", id="panes")
+        yield AgreementPane(self.app.store, self.app.config.label.agreement_window, id="agreement")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
