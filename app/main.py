@@ -12,7 +12,7 @@ import signal
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from textual import events
 from textual.app import App, SystemCommand
@@ -28,7 +28,8 @@ from rlhf.errors import RlhfError
 from rlhf.store import Store
 
 from .screens import TABS
-from .screens.live_run import start_ppo, stop_run
+from .screens.live_run import RUN_MODES, LiveRunScreen
+from .screens.train import TrainScreen
 
 # A closed terminal or dropped SSH session (SIGHUP) and a polite kill (SIGTERM) quit like Ctrl+Q: a run in
 # progress stops after its step with a checkpoint before the app exits.
@@ -39,6 +40,7 @@ NARROW_WIDTH = 100  # below this many columns the answers stack
 DATABASE_CHECK_INTERVAL_S = 2.0  # how soon a deleted rlhf.db is noticed (it is also checked before each write)
 
 EngineListener = Callable[[list[protocol.Event]], None]
+ScreenT = TypeVar("ScreenT", bound=Screen)
 
 
 def default_annotator() -> str:
@@ -210,14 +212,45 @@ class RlhfApp(App):
         names = [tab.name for tab in TABS]
         self.switch_mode(names[(names.index(self.current_mode) + step) % len(names)])
 
+    async def show_screen(self, mode: str, screen_type: type[ScreenT]) -> ScreenT:
+        """Switch to `mode` (mounting its screen the first time) and return that screen, a `screen_type` (MODES
+        says which)."""
+        await self.switch_mode(mode)
+        return cast(ScreenT, self.screen)
+
+    async def action_start_ppo(self) -> None:
+        """The command palette's "Start PPO": the Train screen's form as it is (by default the latest finished
+        reward run and the config's settings)."""
+        train = await self.show_screen("train", TrainScreen)
+        train.action_start()
+
+    async def action_stop_run(self) -> None:
+        """The command palette's "Stop run": the Stop key of the screen watching the engine's run."""
+        running = sorted(self.engine.running_runs)
+        if not running:
+            self.notify("no run in progress", severity="warning")
+            return
+        screen = await self.show_screen(RUN_MODES[self.store.run(running[0])["kind"]], LiveRunScreen)
+        screen.action_stop()
+
+    async def resume_run(self, run: dict[str, Any]) -> None:
+        """Resume a run on the screen of its kind, where it is then watched and stopped like any other."""
+        screen = await self.show_screen(RUN_MODES[run["kind"]], LiveRunScreen)
+        screen.resume(run["id"])
+
+    async def action_use_reward_run(self, run_id: str) -> None:
+        """Take a finished reward run to the Train screen, chosen there to score PPO."""
+        train = await self.show_screen("train", TrainScreen)
+        train.select_reward_run(run_id)
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         for tab in TABS:
             yield SystemCommand(tab.title, f"Switch to the {tab.title} screen", partial(self.switch_mode, tab.name))
         yield SystemCommand("Start PPO", "Launch PPO with the Train screen's settings (default: the latest "
-                            "finished reward run and the config)", partial(start_ppo, self))
+                            "finished reward run and the config)", self.action_start_ppo)
         yield SystemCommand("Stop run", "Stop the run in progress after its step (again while stopping: at once)",
-                            partial(stop_run, self))
+                            self.action_stop_run)
         yield SystemCommand("Restart engine", "Stop the engine process and start a fresh one",
                             self.action_restart_engine)
 

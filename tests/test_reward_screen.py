@@ -17,6 +17,7 @@ from textual.content import Content
 from textual.widgets import Select
 
 from rlhf_tui.app.main import RlhfApp
+from rlhf_tui.app.screens.base import RlhfScreen
 from rlhf_tui.app.screens.reward import RewardScreen
 from rlhf_tui.app.screens.train import TrainScreen
 from rlhf_tui.app.widgets.settings_form import SettingsForm, check_setting, parse_setting
@@ -124,9 +125,13 @@ async def test_form_keys_walk_the_fields_past_a_select_and_enter_submits():
         await pilot.press("down", "down", "enter")  # past "model" (as [model] quantization) and "none"
         assert select.value == "4bit" and not select.expanded
         await pilot.press("down", "space")  # the checkbox
-        assert app.query_one(SettingsForm).values() == {"reward.epochs": 3, "reward.quantization": "4bit",
-                                                        "ppo.gradient_checkpointing": True,
-                                                        "reward.lr": 0.001}
+        form = app.query_one(SettingsForm)
+        assert form.values() == {"reward.epochs": 3, "reward.quantization": "4bit", "ppo.gradient_checkpointing": True,
+                                 "reward.lr": 0.001}
+        # What a run launched from the form uses: the form's config with the fields' values on top.
+        expected = Config()
+        expected.reward.quantization, expected.ppo.gradient_checkpointing = "4bit", True
+        assert form.chosen_config().to_dict() == expected.to_dict()
         await pilot.press("down", "enter")
         assert app.submitted == 1
 
@@ -136,16 +141,19 @@ async def test_form_keys_walk_the_fields_past_a_select_and_enter_submits():
 
 async def test_train_from_the_screen_watch_the_charts_stop_and_hand_to_ppo(tmp_path, tiny_model_dir):
     ws = make_workspace(tmp_path / "ws", tiny_model_dir)
-    app = RlhfApp(ws, ws.load_config(), annotator="t")
+    # The app's config (here with a setting rlhf.toml does not have) is what its runs start from.
+    app = RlhfApp(ws, ws.load_config().override({"reward.center_coef": 0.02}), annotator="t")
     async with app.run_test(size=(100, 32)) as pilot:
         await pilot.press("tab")
         screen = app.screen
         assert isinstance(screen, RewardScreen) and app.current_mode == "reward"
+        assert isinstance(screen, RlhfScreen) and screen.app is app  # the typed `app` is the running one
         assert screen.view.feed.run_id is None  # no reward run in this workspace yet
 
         # A value the config refuses shows its message under the field and blocks the start.
         await type_into(pilot, "#setting-reward-lr", "0")
         assert screen.form.errors == {"reward.lr": "reward.lr must be > 0.0, got 0.0"}
+        assert screen.form.chosen_config() is None
         assert "reward.lr must be > 0.0" in str(screen.query_one("#setting-reward-lr").parent
                                                 .query_one(".setting-error").content)
         await pilot.click("#start")
@@ -164,6 +172,9 @@ async def test_train_from_the_screen_watch_the_charts_stop_and_hand_to_ppo(tmp_p
         await wait_until(pilot, lambda: len(loss.points["loss"]) >= 3, ENGINE_TIMEOUT_S, "three training steps")
         run_id = screen.run_id
         assert run_id is not None and screen.view.feed.total_steps == db_run(ws, run_id)["total_steps"] > 200
+        # The run trains with the form's settings on top of the app's config (not a re-read rlhf.toml).
+        started_with = db_run(ws, run_id)["config"]["reward"]
+        assert (started_with["epochs"], started_with["batch_size"], started_with["center_coef"]) == (200, 4, 0.02)
         accuracy = screen.view.chart("chart-accuracy")
         assert 0 in accuracy.points["heldout_acc"]  # the untrained model's held-out accuracy, at step 0
         await wait_until(pilot, lambda: re.search(r"train -?\d", plain(loss.border_title)), what="a redraw")

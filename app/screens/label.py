@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, Vertical
-from textual.screen import Screen
 from textual.widgets import Footer, Header, ProgressBar, Static
 
 try:  # the clock Textual stamps key events with; a private module, so a rename must not stop the app
@@ -32,6 +31,7 @@ from rlhf.engine import protocol
 from rlhf.errors import RlhfError
 
 from ..widgets.answer import TextPane
+from .base import RlhfScreen
 from .dialogs import NO_GUIDELINES, HelpScreen, NoteModal
 
 STRONG_MARGIN = 1.0  # stored as trl's `margin` for a shift+A / shift+B decision; a normal one stores None
@@ -97,7 +97,7 @@ def sampling_summary(sampling: dict) -> str:
             f"max {sampling.get('max_new_tokens')} tok · rep {sampling.get('repetition_penalty')}")
 
 
-class LabelScreen(Screen):
+class LabelScreen(RlhfScreen):
     # priority: the answer panes scroll with arrows, but here arrows decide.
     BINDINGS = [
         Binding("a,1,left", "decide('a')", "A better", id="prefer_a", priority=True),
@@ -222,11 +222,11 @@ class LabelScreen(Screen):
             return
         if error.is_about(protocol.Refit):
             self.refit = None  # no PPO run took it: the key works again when one trains
-        if error.request == "NeedPairs":
+        if error.is_about(protocol.NeedPairs):
             self.requested = 0  # the engine dropped the rest of that request
-        elif error.request == "Regenerate":
+        elif error.is_about(protocol.Regenerate):
             self.regenerating = None
-        elif error.request in ("StartReward", "StartPPO"):
+        elif error.is_about(protocol.StartReward, protocol.StartPPO):
             return  # the Reward and Train screens report their runs' failures
         self.notify(error.message, severity="error", timeout=8)
 
@@ -454,4 +454,3 @@ class LabelScreen(Screen):
         elif self.app.engine.running_runs:
             parts.append("engine training: pairs between its steps")
         return " · ".join(parts)
-

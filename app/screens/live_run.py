@@ -1,8 +1,9 @@
 """What the Reward and Train screens share: a run launched in the engine process, watched live, stopped live.
 
-A subclass names the kind of run it launches (KIND, and REQUEST, the name of its start request),
-composes a SettingsForm and a "start" button around a RunView with id "panes", and builds its start
-request in `action_start`. This base follows the engine's events for that kind:
+A subclass names the kind of run it launches (KIND, and REQUEST, its start request's class) and composes a
+SettingsForm with id "form" and a "start" button around a RunView with id "panes". This base launches the
+request from the form (`action_start`: the app's config with the form's values on top, also on enter in a
+field) or resumes a run (`resume`), then follows the engine's events for that kind:
 RunStarted adopts the run (also one launched from elsewhere in the app: the command palette, the Runs
 list), steps and samples go to the panes, warnings and errors become notifications and status lines.
 The Stop key asks for a graceful stop (finish the step, checkpoint); a second press while stopping, or
@@ -16,14 +17,15 @@ import time
 from typing import ClassVar
 
 from textual.binding import Binding
-from textual.screen import Screen
 from textual.widgets import Button
 
+from rlhf.config import Config
 from rlhf.engine import protocol
 
 from ..widgets.run_feed import RunUpdate, update_from_event
 from ..widgets.run_view import RunView
 from ..widgets.settings_form import SettingsForm
+from .base import RlhfScreen
 
 STOP_TIMEOUT_S = 60.0  # a graceful stop that has not ended the run by then becomes a hard stop
 STOP_CHECK_INTERVAL_S = 1.0
@@ -32,32 +34,9 @@ GRACEFUL, HARD = "graceful", "hard"
 RUN_MODES = {"reward": "reward", "ppo": "train"}  # run kind -> the mode of the screen that launches and stops it
 
 
-async def switch_to(app, mode: str) -> Screen:  # noqa: ANN001 - the RlhfApp (main imports this module)
-    """Show a mode's screen (mounting it the first time) and return it."""
-    await app.switch_mode(mode)
-    return app.screen
-
-
-async def start_ppo(app) -> None:  # noqa: ANN001
-    """The command palette's "Start PPO": the Train screen's form as it is (by default the latest
-    finished reward run and the config's settings)."""
-    train = await switch_to(app, "train")
-    train.action_start()
-
-
-async def stop_run(app) -> None:  # noqa: ANN001
-    """The command palette's "Stop run": the Stop key of the screen watching the engine's run."""
-    running = sorted(app.engine.running_runs)
-    if not running:
-        app.notify("no run in progress", severity="warning")
-        return
-    screen = await switch_to(app, RUN_MODES[app.store.run(running[0])["kind"]])
-    screen.action_stop()
-
-
-class LiveRunScreen(Screen):
+class LiveRunScreen(RlhfScreen):
     KIND: ClassVar[str]  # "reward" or "ppo": the runs this screen launches and watches
-    REQUEST: ClassVar[str]  # the start request's type name, as named by a failed request's Error
+    REQUEST: ClassVar[type[protocol.RunRequest]]  # the request that starts (or resumes) one
     LABEL: ClassVar[str]  # how messages name the run, e.g. "PPO"
 
     BINDINGS = [Binding("s", "stop", "stop", id="stop_run")]
@@ -75,6 +54,10 @@ class LiveRunScreen(Screen):
     @property
     def view(self) -> RunView:
         return self.query_one("#panes", RunView)
+
+    @property
+    def form(self) -> SettingsForm:
+        return self.query_one("#form", SettingsForm)
 
     @property
     def run_active(self) -> bool:
@@ -99,17 +82,22 @@ class LiveRunScreen(Screen):
 
     # -- launching -------------------------------------------------------------------------------
 
-    def action_start(self) -> None:
-        """Launch a run with the screen's form (the subclass builds the request and calls `launch`)."""
-        raise NotImplementedError
+    def action_start(self) -> bool:
+        """Launch a run with the app's config and the form's values on top; False when none was launched."""
+        config = self.form.chosen_config()
+        if config is None:
+            self.show_start_error("fix the settings marked above first")
+            return False
+        return self.launch(self.start_request(config))
 
-    def resume_request(self, run_id: str) -> protocol.Request:
-        """The request that continues a run of this kind from its last checkpoint, with its own settings."""
-        raise NotImplementedError
+    def start_request(self, config: Config) -> protocol.RunRequest:
+        """The request that starts a new run of this kind with `config` (a subclass adds what else it chooses)."""
+        return self.REQUEST(config)
 
     def resume(self, run_id: str) -> None:
-        """Continue a stopped, failed or interrupted run of this kind; it is adopted like a new one."""
-        self.launch(self.resume_request(run_id))
+        """Continue a stopped, failed or interrupted run of this kind from its last checkpoint, with the settings
+        it started with; it is adopted like a new one."""
+        self.launch(self.REQUEST(self.app.config, resume_run=run_id))
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "start":
@@ -118,7 +106,7 @@ class LiveRunScreen(Screen):
     def on_settings_form_submitted(self, event: SettingsForm.Submitted) -> None:
         self.action_start()
 
-    def launch(self, request: protocol.Request) -> bool:
+    def launch(self, request: protocol.RunRequest) -> bool:
         """Send a start request; the run is adopted when its RunStarted arrives."""
         if self.run_active:
             self.notify(f"a {self.LABEL} run is in progress: stop it first (s)", severity="warning")
@@ -192,7 +180,7 @@ class LiveRunScreen(Screen):
     def _error(self, event: protocol.Error) -> None:
         if event.fatal:
             self._engine_died(event.message)
-        elif event.request == self.REQUEST:
+        elif event.is_about(self.REQUEST):
             self._request_failed(event.message)
 
     def _request_failed(self, message: str) -> None:

@@ -18,14 +18,14 @@ from rlhf.engine import protocol
 
 from ..widgets.run_view import RunView
 from ..widgets.settings_form import SettingsForm
-from .live_run import LiveRunScreen, switch_to
+from .live_run import LiveRunScreen
 
 REWARD_FORM_KEYS = ("reward.epochs", "reward.lr", "reward.batch_size", "reward.quantization")
 
 
 class RewardScreen(LiveRunScreen):
     KIND = "reward"
-    REQUEST = "StartReward"
+    REQUEST = protocol.StartReward
     LABEL = "reward model"
 
     BINDINGS = [
@@ -50,10 +50,6 @@ class RewardScreen(LiveRunScreen):
             self.view.show_run(self.app.store, latest["id"])
             self.sub_title = latest["id"]
 
-    @property
-    def form(self) -> SettingsForm:
-        return self.query_one("#form", SettingsForm)
-
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "use_for_ppo":
             return self.view.feed.status == "finished"
@@ -66,20 +62,9 @@ class RewardScreen(LiveRunScreen):
 
     # -- actions ---------------------------------------------------------------------------------
 
-    def action_start(self) -> None:
-        values = self.form.values()
-        if values is None:
-            self.show_start_error("fix the settings marked above first")
-            return
-        self.launch(protocol.StartReward(values))
-
-    def resume_request(self, run_id: str) -> protocol.Request:
-        return protocol.StartReward(resume_run=run_id)
-
     async def action_use_for_ppo(self) -> None:
         feed = self.view.feed
         if feed.status != "finished":
             self.notify("only a finished reward run can score PPO", severity="warning")
             return
-        train = await switch_to(self.app, "train")
-        train.select_reward_run(feed.run_id)
+        await self.app.action_use_reward_run(feed.run_id)

@@ -13,14 +13,13 @@ from typing import Any
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header
 
 from rlhf.store import Store
 
 from ..widgets.run_feed import format_number
 from ..widgets.run_view import SCROLL_SAMPLES_BINDINGS, RunView
-from .live_run import RUN_MODES, switch_to
+from .base import RlhfScreen
 
 RUNS_REFRESH_S = 2.0
 DB_FOLLOW_INTERVAL_S = 0.5
@@ -47,13 +46,7 @@ def resume_refusal(run: dict[str, Any]) -> str | None:
     return None
 
 
-async def resume_run(app, run: dict[str, Any]) -> None:  # noqa: ANN001 - the RlhfApp
-    """Resume a run on the screen of its kind, where it is then watched and stopped like any other."""
-    screen = await switch_to(app, RUN_MODES[run["kind"]])
-    screen.resume(run["id"])
-
-
-class RunsScreen(Screen):
+class RunsScreen(RlhfScreen):
     BINDINGS = [
         Binding("o", "open", "open (or enter)", id="open_run"),  # the table's own enter selects a row
         Binding("r", "resume", "resume", id="resume_run"),
@@ -132,10 +125,10 @@ class RunsScreen(Screen):
         if refusal:
             self.notify(refusal, severity="warning")
             return
-        await resume_run(self.app, run)
+        await self.app.resume_run(run)
 
 
-class RunScreen(Screen):
+class RunScreen(RlhfScreen):
     """One run's panes read from the database, following it while it runs (in any process)."""
 
     BINDINGS = [
@@ -186,4 +179,4 @@ class RunScreen(Screen):
             self.notify(refusal, severity="warning")
             return
         self.dismiss()
-        await resume_run(self.app, run)
+        await self.app.resume_run(run)

@@ -16,6 +16,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, ContentSwitcher, Footer, Header, Input, Label, Select, Static
 
+from rlhf.config import Config
 from rlhf.engine import protocol
 from rlhf.store import Store
 
@@ -47,7 +48,7 @@ class SetupPane(VerticalScroll, FieldNavigation):
 
 class TrainScreen(LiveRunScreen):
     KIND = "ppo"
-    REQUEST = "StartPPO"
+    REQUEST = protocol.StartPPO
     LABEL = "PPO"
 
     BINDINGS = [
@@ -81,10 +82,6 @@ class TrainScreen(LiveRunScreen):
 
     def on_screen_resume(self) -> None:
         self.refresh_reward_runs()  # a reward run may have finished meanwhile
-
-    @property
-    def form(self) -> SettingsForm:
-        return self.query_one("#form", SettingsForm)
 
     @property
     def reward_select(self) -> Select:
@@ -130,18 +127,16 @@ class TrainScreen(LiveRunScreen):
 
     # -- actions ---------------------------------------------------------------------------------
 
-    def action_start(self) -> None:
-        """Launch PPO with the form as it is: the chosen reward run and the settings shown."""
-        values = self.form.values()
-        if values is None:
-            self.show_start_error("fix the settings marked above first")
-            return
-        select = self.reward_select
-        if self.launch(protocol.StartPPO(reward_run=None if select.is_blank() else select.value, overrides=values)):
+    def action_start(self) -> bool:
+        """Launch PPO with the form as it is (the chosen reward run and the settings shown), then show its panes."""
+        launched = super().action_start()
+        if launched:
             self.show_setup(False)
+        return launched
 
-    def resume_request(self, run_id: str) -> protocol.Request:
-        return protocol.StartPPO(resume_run=run_id)
+    def start_request(self, config: Config) -> protocol.StartPPO:
+        select = self.reward_select
+        return protocol.StartPPO(config, reward_run=None if select.is_blank() else select.value)
 
     def action_toggle_setup(self) -> None:
         self.show_setup(self.showing_panes)

@@ -82,7 +82,8 @@ class FieldNavigation(Widget):
 
 
 class SettingsForm(Grid, FieldNavigation):  # the widget base first: Textual inherits CSS from it
-    """Fields for `keys` in a grid; `values()` gives `section.key` -> value, or None while any field is wrong."""
+    """Fields for `keys` in a grid; `values()` gives `section.key` -> value and `chosen_config()` the config with
+    them applied, or None while any field is wrong."""
 
     class Submitted(Message):
         """Enter was pressed in one of the fields."""
@@ -152,3 +153,9 @@ class SettingsForm(Grid, FieldNavigation):  # the widget base first: Textual inh
         if self._errors:
             return None
         return {dotted: self._raw(dotted) for dotted in self.keys}
+
+    def chosen_config(self) -> Config | None:
+        """The config the form started from with every field's value on top (what a run launched from it uses),
+        or None while any field is wrong."""
+        values = self.values()
+        return None if values is None else self.config.override(values)
