@@ -232,3 +232,15 @@ def reward_model_check(store: Any, window: int, ppo_run: str | None = None) -> d
     return {"reward_run": reward_run, **figures, "heldout_accuracy": heldout,
             "warning": agreement_falls(figures["agree"], figures["n"], heldout),
             "length_score": {"ppo_run": ppo_run, **length_score_correlation(samples)}}
+
+
+def workspace_report(store: Any, agreement_window: int) -> dict[str, Any]:
+    """Everything `rlhf-tui stats` and the app's Stats screen show: the store's counts, the reward model against
+    the person (`reward_model_check` on the newest `agreement_window` labels) and, when there are labeled
+    decisions, `annotator_report`'s figures. Reads a `rlhf.store.Store`."""
+    report = store.stats()
+    report["reward_model"] = reward_model_check(store, agreement_window)
+    decisions = store.labeled_decisions()
+    if decisions:
+        report.update(annotator_report(decisions))
+    return report

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .agreement import annotator_report, reward_model_check
+from .agreement import workspace_report
 from .config import ALGORITHMS, KL_CONTROLLERS, QUANTIZATION, Config, Workspace, describe_defaults, keys_set_in
 from .data_io import (EXPORT_FORMATS, export_pairs, import_pairs, import_prompts, printable, read_pairs,
                       read_prompts)
@@ -146,11 +146,7 @@ def _cmd_import_pairs(args: argparse.Namespace) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     with open_workspace(args) as session:
-        stats = session.store.stats()
-        decisions = session.store.labeled_decisions()
-        stats["reward_model"] = reward_model_check(session.store, session.config.label.agreement_window)
-    if decisions:
-        stats.update(annotator_report(decisions))
+        stats = workspace_report(session.store, session.config.label.agreement_window)
     if args.json:
         _print_json(stats)
         return 0
@@ -160,7 +156,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     print(f"responses: {stats['responses']}")
     print(f"comparisons: {stats['comparisons']} ({by_choice})")
     print(f"runs: {runs}")
-    if decisions:
+    if "annotators" in stats:  # there are labeled decisions
         _print_annotator_report(stats)
     _print_reward_model_check(stats["reward_model"])
     return 0
