@@ -1,7 +1,8 @@
 """The app's top-level screens, in `tab` order. Each is a Textual mode; adding a screen is one entry.
 
-A screen that wants engine events subscribes in its `on_mount` with
-`self.app.subscribe_engine(callback)`; the callback receives each batch of events as a list.
+Each subclasses `base.RlhfScreen`, whose `self.app` is typed as the `RlhfApp`. A screen that wants engine
+events subscribes in its `on_mount` with `self.app.subscribe_engine(callback)`; the callback receives each
+batch of events as a list.
 """
 
 from __future__ import annotations
