@@ -48,3 +48,16 @@ class RunHooks:
 
     def on_warning(self, run_id: str, message: str) -> None:
         pass
+
+    def on_policy(self, run_id: str, model: Any, tokenizer: Any) -> None:
+        """A PPO run's live policy (its PeftModel, the policy adapter active) and tokenizer, once built: the engine
+        samples labeling pairs from it between steps."""
+
+    def take_reward_switch(self, run_id: str, step: int) -> str | None:
+        """Polled after each PPO checkpoint: a finished reward run (a refit) to score the steps after `step` with,
+        or None to keep the reward."""
+        return None
+
+    def on_reward_switch(self, run_id: str, step: int, reward_run: str, error: str | None) -> None:
+        """After the run tried to switch to `reward_run` at checkpoint `step`: `error` None when it did, else why
+        it keeps its reward."""

@@ -4,7 +4,7 @@ resume through its `RunSession`, one run per workspace by a lock); the step itse
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -22,8 +22,10 @@ from .hooks import RunHooks, RunResult
 from .locks import pid_lock
 from .models import encode_prompt, format_prompt, resolve_model_name
 from .ppo_math import kl_negative_beyond_noise, score_dropped
-from .ppo_trainer import POLICY_ADAPTER, NonFiniteError, PPOTrainer, PreparedPrompt, build_trainer, check_settings
-from .runs import RunSession, open_store
+from .ppo_trainer import (POLICY_ADAPTER, REWARD_ADAPTER, NonFiniteError, PPOTrainer, PreparedPrompt, RolloutScorer,
+                          SharedBaseReward, build_trainer, check_settings, load_reward)
+from .refit import current_reward_run
+from .runs import RunSession, error_line, open_store
 from .store import Store
 from .tokens import truncate_left
 
@@ -130,6 +132,8 @@ def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None,
             cfg = cfg.override({"model.name": resolve_model_name(cfg)})
             check_settings(cfg.ppo)
             reward, start_step, checkpoint = db.finished_reward_run(reward_run), 0, None
+        if resume_run is not None:  # a refit the run switched to scores from the checkpoint it switched at on
+            reward = db.run(current_reward_run(db, resume_run, start_step))
         prompt_rows = _prompt_rows(db, cfg.ppo.prompt_tag)
         trainer = build_trainer(workspace, cfg, reward["id"], checkpoint)
         prompts, cut = prepare_prompts(prompt_rows, trainer.tokenizer, cfg.model.max_prompt_tokens)
@@ -139,15 +143,18 @@ def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None,
         else:
             session = RunSession.resume(db, workspace, hooks, resumed, start_step)
         with session:
+            hooks.on_policy(session.run_id, trainer.model, trainer.tokenizer)
             if checkpoint is not None:
                 load_checkpoint(trainer, checkpoint)
             if cut:
                 session.warn(f"{cut} prompts were cut to their last {cfg.model.max_prompt_tokens} tokens "
                              "(model.max_prompt_tokens)")
-            return _train_loop(trainer, session, prompts)
+            return _train_loop(trainer, session, prompts, partial(load_reward, workspace, cfg, trainer.model,
+                                                                  trainer.tokenizer))
 
 
-def _train_loop(trainer: PPOTrainer, session: RunSession, prompts: list[PreparedPrompt]) -> RunResult:
+def _train_loop(trainer: PPOTrainer, session: RunSession, prompts: list[PreparedPrompt],
+                load: Callable[[str, str], RolloutScorer]) -> RunResult:
     cfg, write = trainer.cfg, partial(write_checkpoint_files, trainer)
     previous = None
     try:
@@ -167,9 +174,38 @@ def _train_loop(trainer: PPOTrainer, session: RunSession, prompts: list[Prepared
             previous = metrics
             if session.step % cfg.checkpoint_every == 0 or session.step == cfg.steps:
                 session.checkpoint(write)
+                switch_reward(trainer, session, load)
     except (NonFiniteError, CheckpointWriteError, torch.OutOfMemoryError) as exc:
         return session.finish("failed", failure_message(exc, session, cfg))
     return session.finish("finished", f"finished {cfg.steps} steps")
+
+
+def switch_reward(trainer: PPOTrainer, session: RunSession, load: Callable[[str, str], RolloutScorer]) -> None:
+    """After a checkpoint: score the steps after it with the reward run a refit trained, when the hooks hand one
+    over (`rlhf.refit`); `load(reward_run, adapter_name)` builds its scorer. One that cannot be loaded leaves the
+    reward as it was. A switch is a warning, the metric `reward_switch` at this step and a `run_rewards` row (what
+    a resume reads)."""
+    run_id, step = session.run_id, session.step
+    reward_run = session.hooks.take_reward_switch(run_id, step)
+    if reward_run is None:
+        return
+    old = current_reward_run(session.store, run_id, step)
+    try:
+        scorer = load(reward_run, f"{REWARD_ADAPTER}-{step}")
+    except Exception as exc:  # noqa: BLE001 - out of memory included: the run goes on with the reward it had
+        error = (f"step {step}: the refit reward run {reward_run} could not be loaded ({error_line(exc)}); PPO keeps "
+                 f"scoring with {old}")
+        session.warn(error)
+        session.hooks.on_reward_switch(run_id, step, reward_run, error)
+        return
+    if isinstance(trainer.reward, SharedBaseReward):
+        trainer.model.delete_adapter(trainer.reward.head.adapter_name)
+    trainer.reward = scorer
+    if session.writes:
+        session.store.add_reward_switch(run_id, reward_run, step)
+        session.store.log_metrics(run_id, step, {"reward_switch": 1.0})
+    session.warn(f"step {step}: PPO scores with the refit reward run {reward_run} from step {step + 1} (was {old})")
+    session.hooks.on_reward_switch(run_id, step, reward_run, None)
 
 
 def guard_warnings(step: int, metrics: dict[str, float], previous: dict[str, float] | None,

@@ -401,11 +401,19 @@ def build_trainer(workspace: Workspace, cfg: Config, reward_run: str, checkpoint
     if sft:
         model.load_adapter(sft, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         model.set_adapter(POLICY_ADAPTER)
+    reward = load_reward(workspace, cfg, model, tokenizer, reward_run)
+    value_head = ValueHead(base.get_output_embeddings().in_features).to(device) if cfg.ppo.algorithm == "ppo" else None
+    return PPOTrainer(model, value_head, reward, tokenizer, cfg.ppo)
+
+
+def load_reward(workspace: Workspace, cfg: Config, model: PeftModel, tokenizer: PreTrainedTokenizerBase,
+                reward_run: str, adapter_name: str = REWARD_ADAPTER) -> RolloutScorer:
+    """The scorer of a reward run for PPO on `model`: its LoRA as adapter `adapter_name` on the policy's own base
+    when it was trained on the same model, quantization and tokenizer, else a separate model."""
     reward_dir = workspace.run_dir(reward_run)
     meta = read_reward_meta(reward_dir)
     same_base = (meta["base_model"] == cfg.model.name and meta["quantization"] == cfg.model.quantization
                  and reward_tokenizer_matches(reward_dir, tokenizer))
-    reward = (SharedBaseReward(model, load_reward_onto(model, reward_dir, REWARD_ADAPTER)) if same_base
-              else SeparateReward(RewardScorer.from_run(workspace, reward_run, cfg, device=device)))
-    value_head = ValueHead(base.get_output_embeddings().in_features).to(device) if cfg.ppo.algorithm == "ppo" else None
-    return PPOTrainer(model, value_head, reward, tokenizer, cfg.ppo)
+    if same_base:
+        return SharedBaseReward(model, load_reward_onto(model, reward_dir, adapter_name))
+    return SeparateReward(RewardScorer.from_run(workspace, reward_run, cfg, device=model.get_base_model().device))

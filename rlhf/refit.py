@@ -22,17 +22,16 @@ from .hooks import RunHooks, RunResult
 from .store import Store
 
 
-def reward_run_at(parent_run: str, switches: list[dict[str, Any]], step: int) -> str:
-    """The reward run that scores the steps after `step` of a PPO run that started with `parent_run` and switched
-    as `switches` say (rows of {from_step, reward_run}): the latest switch made at or before `step`, else the
-    parent."""
-    made = [switch for switch in switches if switch["from_step"] <= step]
-    return max(made, key=lambda switch: switch["from_step"])["reward_run"] if made else parent_run
+def reward_run_at(history: list[dict[str, Any]], step: int) -> str:
+    """The reward run that scores the steps after `step` of a PPO run whose reward `history` is {from_step,
+    reward_run} rows (the one it started with from step 0, then its switches): the latest one from at or before
+    `step`."""
+    return max((row for row in history if row["from_step"] <= step), key=lambda row: row["from_step"])["reward_run"]
 
 
 def current_reward_run(store: Store, ppo_run: str, step: int) -> str:
-    """The reward run scoring PPO run `ppo_run` after `step` steps, from its row and its recorded switches."""
-    return reward_run_at(store.run(ppo_run)["parent_run"], store.reward_switches(ppo_run), step)
+    """The reward run scoring PPO run `ppo_run` after `step` steps (`Store.reward_history`)."""
+    return reward_run_at(store.reward_history(ppo_run), step)
 
 
 @contextmanager

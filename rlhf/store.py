@@ -777,10 +777,12 @@ class Store:
                             "ON CONFLICT (run_id, from_step) DO UPDATE SET reward_run = excluded.reward_run",
                             [run_id, from_step, reward_run, now_iso()])
 
-    def reward_switches(self, run_id: str) -> list[dict[str, Any]]:
-        """A PPO run's reward switches, oldest first: {from_step, reward_run, created_at} each."""
-        return self._query("SELECT from_step, reward_run, created_at FROM run_rewards WHERE run_id = ? "
-                           "ORDER BY from_step", [run_id])
+    def reward_history(self, run_id: str) -> list[dict[str, Any]]:
+        """The reward runs that score a PPO run, oldest first, as {from_step, reward_run}: the one it started with
+        (from step 0), then each it switched to after a checkpoint (a refit)."""
+        return self._query("SELECT 0 AS from_step, parent_run AS reward_run FROM runs WHERE id = ? "
+                           "UNION ALL SELECT from_step, reward_run FROM run_rewards WHERE run_id = ? "
+                           "ORDER BY from_step", [run_id, run_id])
 
     # -- summary -----------------------------------------------------------------------------
 

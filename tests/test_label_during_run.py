@@ -1,0 +1,127 @@
+"""Labeling while a PPO run trains, and the refit switch: the Label screen (Pilot) against a real engine process
+and the tiny model. Pairs keep coming from the run's own policy between its steps, each decision carries the run
+and step; `f` refits the reward model on the labels so far and the run switches to it at its next checkpoint, or
+keeps its reward (and says so) when the refit fails."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from rlhf.engine import protocol
+from rlhf.refit import preserved_rng, reward_run_at
+from rlhf.store import Store
+from rlhf_tui.app.main import RlhfApp
+from rlhf_tui.app.screens.label import LabelScreen
+from test_label_screen import wait_ready_to_decide
+from test_reward_screen import ENGINE_TIMEOUT_S, db_metric, db_run, make_workspace, wait_until
+
+# Tiny PPO: 4 prompts a step, 8 new tokens, one epoch, a checkpoint every 2 steps; long enough to label during.
+PPO_TOML = ("[ppo]\nsteps = 300\nbatch_size = 4\nminibatches = 2\nppo_epochs = 1\nmax_new_tokens = 8\n"
+            "checkpoint_every = 2\n")
+
+
+def test_reward_run_at_takes_the_latest_reward_from_at_or_before_that_step():
+    history = [{"from_step": 10, "reward_run": "r2"}, {"from_step": 0, "reward_run": "r0"},
+               {"from_step": 4, "reward_run": "r1"}]
+    assert reward_run_at(history, 0) == "r0"
+    assert reward_run_at(history, 3) == "r0"
+    assert reward_run_at(history, 4) == "r1"  # a switch at checkpoint 4 scores steps 5, 6, ...
+    assert reward_run_at(history, 9) == "r1"
+    assert reward_run_at(history, 12) == "r2"
+    assert reward_run_at(history[1:2], 12) == "r0"
+
+
+def test_preserved_rng_puts_torch_and_python_streams_back():
+    torch.manual_seed(7)
+    random.seed(7)
+    expected = (torch.rand(3).tolist(), random.random())
+    torch.manual_seed(7)
+    random.seed(7)
+    with preserved_rng():
+        torch.manual_seed(123)  # what sampling a labeling pair does
+        random.seed(123)
+        torch.rand(5)
+    assert (torch.rand(3).tolist(), random.random()) == expected
+
+
+@pytest.fixture(scope="module")
+def rewarded(tmp_path_factory, tiny_model_dir):
+    """A workspace with 80 labeled pairs and a finished one-epoch reward run (trained in this process)."""
+    from rlhf.reward import train_reward
+
+    ws = make_workspace(tmp_path_factory.mktemp("during") / "ws", tiny_model_dir, PPO_TOML)
+    result = train_reward(ws, ws.load_config().override({"reward.epochs": 1}))
+    assert result.status == "finished", result.message
+    return ws, result.run_id
+
+
+def db_rows(ws, sql: str, params=()) -> list[dict]:
+    with Store(ws.db_path) as store:
+        return list(store.db.query(sql, params))
+
+
+async def label_one_run_pair(pilot, screen: LabelScreen, run_id: str) -> None:
+    """Decide pairs until one sampled by the run has been decided (the first may be the labeling model's)."""
+    while True:
+        await wait_ready_to_decide(pilot, screen, ENGINE_TIMEOUT_S, "a pair during the run")
+        from_run = screen.current.run_id == run_id
+        if from_run:  # the status line names the policy that sampled the pair on screen
+            status = str(screen.query_one("#status").content)
+            assert f"model {screen.engine_info.model_label} ({run_id} after step {screen.current.run_step})" in status
+        await pilot.press("a")
+        if from_run:
+            return
+
+
+async def test_labeling_continues_during_ppo_and_a_refit_switches_its_reward(rewarded):
+    ws, reward_run = rewarded
+    cfg = ws.load_config()
+    app = RlhfApp(ws, cfg, annotator="t")
+    async with app.run_test(size=(120, 30)) as pilot:
+        screen = app.screen
+        assert isinstance(screen, LabelScreen)
+        await wait_until(pilot, lambda: screen.engine_info is not None, ENGINE_TIMEOUT_S, "the engine")
+        assert not screen.check_action("refit", ())  # no PPO run: the refit key is off (and out of the footer)
+        app.engine.send(protocol.StartPPO(config=cfg, reward_run=reward_run))
+        await wait_until(pilot, lambda: screen.ppo_run is not None, ENGINE_TIMEOUT_S, "the PPO run")
+        run_id = screen.ppo_run
+
+        # Labeling goes on: pairs from the run's policy, each decision stored with the run and step.
+        for _ in range(2):
+            await label_one_run_pair(pilot, screen, run_id)
+        decided = db_rows(ws, "SELECT c.run_id, c.run_step, r.run_checkpoint, r.adapter FROM comparisons c "
+                              "JOIN responses r ON r.id = c.response_a_id WHERE c.run_id IS NOT NULL")
+        assert len(decided) >= 2 and {row["run_id"] for row in decided} == {run_id}
+        assert all(row["run_step"] >= 1 and row["adapter"] is None for row in decided)
+
+        # A refit that fails (no labels to train on) leaves the run with its reward, and says so.
+        kept = db_rows(ws, "SELECT * FROM comparisons")
+        with Store(ws.db_path) as store:
+            store.db.execute("DELETE FROM comparisons")
+            store.db.conn.commit()
+        assert screen.check_action("refit", ())
+        await pilot.press("f")
+        await wait_until(pilot, lambda: screen.refit.stage == "failed", ENGINE_TIMEOUT_S, "the failed refit")
+        assert f"keeps scoring with reward run {reward_run}" in screen.refit.message
+        assert db_rows(ws, "SELECT * FROM run_rewards") == []
+
+        # Labels back: the refit trains, and the run switches to it at its next checkpoint.
+        with Store(ws.db_path) as store:
+            store.db["comparisons"].insert_all(kept)
+            store.db.conn.commit()
+        await pilot.press("f")
+        await wait_until(pilot, lambda: screen.refit.stage == "switched", ENGINE_TIMEOUT_S, "the switch")
+        refit_run = screen.refit.reward_run
+        assert db_run(ws, refit_run).status == "finished" and refit_run != reward_run
+        (switch,) = db_rows(ws, "SELECT from_step, reward_run FROM run_rewards WHERE run_id = ?", [run_id])
+        assert switch["reward_run"] == refit_run and switch["from_step"] % 2 == 0  # at a checkpoint
+        assert db_metric(ws, run_id, "reward_switch") == {switch["from_step"]: 1.0}
+        await wait_until(pilot, lambda: db_run(ws, run_id).step > switch["from_step"], ENGINE_TIMEOUT_S,
+                         "a step scored by the refit")
+
+        app.engine.send(protocol.StopRun(run_id))
+        await wait_until(pilot, lambda: screen.ppo_run is None, ENGINE_TIMEOUT_S, "the stop")
+        assert db_run(ws, run_id).status == "stopped"
