@@ -214,6 +214,6 @@ def test_keyboard_interrupt_exits_130(capsys, tmp_path: Path, ws: Path, monkeypa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "import_prompts", interrupted)
+    monkeypatch.setattr(cli.data, "import_prompts", interrupted)
     assert _run(capsys, "prompts", "import", _prompts_file(tmp_path), "--workspace", ws) == \
         (130, "", "rlhf-tui: interrupted\n")

@@ -20,8 +20,8 @@ def shipped_name(path: Path) -> str:
 
 
 def test_shipped_name_maps_the_renamed_folders():
-    assert [shipped_name(ROOT / p) for p in ("app/main.py", "data/demo/prompts.txt", "rlhf/cli.py")] == \
-        ["rlhf_tui/app/main.py", "rlhf/data/demo/prompts.txt", "rlhf/cli.py"]
+    assert [shipped_name(ROOT / p) for p in ("app/main.py", "data/demo/prompts.txt", "rlhf/cli/runs.py")] == \
+        ["rlhf_tui/app/main.py", "rlhf/data/demo/prompts.txt", "rlhf/cli/runs.py"]
 
 
 def run(*command: str | Path, cwd: Path) -> subprocess.CompletedProcess:

@@ -1,0 +1,5 @@
+"""`python -m rlhf.cli`: the headless commands."""
+
+from . import main
+
+raise SystemExit(main())
