@@ -90,7 +90,9 @@ class RlhfApp(App):
     BINDINGS = [
         Binding("tab", "next_screen(1)", "screens", id="next_screen", priority=True),
         Binding("shift+tab", "next_screen(-1)", "previous screen", id="previous_screen", priority=True, show=False),
-        Binding("ctrl+r", "restart_engine", "restart engine", id="restart_engine", priority=True),
+        Binding("ctrl+r", "restart_engine", "restart", id="restart_engine", priority=True,
+                tooltip="restart the engine"),  # short: every Label key fits a 120-column footer
+        Binding("ctrl+t", "switch_mode('stats')", "stats", id="stats_screen", show=False),  # also in the palette
     ]
 
     def __init__(self, workspace: Workspace, config: Config, annotator: str | None = None) -> None:
@@ -121,6 +123,7 @@ class RlhfApp(App):
             except NotImplementedError:  # Windows' event loops: the signal keeps its default action
                 break
         self.engine.start()
+        self.call_after_refresh(self.refresh_bindings)  # the footer was drawn before the start: restart showed
         self.set_interval(ENGINE_POLL_INTERVAL_S, self._drain_engine)
         self.set_interval(DATABASE_CHECK_INTERVAL_S, self.ensure_database_on_disk)
 

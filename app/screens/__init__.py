@@ -14,6 +14,7 @@ from textual.screen import Screen
 from .label import LabelScreen
 from .reward import RewardScreen
 from .runs import RunsScreen
+from .stats import StatsScreen
 from .train import TrainScreen
 
 
@@ -29,4 +30,5 @@ TABS: tuple[Tab, ...] = (
     Tab("reward", "Reward model", RewardScreen),
     Tab("train", "Train", TrainScreen),
     Tab("runs", "Runs", RunsScreen),
+    Tab("stats", "Stats", StatsScreen),
 )

@@ -98,20 +98,26 @@ def sampling_summary(sampling: dict) -> str:
 
 
 class LabelScreen(RlhfScreen):
-    # priority: the answer panes scroll with arrows, but here arrows decide.
+    # priority: the answer panes scroll with arrows, but here arrows decide. Descriptions are short so that every
+    # key fits a 120-column footer (test_label_screen checks it); the help (`?`) shows each tooltip in full.
     BINDINGS = [
         Binding("a,1,left", "decide('a')", "A better", id="prefer_a", priority=True),
         Binding("b,2,right", "decide('b')", "B better", id="prefer_b", priority=True),
-        Binding("A", "decide('a', True)", "A strongly", id="strong_a", priority=True),
-        Binding("B", "decide('b', True)", "B strongly", id="strong_b", priority=True),
+        Binding("A", "decide('a', True)", "strong", id="strong_a", priority=True,
+                tooltip=f"A much better (stored with margin {STRONG_MARGIN})"),
+        Binding("B", "decide('b', True)", "strong", id="strong_b", priority=True,
+                tooltip=f"B much better (stored with margin {STRONG_MARGIN})"),
         Binding("t,equals_sign", "decide('tie')", "tie", id="tie", priority=True),
         Binding("x,0", "decide('both_bad')", "both bad", id="both_bad", priority=True),
         Binding("s,space", "decide('skip')", "skip", id="skip", priority=True),
         Binding("u,backspace", "undo", "undo", id="undo", priority=True),
-        Binding("r", "regenerate", "regenerate", id="regenerate", priority=True),
+        Binding("r", "regenerate", "resample", id="regenerate", priority=True,
+                tooltip="regenerate: two fresh answers to this prompt"),
         Binding("n", "note", "note", id="note", priority=True),
-        Binding("f", "refit", "refit reward", id="refit", priority=True),
-        Binding("question_mark", "help", "help", id="help", priority=True),
+        Binding("f", "refit", "refit", id="refit", priority=True,
+                tooltip="refit the reward model on every label so far (while a PPO run trains)"),
+        Binding("question_mark", "help", "help", id="help", priority=True,
+                tooltip="help: the guidelines and every key"),
         Binding("up", "scroll(-1)", "scroll up", id="scroll_up", show=False),
         Binding("down", "scroll(1)", "scroll down", id="scroll_down", show=False),
         Binding("pageup", "scroll(-10)", "page up", id="page_up", show=False),
@@ -140,15 +146,17 @@ class LabelScreen(RlhfScreen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield TextPane("prompt", id="prompt")
-        with Container(id="answers"):
-            yield TextPane("A", id="answer-a")
-            yield TextPane("B", id="answer-b")
+        with Vertical(id="answer-area"):  # the room left; the panes take what their answers need of it
+            with Container(id="answers"):
+                yield TextPane("A", id="answer-a")
+                yield TextPane("B", id="answer-b")
         with Vertical(id="engine-panel"):
             yield Static("", id="engine-message", markup=False)
             yield ProgressBar(total=1.0, show_eta=False, id="engine-progress")
         yield Static("", id="notice", markup=False)
         yield Static("", id="status", markup=False)
-        yield Footer(compact=True)
+        # No "^p palette" here: with it, 120 columns cannot hold every key. ctrl+p still opens it (listed in help).
+        yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         self.title = "rlhf-tui · label"
@@ -310,7 +318,8 @@ class LabelScreen(RlhfScreen):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "refit":  # only while a PPO run trains: the footer has no room for a key that does nothing
-            return self.ppo_run is not None
+            engine = self.app.engine  # (nor beside ctrl+r, which shows when the engine is down or stuck)
+            return self.ppo_run is not None and engine.alive and not engine.unresponsive
         return True
 
     def action_refit(self) -> None:
@@ -352,10 +361,12 @@ class LabelScreen(RlhfScreen):
             pane.scroll_relative(y=lines * SCROLL_LINES, animate=False)
 
     def _key_list(self) -> list[tuple[str, str]]:
-        """(keys, description) per binding, as remapped by the user's keymap."""
+        """(keys, description) per binding, as remapped by the user's keymap; the tooltip where the footer's
+        description is a short form."""
         by_action: dict[str, list[str]] = {}
         for key, active in self.active_bindings.items():
-            by_action.setdefault(active.binding.description, []).append(self.app.get_key_display(active.binding))
+            description = active.binding.tooltip or active.binding.description
+            by_action.setdefault(description, []).append(self.app.get_key_display(active.binding))
         return [(" ".join(dict.fromkeys(keys)), description) for description, keys in by_action.items()]
 
     # -- drawing ---------------------------------------------------------------------------------
@@ -398,7 +409,7 @@ class LabelScreen(RlhfScreen):
         pair = self.current
         has_pair = pair is not None
         self.query_one("#prompt").display = has_pair
-        self.query_one("#answers").display = has_pair
+        self.query_one("#answer-area").display = has_pair
         panel = self.query_one("#engine-panel")
         panel.display = not has_pair
         if not has_pair:

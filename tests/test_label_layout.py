@@ -1,0 +1,91 @@
+"""The Label screen at 120 columns (issue 14, item 6): the footer holds every key in each state of the screen,
+and the answer panes are as tall as their text, within the room there is. Pilot against a real engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from textual.widgets import Footer
+
+from rlhf.engine import protocol
+from rlhf_tui.app.main import RlhfApp
+from rlhf_tui.app.screens.dialogs import HelpScreen
+from rlhf_tui.app.screens.label import LabelScreen
+from rlhf_tui.app.widgets.answer import TextPane
+from test_label_screen import ENGINE_TIMEOUT_S, make_workspace, wait_until  # tests/ is on sys.path
+
+WIDTH, HEIGHT = 120, 30
+LONG_ANSWER = "\n".join(f"line {i} of a long answer" for i in range(80))
+
+
+def shown_keys(screen: LabelScreen) -> dict[str, tuple[int, int]]:
+    """The footer's keys and the columns each one spans."""
+    footer = screen.query_one(Footer)
+    return {key.key: (key.region.x, key.region.right) for key in footer.query("FooterKey")}
+
+
+def footer_keys(*extra: str) -> set[str]:
+    """The first key of every footer binding of the Label screen and the app, plus `extra` (keys shown only in
+    some states)."""
+    situational = {"refit", "restart_engine"}
+    return {b.key.split(",")[0] for b in (*RlhfApp.BINDINGS, *LabelScreen.BINDINGS)
+            if b.show and b.id not in situational} | set(extra)
+
+
+def assert_footer_fits(screen: LabelScreen, *extra: str) -> None:
+    shown = shown_keys(screen)
+    assert set(shown) == footer_keys(*extra)
+    assert max(right for _, right in shown.values()) <= WIDTH, shown
+
+
+async def test_footer_shows_every_key_at_120_columns(workspace):
+    cfg = make_workspace(workspace, prompts=4, prefetch=1)
+    app = RlhfApp(workspace, cfg, annotator="ann")
+    async with app.run_test(size=(WIDTH, HEIGHT)) as pilot:
+        screen = app.screen
+        await wait_until(pilot, lambda: screen.current is not None, ENGINE_TIMEOUT_S, "the first pair")
+        await pilot.pause()
+        assert_footer_fits(screen)  # no restart key while the engine is up: it was drawn before the start
+        # The run's events as the engine sends them while a PPO run trains: the refit key joins the footer.
+        screen.handle_engine_events([protocol.RunStarted("ppo-test", "ppo", 10)])
+        await pilot.pause()
+        assert_footer_fits(screen, "f")
+        os.kill(app.engine.pid, signal.SIGKILL)  # engine down: ctrl+r shows, refit (it could not run) goes
+        await wait_until(pilot, lambda: screen.engine_error is not None, what="the death report")
+        await pilot.pause()
+        assert_footer_fits(screen, "ctrl+r")
+        # The keys the footer leaves out (the palette, the Stats screen, scrolling) and the long forms of the
+        # short descriptions are in the help.
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        listed = {description: keys for keys, description in app.screen.keys}
+        assert listed["Open the command palette"] == "^p" and listed["stats"] == "^t" and "scroll down" in listed
+        assert listed["A much better (stored with margin 1.0)"] == "A"
+        assert listed["regenerate: two fresh answers to this prompt"] == "r"
+
+
+async def test_answer_panes_are_as_tall_as_their_text(workspace):
+    cfg = make_workspace(workspace, prompts=4, prefetch=1)  # 4 new tokens: short answers
+    app = RlhfApp(workspace, cfg, annotator="ann")
+    async with app.run_test(size=(WIDTH, HEIGHT)) as pilot:
+        screen = app.screen
+        await wait_until(pilot, lambda: screen.current is not None, ENGINE_TIMEOUT_S, "the first pair")
+        await pilot.pause()
+        area = screen.query_one("#answer-area").region
+        a, b = screen.query_one("#answer-a", TextPane), screen.query_one("#answer-b", TextPane)
+        text_lines = max(pane.query_one(".pane-body").region.height for pane in (a, b))
+        assert a.region.height == b.region.height == text_lines + 2  # the text and the border, both alike
+        assert a.region.height <= area.height // 3  # not the whole room: it was the full height before
+
+        for pane in (a, b):  # long answers: the panes take the room there is and scroll
+            pane.show(LONG_ANSWER)
+        await pilot.pause()
+        assert a.region.height == b.region.height == area.height
+        assert a.max_scroll_y > 0
+
+        await pilot.resize_terminal(80, HEIGHT)  # narrow: stacked, each at most half the room, both readable
+        await pilot.pause()
+        area = screen.query_one("#answer-area").region
+        assert a.region.y < b.region.y and a.region.height <= area.height // 2 and b.region.bottom <= area.bottom
+        assert screen._panes_readable()
