@@ -93,6 +93,7 @@ class RlhfApp(App):
         Binding("ctrl+r", "restart_engine", "restart", id="restart_engine", priority=True,
                 tooltip="restart the engine"),  # short: every Label key fits a 120-column footer
         Binding("ctrl+t", "switch_mode('stats')", "stats", id="stats_screen", show=False),  # also in the palette
+        Binding("ctrl+e", "switch_mode('eval')", "eval", id="eval_screen", show=False),  # also in the palette
     ]
 
     def __init__(self, workspace: Workspace, config: Config, annotator: str | None = None) -> None:

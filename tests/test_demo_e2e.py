@@ -12,7 +12,11 @@ with at least MIN_READABLE well formed after.
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +31,7 @@ from rlhf.store import PromptItem, Store
 RULE = "is_polite"  # the hidden rule: a polite answer beats one that is not
 LABELED_PAIRS = 40
 EVAL_PROMPTS = 40
+BLIND_PAIRS = 40  # blind evaluation pairs, on prompts the PPO run never drew
 MIN_RISE = 0.3
 MIN_READABLE = 0.8
 
@@ -148,18 +153,27 @@ def shares(sampler, prompts: list[dict]) -> tuple[float, float]:
             sum(f["well_formed"] for f in features) / len(features))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
-def test_demo_end_to_end_rule_share_rises_after_ppo(tmp_path: Path, algorithm: str):
-    from peft import PeftModel
+@dataclass
+class TrainedDemo:
+    """The demo after labeling by the rule, its reward model and one run of an algorithm."""
 
+    workspace: Workspace
+    base: Any
+    sampler: Any
+    held_out: list[dict]
+    before: tuple[float, float]  # rule share, well-formed share of the base's answers to `held_out`
+    scores: list[float]
+    adapter: Path | None
+
+
+def train_demo(root: Path, algorithm: str) -> TrainedDemo:
     from rlhf.engine.worker import latest_policy_adapter
     from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_name
     from rlhf.ppo import run_ppo
     from rlhf.reward import train_reward
     from rlhf.sampling import PairSampler
 
-    workspace = Workspace(tmp_path)
+    workspace = Workspace(root)
     cfg = with_demo_defaults(workspace.load_config(), keys_set_in(workspace.config_path))
     if algorithm != "ppo":  # the same 8 responses a step: 2 prompts x 4 samples (RLOO 0.36 -> 0.94, GRPO -> 0.75)
         cfg = cfg.override({"ppo.algorithm": algorithm, "ppo.batch_size": 2, "ppo.samples_per_prompt": 4})
@@ -178,7 +192,7 @@ def test_demo_end_to_end_rule_share_rises_after_ppo(tmp_path: Path, algorithm: s
             pair = sampler.sample(prompt["text"], prompt["messages"], prompt_id=prompt["id"], draw=0)
             ids = [store.add_response(prompt["id"], answer.text, model=model_name) for answer in pair.answers]
             store.add_comparison(prompt["id"], *ids, rule_choice(*(answer.text for answer in pair.answers)))
-        before, readable_before = shares(sampler, held_out)
+        before = shares(sampler, held_out)
 
         reward = train_reward(workspace, cfg, store=store)
         assert reward.status == "finished", reward.message
@@ -186,10 +200,58 @@ def test_demo_end_to_end_rule_share_rises_after_ppo(tmp_path: Path, algorithm: s
         assert ppo.status == "finished", ppo.message
         scores = [row["value"] for row in store.metrics(ppo.run_id, "score_mean")]
         adapter = latest_policy_adapter(store, workspace, model_name)  # what the app's engine samples from next
+    return TrainedDemo(workspace, base, sampler, held_out, before, scores, adapter)
 
+
+@pytest.fixture(scope="module")
+def trained_demo(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], TrainedDemo]:
+    """`trained_demo(algorithm)`: `train_demo` in a fresh folder, once per algorithm for the whole module (the
+    blind evaluation test reuses the PPO one)."""
+    built: dict[str, TrainedDemo] = {}
+
+    def get(algorithm: str) -> TrainedDemo:
+        if algorithm not in built:
+            built[algorithm] = train_demo(tmp_path_factory.mktemp(f"demo-{algorithm}"), algorithm)
+        return built[algorithm]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
+def test_demo_end_to_end_rule_share_rises_after_ppo(trained_demo: Callable[[str], TrainedDemo], algorithm: str):
+    from peft import PeftModel
+
+    demo = trained_demo(algorithm)
+    scores = demo.scores
     assert sum(scores[-5:]) / 5 > sum(scores[:5]) / 5  # the reward curve rises
-    assert adapter is not None
-    sampler.model = PeftModel.from_pretrained(base, adapter).eval()
-    after, readable_after = shares(sampler, held_out)
+    assert demo.adapter is not None
+    before, readable_before = demo.before
+    demo.sampler.model = PeftModel.from_pretrained(demo.base, demo.adapter).eval()
+    try:
+        after, readable_after = shares(demo.sampler, demo.held_out)
+    finally:
+        demo.sampler.model = demo.sampler.model.unload()  # the plain base again
     assert after >= before + MIN_RISE, (before, after)
     assert readable_after >= MIN_READABLE, (readable_before, readable_after)
+
+
+@pytest.mark.slow
+def test_demo_blind_eval_the_trained_policy_beats_the_reference(trained_demo: Callable[[str], TrainedDemo],
+                                                                 capsys: pytest.CaptureFixture[str]):
+    """`rlhf-tui eval prepare` on prompts PPO never drew, labeled blind by the same "prefer polite" annotator
+    (a tie when neither or both answers are polite), and `eval report`: the trained policy wins, the lower end
+    of its 95% interval above 0.5."""
+    demo = trained_demo("ppo")
+    where = ["--workspace", str(demo.workspace.root)]
+    assert cli.main(["eval", "prepare", "-n", str(BLIND_PAIRS), "--seed", "0", *where]) == 0
+    with Store(demo.workspace.db_path) as store:
+        (session,) = store.eval_sessions()
+        for pair in store.eval_pairs(session["id"]):
+            choice = rule_choice(pair["text_a"], pair["text_b"])
+            store.add_eval_decision(pair["id"], "tie" if choice == "skip" else choice, annotator="polite-script")
+    capsys.readouterr()
+    assert cli.main(["eval", "report", "--json", *where]) == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    assert (result["opponent"], result["decided"]) == ("reference", BLIND_PAIRS)
+    assert result["wilson_95"][0] > 0.5, result

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from textual.screen import Screen
 
+from .eval import EvalScreen
 from .label import LabelScreen
 from .reward import RewardScreen
 from .runs import RunsScreen
@@ -31,4 +32,5 @@ TABS: tuple[Tab, ...] = (
     Tab("train", "Train", TrainScreen),
     Tab("runs", "Runs", RunsScreen),
     Tab("stats", "Stats", StatsScreen),
+    Tab("eval", "Eval", EvalScreen),
 )

@@ -1,0 +1,130 @@
+"""The Eval screen driven by keys (Textual Pilot): pairs sampled by a real engine on the tiny model, labeled blind
+with the Label keys, identities revealed at the end with the win rate and its interval."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+from rlhf.config import Workspace
+from rlhf.evaluation import plan_eval, prepare_eval
+from rlhf.store import Store
+from rlhf_tui.app.main import RlhfApp
+from rlhf_tui.app.screens import TABS
+from rlhf_tui.app.screens.eval import EvalScreen, checkpoint_options, reveal_lines
+from rlhf_tui.app.screens.label import MIN_LOOK_MS
+from test_evaluation import tiny_ppo_run  # noqa: F401 - the fixture: a PPO run on the tiny model with a checkpoint
+from test_label_screen import ENGINE_TIMEOUT_S, wait_until
+
+
+def test_checkpoint_options_lists_ppo_runs_with_a_checkpoint_newest_first():
+    runs = [SimpleNamespace(id="ppo-1", kind="ppo", checkpoint_step=5), SimpleNamespace(id="ppo-2", kind="ppo",
+                                                                                       checkpoint_step=None),
+            SimpleNamespace(id="reward-1", kind="reward", checkpoint_step=3),
+            SimpleNamespace(id="ppo-3", kind="ppo", checkpoint_step=2)]
+    assert checkpoint_options(runs) == [("ppo-3 @ step 2", "ppo-3"), ("ppo-1 @ step 5", "ppo-1")]
+
+
+def test_reveal_lines_name_each_side():
+    pairs = [{"choice": "a", "candidate_side": "b"}, {"choice": None, "candidate_side": "a"},
+             {"choice": "tie", "candidate_side": "a"}, {"choice": "skip", "candidate_side": "a"}]
+    assert reveal_lines(pairs, "ppo-1@5", "reference") == [
+        "  1. A better  A = reference, B = ppo-1@5: loss",
+        "  3. tie       A = ppo-1@5, B = reference: tie",
+        "  4. skipped   A = ppo-1@5, B = reference: not counted"]
+
+
+def configure(workspace: Workspace) -> None:
+    with workspace.config_path.open("a") as f:
+        f.write("[sampling]\nmax_new_tokens = 6\n")
+
+
+async def decide(pilot, screen: EvalScreen, key: str) -> None:
+    """Press `key` once the pair on screen has been visible long enough for a decision to count."""
+    await wait_until(pilot, lambda: screen.shown_at is not None, 10, "the pair painted")
+    while (time.monotonic() - screen.shown_at) * 1000 < MIN_LOOK_MS + 50:
+        await pilot.pause(0.05)
+    await pilot.press(key)
+
+
+def eval_comparisons(workspace: Workspace) -> list[dict]:
+    with Store(workspace.db_path) as store:
+        return [row for row in store.comparisons() if row["eval_pair_id"] is not None]
+
+
+async def test_prepare_through_the_engine_label_blind_and_reveal(workspace, store, tiny_ppo_run):  # noqa: F811
+    configure(workspace)
+    app = RlhfApp(workspace, workspace.load_config(), annotator="ann")
+    async with app.run_test(size=(140, 40)) as pilot:
+        await pilot.press("ctrl+e")
+        screen = app.screen
+        assert isinstance(screen, EvalScreen) and screen.stage == "setup"
+        assert screen.query_one("#eval-checkpoint").value == tiny_ppo_run
+        tag = screen.query_one("#eval-tag")
+        screen.set_focus(tag)
+        await pilot.press("a", "t", "e")  # decision keys are off in the form: they type
+        assert tag.value == "ate"
+        await pilot.press("enter")  # no held-out prompt has that tag: the engine says so
+        await wait_until(pilot, lambda: screen.stage == "setup" and "no held-out prompts tagged 'ate'" in screen.message,
+                         ENGINE_TIMEOUT_S, "the engine's refusal")
+        tag.value = ""
+        screen.query_one("#eval-count").value = "3"
+        screen.set_focus(None)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: screen.stage == "labeling", ENGINE_TIMEOUT_S, "the blind pairs")
+        session = screen.session
+        assert len(screen.pairs) == 3 and session["candidate"] == f"{tiny_ppo_run}@1"
+        assert not screen.query_one("#eval-setup").display  # the form naming the checkpoint is gone
+        shown = " ".join(str(widget.render()) for widget in screen.query("#eval-status, #eval-prompt Static, "
+                                                                         "#eval-answers Static"))
+        assert "pair 1 of 3" in shown and tiny_ppo_run not in shown and "reference" not in shown  # systems hidden
+
+        await wait_until(pilot, lambda: screen.shown_at is not None, 10, "the pair painted")
+        await pilot.press("a")  # at once: too fast to have read the pair
+        assert eval_comparisons(workspace) == []
+        await decide(pilot, screen, "a")
+        assert [(row["choice"], row["source"]) for row in eval_comparisons(workspace)] == [("a", "eval")]
+        await pilot.press("u")  # undo: the pair is back, its decision deleted
+        assert eval_comparisons(workspace) == [] and screen.position == 0
+        await decide(pilot, screen, "left")
+        await decide(pilot, screen, "t")
+        assert [row["choice"] for row in eval_comparisons(workspace)] == ["a", "tie"]
+        assert screen.position == 2
+        await pilot.press("e")  # end early: reveal with what is decided
+        assert screen.stage == "revealed"
+        text = screen.reveal_text()
+        assert "identities revealed" in text and f"{tiny_ppo_run}@1 vs reference: win rate" in text
+        assert "on 2 of 3 pairs" in text and text.count(f"A = ") == 2
+        await pilot.press("n")
+        assert screen.stage == "setup"
+
+
+async def test_the_last_decision_reveals_and_skips_do_not_count(workspace, store, tiny_ppo_run):  # noqa: F811
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    configure(workspace)
+    cfg = workspace.load_config()
+    plan = plan_eval(store, workspace, count=2, seed=1)
+    session_id = prepare_eval(store, plan, load_causal_lm(plan.model_name), load_tokenizer(plan.model_name), cfg)
+    app = RlhfApp(workspace, cfg, annotator="ann")
+    async with app.run_test(size=(140, 40)) as pilot:
+        await pilot.press("ctrl+e")
+        screen = app.screen
+        screen.open_session(session_id)
+        first = screen.pairs[0]["candidate_side"]
+        await decide(pilot, screen, "1" if first == "a" else "2")  # the candidate's side: a win
+        await decide(pilot, screen, "space")  # skip
+        assert screen.stage == "revealed"
+        assert "win rate 1.00" in screen.reveal_text() and "1 skipped on 2 of 2 pairs" in screen.reveal_text()
+
+
+async def test_eval_is_a_screen_in_the_palette_and_the_tab_cycle(workspace, store):
+    app = RlhfApp(workspace, workspace.load_config(), annotator="ann")
+    async with app.run_test(size=(140, 40)) as pilot:
+        assert "Eval" in [command.title for command in app.get_system_commands(app.screen)]
+        for _ in range([tab.name for tab in TABS].index("eval")):
+            await pilot.press("tab")
+        assert isinstance(app.screen, EvalScreen)
+        assert app.screen.query_one("#eval-checkpoint").is_blank()
+        await pilot.press("enter")  # nothing to evaluate: said, nothing sent
+        assert app.screen.stage == "setup"
