@@ -380,10 +380,12 @@ def export_record(pair: dict[str, Any], fmt: str) -> dict[str, Any]:
     return record
 
 
-def export_pairs(store: Store, out_path: str | Path, fmt: str = "trl", include_ties: bool = False) -> int:
+def export_pairs(store: Store, out_path: str | Path, fmt: str = "trl", include_ties: bool = False,
+                 include_eval: bool = False) -> int:
     """Write decided comparisons as JSONL (trl, messages or openai); returns the number of pairs.
 
-    Ties are written only with `include_ties` (marked `"tie": true`); both_bad and skip never.
+    Ties are written only with `include_ties` (marked `"tie": true`); both_bad and skip never. Decisions on blind
+    evaluation pairs only with `include_eval`.
     Never writes over the workspace's own files (rlhf.db, rlhf.toml, runs/) or any SQLite database. A regular
     file appears whole or not at all (temp file, then rename); a symlink keeps pointing where it did, at the new
     file; a FIFO or device (`/dev/stdout`, `/dev/null`) is written into, never replaced; `-` is stdout.
@@ -392,7 +394,7 @@ def export_pairs(store: Store, out_path: str | Path, fmt: str = "trl", include_t
         raise RlhfError(f"unknown export format {fmt!r} (choose {', '.join(EXPORT_FORMATS)})")
     if fmt == "openai" and include_ties:
         raise RlhfError("the openai preference format has no ties: drop --include-ties")
-    pairs = store.preference_pairs(include_ties=include_ties)
+    pairs = store.preference_pairs(include_ties=include_ties, include_eval=include_eval)
     lines = (json.dumps(export_record(pair, fmt), ensure_ascii=False) + "\n" for pair in pairs)
     if str(out_path) == "-":
         sys.stdout.writelines(lines)

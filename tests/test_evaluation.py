@@ -242,3 +242,15 @@ def test_eval_prepare_bad_input_is_one_line(workspace: Workspace, tiny_ppo_run: 
     assert cli.main(["eval", "prepare", "--workspace", str(workspace.root), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_export_writes_eval_decisions_only_when_asked(workspace: Workspace, store: Store,
+                                                      capsys: pytest.CaptureFixture[str]):
+    run_id = add_ppo_run(store, workspace)
+    for pair_id, choice in zip(add_session(store, "eval-1", f"{run_id}@2", run_id, ["a", "b"]), ["a", "b"]):
+        store.add_eval_decision(pair_id, choice)
+    out = workspace.root / "pairs.jsonl"
+    args = ["export", str(out), "--workspace", str(workspace.root)]
+    assert cli.main(args) == 0 and out.read_text(encoding="utf-8") == ""
+    assert cli.main([*args, "--include-eval"]) == 0
+    assert [json.loads(line)["chosen"] for line in out.read_text(encoding="utf-8").splitlines()] == ["left", "right"]

@@ -9,7 +9,7 @@ the checkpoint's win rate with ties and its 95% Wilson interval.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -19,12 +19,14 @@ from textual.widgets import Footer, Header, Input, Label, ProgressBar, Select, S
 from rlhf.engine import protocol
 from rlhf.errors import RlhfError
 from rlhf.evaluation import DEFAULT_EVAL_PAIRS, REFERENCE, describe_result, outcome_summary, session_outcomes
-from rlhf.run_rows import Run
 from rlhf.win_rate import eval_outcome
 
 from ..widgets.answer import TextPane
 from .base import RlhfScreen
 from .label import decision_ms, early_key_refusal, event_clock
+
+if TYPE_CHECKING:
+    from rlhf.run_rows import Run
 
 REFERENCE_OPTION = ("reference (adapters off)", REFERENCE)
 CHOICE_WORDS = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad", "skip": "skipped"}

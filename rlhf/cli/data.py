@@ -41,7 +41,8 @@ def _cmd_prompts_list(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     with open_workspace(args) as session:
-        count = export_pairs(session.store, args.out, fmt=args.format, include_ties=args.include_ties)
+        count = export_pairs(session.store, args.out, fmt=args.format, include_ties=args.include_ties,
+                             include_eval=args.include_eval)
     # Said on stderr when the pairs went to stdout, so a pipe gets nothing but JSONL.
     print(f"exported {plural(count, 'pair')} to {args.out}", file=sys.stderr if _is_stdout(args.out) else sys.stdout)
     return 0
@@ -170,6 +171,8 @@ def register_export(commands: argparse._SubParsersAction) -> None:
                         help="trl: prompt/chosen/rejected strings; messages: the same as chat messages; "
                              "openai: preference fine-tuning (default: trl)")
     parser.add_argument("--include-ties", action="store_true", help="also write ties, marked \"tie\": true")
+    parser.add_argument("--include-eval", action="store_true",
+                        help="also write decisions on blind evaluation pairs (`eval`; left out by default)")
 
 
 def register_import_pairs(commands: argparse._SubParsersAction) -> None:
