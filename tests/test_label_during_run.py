@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from rlhf import cli
 from rlhf.engine import protocol
 from rlhf.refit import preserved_rng, reward_run_at
 from rlhf.store import Store
@@ -76,7 +77,7 @@ async def label_one_run_pair(pilot, screen: LabelScreen, run_id: str) -> None:
             return
 
 
-async def test_labeling_continues_during_ppo_and_a_refit_switches_its_reward(rewarded):
+async def test_labeling_continues_during_ppo_and_a_refit_switches_its_reward(rewarded, capsys):
     ws, reward_run = rewarded
     cfg = ws.load_config()
     app = RlhfApp(ws, cfg, annotator="t")
@@ -125,3 +126,8 @@ async def test_labeling_continues_during_ppo_and_a_refit_switches_its_reward(rew
         app.engine.send(protocol.StopRun(run_id))
         await wait_until(pilot, lambda: screen.ppo_run is None, ENGINE_TIMEOUT_S, "the stop")
         assert db_run(ws, run_id).status == "stopped"
+
+    # Headless, the run says which reward run scored which steps.
+    assert cli.main(["runs", "show", run_id, "--workspace", str(ws.root)]) == 0
+    assert (f"scored by: {reward_run} from step 1, {refit_run} from step {switch['from_step'] + 1}"
+            in capsys.readouterr().out)

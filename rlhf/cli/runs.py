@@ -278,11 +278,14 @@ def _cmd_runs_show(args: argparse.Namespace) -> int:
     with open_workspace(args) as session:
         run = session.store.run(args.run)
         by_step = session.store.metrics_by_step(args.run)
+        rewards = session.store.reward_history(args.run)
     steps = [{"step": step, **values} for step, values in sorted(by_step.items())]
     if args.json:
         print_json({"run": run, "steps": steps})
         return 0
     print(f"{run['id']}: {run['kind']} run, {run['status']}, step {run['step']}/{run['total_steps'] or '?'}")
+    if len(rewards) > 1:  # a PPO run that switched to a refit's reward run
+        print("scored by: " + ", ".join(f"{row['reward_run']} from step {row['from_step'] + 1}" for row in rewards))
     names = list(dict.fromkeys(name for values in by_step.values() for name in values))
     print("\t".join(["step", *names]))
     for row in steps:
