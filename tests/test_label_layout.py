@@ -39,33 +39,7 @@ def assert_footer_fits(screen: LabelScreen, *extra: str) -> None:
     assert max(right for _, right in shown.values()) <= WIDTH, shown
 
 
-async def test_footer_shows_every_key_at_120_columns(workspace):
-    cfg = make_workspace(workspace, prompts=4, prefetch=1)
-    app = RlhfApp(workspace, cfg, annotator="ann")
-    async with app.run_test(size=(WIDTH, HEIGHT)) as pilot:
-        screen = app.screen
-        await wait_until(pilot, lambda: screen.current is not None, ENGINE_TIMEOUT_S, "the first pair")
-        await pilot.pause()
-        assert_footer_fits(screen)  # no restart key while the engine is up: it was drawn before the start
-        # The run's events as the engine sends them while a PPO run trains: the refit key joins the footer.
-        screen.handle_engine_events([protocol.RunStarted("ppo-test", "ppo", 10)])
-        await pilot.pause()
-        assert_footer_fits(screen, "f")
-        os.kill(app.engine.pid, signal.SIGKILL)  # engine down: ctrl+r shows, refit (it could not run) goes
-        await wait_until(pilot, lambda: screen.engine_error is not None, what="the death report")
-        await pilot.pause()
-        assert_footer_fits(screen, "ctrl+r")
-        # The keys the footer leaves out (the palette, the Stats screen, scrolling) and the long forms of the
-        # short descriptions are in the help.
-        await pilot.press("question_mark")
-        assert isinstance(app.screen, HelpScreen)
-        listed = {description: keys for keys, description in app.screen.keys}
-        assert listed["Open the command palette"] == "^p" and listed["stats"] == "^t" and "scroll down" in listed
-        assert listed["A much better (stored with margin 1.0)"] == "A"
-        assert listed["regenerate: two fresh answers to this prompt"] == "r"
-
-
-async def test_answer_panes_are_as_tall_as_their_text(workspace):
+async def test_label_screen_at_120_columns(workspace):
     cfg = make_workspace(workspace, prompts=4, prefetch=1)  # 4 new tokens: short answers
     app = RlhfApp(workspace, cfg, annotator="ann")
     async with app.run_test(size=(WIDTH, HEIGHT)) as pilot:
@@ -89,3 +63,24 @@ async def test_answer_panes_are_as_tall_as_their_text(workspace):
         area = screen.query_one("#answer-area").region
         assert a.region.y < b.region.y and a.region.height <= area.height // 2 and b.region.bottom <= area.bottom
         assert screen._panes_readable()
+
+        # The footer, back at 120 columns: every key, in each state of the screen (one engine start for both).
+        await pilot.resize_terminal(WIDTH, HEIGHT)
+        await pilot.pause()
+        assert_footer_fits(screen)  # no restart key while the engine is up: it was drawn before the start
+        # The run's events as the engine sends them while a PPO run trains: the refit key joins the footer.
+        screen.handle_engine_events([protocol.RunStarted("ppo-test", "ppo", 10)])
+        await pilot.pause()
+        assert_footer_fits(screen, "f")
+        os.kill(app.engine.pid, signal.SIGKILL)  # engine down: ctrl+r shows, refit (it could not run) goes
+        await wait_until(pilot, lambda: screen.engine_error is not None, what="the death report")
+        await pilot.pause()
+        assert_footer_fits(screen, "ctrl+r")
+        # The keys the footer leaves out (the palette, the Stats screen, scrolling) and the long forms of the
+        # short descriptions are in the help.
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        listed = {description: keys for keys, description in app.screen.keys}
+        assert listed["Open the command palette"] == "^p" and listed["stats"] == "^t" and "scroll down" in listed
+        assert listed["A much better (stored with margin 1.0)"] == "A"
+        assert listed["regenerate: two fresh answers to this prompt"] == "r"
