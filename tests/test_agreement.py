@@ -321,6 +321,8 @@ async def test_agreement_pane_follows_the_store_and_warns_when_agreement_falls(t
 async def test_train_screen_shows_the_agreement_pane(tmp_path: Path, tiny_model_dir: Path):
     from rlhf_tui.app.main import RlhfApp
     from rlhf_tui.app.screens.train import TrainScreen
+    from textual.widgets import Footer
+
     from rlhf_tui.app.widgets.agreement import AgreementPane
     from rlhf.config import Workspace
 
@@ -331,5 +333,6 @@ async def test_train_screen_shows_the_agreement_pane(tmp_path: Path, tiny_model_
     async with app.run_test(size=(120, 30)) as pilot:
         train = await app.show_screen("train", TrainScreen)
         await pilot.pause()
-        pane = train.query_one(AgreementPane)
-        assert pane.region.height >= 1 and "agrees on 3/4 newest labels (75%" in str(pane.render())
+        pane, footer = train.query_one(AgreementPane), train.query_one(Footer)
+        assert pane.region.height >= 1 and pane.region.bottom <= footer.region.y  # on screen, above the footer
+        assert "agrees on 3/4 newest labels (75%" in str(pane.render())
