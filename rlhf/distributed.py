@@ -20,6 +20,7 @@ One process is `SINGLE`: every method is the identity there and imports nothing.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import signal
@@ -73,6 +74,12 @@ def pooled_mean_var(total: float, total_sq: float, count: float) -> tuple[float,
     var = (S2 - S^2 / n) / (n - 1) (0 for a single value), as `ppo_math.masked_var` over one batch."""
     mean = total / count
     return mean, max(total_sq - total * total / count, 0.0) / max(count - 1, 1)
+
+
+def rank_step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of rank `rank` before step `step + 1`: a hash of (seed, step, rank), so the ranks draw
+    different samples and a resumed run draws what it would have without the stop."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()[:8], "big")
 
 
 def launch_environment(rank: int, world: int, rendezvous: Path, threads: int) -> dict[str, str]:
@@ -138,6 +145,14 @@ class Ranks:
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on any: how the ranks agree to stop after the same step."""
         return self.max([float(flag)])[0] > 0
+
+    def seed_step(self, seed: int, step: int) -> None:
+        """Seed torch's random numbers for the step after `step` with `rank_step_seed` (several ranks only; one
+        process keeps its one stream, saved in its checkpoints)."""
+        if self.world > 1:
+            import torch
+
+            torch.manual_seed(rank_step_seed(seed, step, self.rank))
 
     def from_rank0(self, value: T) -> T:
         """Rank 0's `value` (any picklable object, such as a new run's id) on every rank."""

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from .config import Config, PPOConfig, Workspace
+from .distributed import SINGLE, Ranks, loss_share
 from .errors import ConfigError
 from .lora import lora_config
 from .models import (adapter_active, eos_token_ids, load_causal_lm, load_tokenizer, pick_device,
@@ -164,10 +165,17 @@ class Scored:
 
 # -- the PPO step ------------------------------------------------------------------------------
 
-def check_settings(cfg: PPOConfig) -> None:
-    """The checks that span several [ppo] keys (each key's own range is checked by `Config`)."""
+def check_settings(cfg: PPOConfig, processes: int = 1) -> None:
+    """The checks that span several [ppo] keys (each key's own range is checked by `Config`), and the batch's
+    split over `processes` data-parallel ranks (each samples whole prompts)."""
+    if cfg.batch_size % processes:
+        raise ConfigError(f"ppo.batch_size ({cfg.batch_size}) must be divisible by --processes ({processes}): each "
+                          "process samples an equal share of the prompts")
     per_update = cfg.minibatches * cfg.grad_accum
-    if responses_per_step(cfg) % per_update:
+    if (responses_per_step(cfg) // processes) % per_update:
+        if processes > 1:
+            raise ConfigError(f"each process's share of the responses ({responses_per_step(cfg) // processes}) must "
+                              f"be divisible by ppo.minibatches x ppo.grad_accum ({cfg.minibatches} x {cfg.grad_accum})")
         k = f" x ppo.samples_per_prompt ({cfg.samples_per_prompt})" if cfg.algorithm != "ppo" else ""
         raise ConfigError(f"ppo.batch_size ({cfg.batch_size}){k} must be divisible by ppo.minibatches x "
                           f"ppo.grad_accum ({cfg.minibatches} x {cfg.grad_accum})")
@@ -201,12 +209,18 @@ def _sync(device: torch.device) -> None:
 
 class PPOTrainer:
     """Steps of ppo.algorithm on a policy PeftModel (and, for PPO, a value head), scoring with a reference and a
-    reward: PPO (GAE on the value head), RLOO or GRPO (advantages from the k samples of each prompt)."""
+    reward: PPO (GAE on the value head), RLOO or GRPO (advantages from the k samples of each prompt).
+
+    On data-parallel `ranks` each rank steps on its share of the prompts: advantages are whitened with every
+    rank's moments, each minibatch's gradients are summed over the ranks weighted by their share of its loss's
+    normaliser (response tokens; responses for GRPO's per-sequence loss), the early stop and the metrics (so the
+    KL controller) are the global batch's (rlhf/distributed.py)."""
 
     def __init__(self, model: PeftModel, value_head: ValueHead | None, reward: RolloutScorer,
-                 tokenizer: PreTrainedTokenizerBase, cfg: PPOConfig) -> None:
-        check_settings(cfg)
+                 tokenizer: PreTrainedTokenizerBase, cfg: PPOConfig, ranks: Ranks = SINGLE) -> None:
+        check_settings(cfg, ranks.world)
         self.model, self.value_head, self.reward, self.tokenizer, self.cfg = model, value_head, reward, tokenizer, cfg
+        self.ranks = ranks
         self.device = model.get_base_model().device
         self.params = [p for p in model.parameters() if p.requires_grad] + (
             list(value_head.parameters()) if value_head is not None else [])
@@ -274,10 +288,11 @@ class PPOTrainer:
                     for rows in minibatch.split(micro_size):
                         self._backward(rollout, scored, advantages, returns, rows, stats)
                     moved = stats["approx_kl"][-cfg.grad_accum:]  # this minibatch's, before its update
-                    if cfg.max_policy_kl_per_step and policy_moved_too_far(torch.stack(moved).mean().item(),
-                                                                           cfg.max_policy_kl_per_step):
+                    moved_kl = self.ranks.mean_metrics({"kl": torch.stack(moved).mean().item()})["kl"]
+                    if cfg.max_policy_kl_per_step and policy_moved_too_far(moved_kl, cfg.max_policy_kl_per_step):
                         stopped_early = True  # this minibatch's update and the step's remaining epochs are skipped
                         break
+                    self.ranks.sum_gradients(self.params, self._gradient_share(rollout, minibatch))
                     nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                     self.optimizer.step()
                     updates += 1
@@ -287,6 +302,12 @@ class PPOTrainer:
             self.model.eval()
         return {**{name: torch.stack(values).mean().item() for name, values in stats.items()},
                 "epochs_done": updates / cfg.minibatches, "early_stopped": float(stopped_early)}
+
+    def _gradient_share(self, rollout: Rollout, rows: Tensor) -> float:
+        """This rank's weight on its minibatch gradient: its share of the loss's normaliser over all ranks (response
+        tokens; responses for GRPO, whose policy and KL losses average over sequences)."""
+        local = float(len(rows)) if self.cfg.algorithm == "grpo" else rollout.response_mask[rows].sum().item()
+        return loss_share(local, self.ranks.sum([local])[0])
 
     def _backward(self, rollout: Rollout, scored: Scored, advantages: Tensor, returns: Tensor | None, rows: Tensor,
                   stats: dict[str, list[Tensor]]) -> None:
@@ -319,7 +340,7 @@ class PPOTrainer:
         cfg = self.cfg
         if cfg.algorithm == "ppo":
             advantages, returns = gae(rewards, scored.values, mask, cfg.gamma, cfg.lam)
-            return masked_whiten(advantages, mask), returns
+            return masked_whiten(advantages, mask, moments=self.ranks.masked_moments(advantages, mask)), returns
         # Rows are grouped by prompt (k consecutive samples each); GRPO's rewards hold no KL, only the score.
         sequence_rewards = masked_sum(rewards, mask, dim=1).view(-1, samples_per_prompt(cfg))
         per_response = (rloo_advantages if cfg.algorithm == "rloo" else grpo_advantages)(sequence_rewards)
@@ -369,7 +390,9 @@ class PPOTrainer:
             "time_train": finished - scored_at,
             "tokens_per_s": lengths.sum().item() / (finished - started),  # response tokens per second of step
         }
-        self.kl_ctl.update(metrics["kl_k1"], len(prompts))
+        self.ranks.check_identical(self.params)
+        metrics = self.ranks.mean_metrics(metrics)  # the global batch's: every rank's KL controller moves alike
+        self.kl_ctl.update(metrics["kl_k1"], len(prompts) * self.ranks.world)
         samples = [{"prompt_id": p.id, "prompt": p.text, "response": text, "score": score, "kl": sample_kl}
                    for p, text, score, sample_kl in zip(prompts, rollout.response_texts, scored.scores.tolist(),
                                                         kl_per_response.tolist())][:SAMPLES_PER_STEP]
@@ -378,8 +401,10 @@ class PPOTrainer:
 
 # -- loading -----------------------------------------------------------------------------------
 
-def build_trainer(workspace: Workspace, cfg: Config, reward_run: str, checkpoint: Path | None = None) -> PPOTrainer:
-    """Load the base once, add the policy LoRA (fresh, or from a checkpoint), the value head and the reward.
+def build_trainer(workspace: Workspace, cfg: Config, reward_run: str, checkpoint: Path | None = None,
+                  ranks: Ranks = SINGLE) -> PPOTrainer:
+    """Load the base once, add the policy LoRA (fresh, or from a checkpoint), the value head and the reward; on
+    data-parallel `ranks`, rank 0's trainable weights on every rank.
 
     The reward shares the base when the reward run was trained on the same model, quantization and
     tokenizer; otherwise it is loaded as a separate model.
@@ -403,7 +428,9 @@ def build_trainer(workspace: Workspace, cfg: Config, reward_run: str, checkpoint
         model.set_adapter(POLICY_ADAPTER)
     reward = load_reward(workspace, cfg, model, tokenizer, reward_run)
     value_head = ValueHead(base.get_output_embeddings().in_features).to(device) if cfg.ppo.algorithm == "ppo" else None
-    return PPOTrainer(model, value_head, reward, tokenizer, cfg.ppo)
+    trainer = PPOTrainer(model, value_head, reward, tokenizer, cfg.ppo, ranks)
+    ranks.broadcast_parameters(trainer.params)
+    return trainer
 
 
 def load_reward(workspace: Workspace, cfg: Config, model: PeftModel, tokenizer: PreTrainedTokenizerBase,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .bradley_terry import batch_metrics, bradley_terry_loss, pairwise_accuracy,
 from .checkpoints import (CheckpointWriteError, config_of_run, load_training_state, resumable_run, resume_checkpoint,
                           save_training_state)
 from .config import Config, Workspace
+from .distributed import SINGLE, Ranks, loss_share
 from .errors import RlhfError
 from .hooks import RunHooks, RunResult
 from .locks import run_lock
@@ -33,7 +35,7 @@ from .reward_model import (ADAPTER_SUBDIR, META_FORMAT, REWARD_SUBDIR, SCORE_HEA
 from .reward_pairs import (EncodedPair, data_hash, encode_pairs, pairs_of_run, split_heldout, usable_pairs,
                            write_pairs_record)
 from .runs import RunSession, open_store
-from .store import Store
+from .store import Store, new_run_id
 from .tokens import model_device, pad_left
 
 MAX_GRAD_NORM = 1.0  # trl's default; keeps one odd batch from throwing the LoRA far off
@@ -124,8 +126,9 @@ def _lora_model(base: PreTrainedModel, cfg: Config, adapter: Path | None = None)
 
 
 def train_reward(workspace: Workspace, cfg: Config, *, hooks: RunHooks | None = None,
-                 store: Store | None = None, resume_run: str | None = None) -> RunResult:
-    """Train a LoRA Bradley-Terry reward model on the workspace's preference pairs.
+                 store: Store | None = None, resume_run: str | None = None, ranks: Ranks = SINGLE) -> RunResult:
+    """Train a LoRA Bradley-Terry reward model on the workspace's preference pairs (on data-parallel `ranks`, each
+    rank on its share of every batch, rank 0 writing: rlhf/distributed.py).
 
     Writes a `runs` row (kind "reward") and its metrics as training goes, and a resumable checkpoint
     every [reward] checkpoint_every steps, after each epoch and on stop. Saves the adapter, score head
@@ -138,13 +141,14 @@ def train_reward(workspace: Workspace, cfg: Config, *, hooks: RunHooks | None = 
     hooks = hooks or RunHooks()
     with open_store(workspace, store) as db:
         if resume_run is None:
-            return _train(workspace, cfg, hooks, db, resume_run)
+            return _train(workspace, cfg, hooks, db, resume_run, ranks)
         db.run(resume_run)  # an unknown id says so before any folder is made for its lock
-        with run_lock(workspace.run_dir(resume_run), resume_run):
-            return _train(workspace, cfg, hooks, db, resume_run)
+        with run_lock(workspace.run_dir(resume_run), resume_run) if ranks.writes else nullcontext():
+            return _train(workspace, cfg, hooks, db, resume_run, ranks)
 
 
-def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, resume_run: str | None) -> RunResult:
+def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, resume_run: str | None,
+           ranks: Ranks) -> RunResult:
     resumed = resumable_run(store, resume_run, "reward") if resume_run is not None else None
     if resumed is not None:
         cfg = config_of_run(resumed, cfg)
@@ -171,12 +175,14 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
     base = load_causal_lm(base_name, cfg.reward_quantization, trust_remote_code=cfg.model.trust_remote_code)
     if rc.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ranks.barrier()  # every rank has read the run's row before rank 0 starts or resumes it
     if resumed is None:
         # pairs.json in the run's folder: a resume trains on the same comparisons.
-        session = RunSession.start(store, workspace, hooks, "reward", cfg.to_dict(), total_steps=total_steps,
-                                   files=lambda folder: write_pairs_record(folder, pairs, identical))
+        session = RunSession.start(store, workspace, hooks, "reward", {**cfg.to_dict(), "processes": ranks.world},
+                                   total_steps=total_steps, files=lambda folder: write_pairs_record(folder, pairs, identical),
+                                   run_id=ranks.from_rank0(new_run_id("reward")), writes=ranks.writes)
     else:
-        session = RunSession.resume(store, workspace, hooks, resumed, start_step)
+        session = RunSession.resume(store, workspace, hooks, resumed, start_step, writes=ranks.writes)
     counts = {"pairs": len(pairs), "train": len(train), "heldout": len(heldout),
               "heldout_prompts": len({p.prompt_id for p in heldout}), "ties": sum(p.is_tie for p in encoded),
               "truncated": sum(p.truncated for p in encoded), "identical_skipped": identical}
@@ -193,14 +199,17 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
         device = model_device(model)
         head = nn.Linear(base.config.get_text_config().hidden_size, 1, bias=False, device=device)
         nn.init.normal_(head.weight, std=getattr(base.config, "initializer_range", 0.02))
-        trainer = _Trainer(model, head, tokenizer.pad_token_id, cfg, session, device, steps_per_epoch)
+        trainer = _Trainer(model, head, tokenizer.pad_token_id, cfg, session, device, steps_per_epoch, ranks)
         if checkpoint is not None:
             trainer.restore(checkpoint)
+        ranks.broadcast_parameters(trainer.params)
         try:
             status, message = trainer.run(train, heldout)
         except CheckpointWriteError as exc:  # a full disk: the final save would fail the same way
             return session.finish_with_product(None, "failed", session.checkpoint_failed(exc))
-        mean, std = _training_response_stats(model, head, train, rc.batch_size, tokenizer.pad_token_id, device)
+        # Measured by the rank that saves the model.
+        mean, std = (_training_response_stats(model, head, train, rc.batch_size, tokenizer.pad_token_id, device)
+                     if session.writes else (0.0, 1.0))
         reward_dir = session.run_dir / REWARD_SUBDIR
         meta = {
             "format": META_FORMAT, "run_id": session.run_id, "status": status, "base_model": base_name,
@@ -225,11 +234,12 @@ def _summary(heldout_acc: float | None, counts: dict[str, int]) -> str:
 
 class _Trainer:
     """The optimisation loop: one optimizer step per batch, held-out evaluation after each epoch, a
-    resumable checkpoint every `checkpoint_every` steps, after each epoch and when it stops early."""
+    resumable checkpoint every `checkpoint_every` steps, after each epoch and when it stops early. On data-parallel
+    `ranks` each rank scores its share of a batch; only the rank that writes evaluates the held-out pairs."""
 
     def __init__(self, model: PeftModel, head: nn.Linear, pad_id: int, cfg: Config, session: RunSession,
-                 device: torch.device, steps_per_epoch: int) -> None:
-        self.model, self.head, self.pad_id, self.rc = model, head, pad_id, cfg.reward
+                 device: torch.device, steps_per_epoch: int, ranks: Ranks = SINGLE) -> None:
+        self.model, self.head, self.pad_id, self.rc, self.ranks = model, head, pad_id, cfg.reward, ranks
         self.session, self.device, self.steps_per_epoch = session, device, steps_per_epoch
         self.params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=self.rc.lr, weight_decay=0.0)
@@ -255,21 +265,36 @@ class _Trainer:
         self.heldout_acc, self._seconds_before = state["heldout_acc"], state["seconds"]
 
     def _log_heldout(self, heldout: list[EncodedPair]) -> None:
+        if not self.session.writes:
+            return
         r_c, r_r = _evaluate(self.model, self.head, heldout, self.rc.batch_size, self.pad_id, self.device)
         if r_c.numel():
             self.heldout_acc = pairwise_accuracy(r_c, r_r)
             self.session.log({"heldout_acc": self.heldout_acc,
                               "heldout_loss": bradley_terry_loss(r_c, r_r).mean().item()})
 
-    def _train_step(self, batch: _Batch) -> dict[str, float]:
+    def _train_step(self, pairs: list[EncodedPair]) -> dict[str, float]:
+        """One optimizer step on `pairs`: this rank's share of them scored and back-propagated, the gradients summed
+        over the ranks weighted by share (the global batch's mean loss); loss and metrics are the global batch's."""
         self.model.train()
-        step = self.session.step
-        r_c, r_r = _pair_scores(self.model, self.head, batch)
-        loss = reward_loss(r_c, r_r, margin=batch.margin, is_tie=batch.is_tie, center_coef=self.rc.center_coef)
-        if not torch.isfinite(loss):
-            raise _Failed(f"loss became {loss.item()} at step {step + 1}; kept the weights from step {step} "
+        step, local = self.session.step, self.ranks.share(pairs)
+        weight = loss_share(len(local), len(pairs))
+        r_c = r_r = torch.empty(0, device=self.device)  # a rank left without pairs at an epoch's end adds nothing
+        if local:
+            batch = _batch(local, self.pad_id, self.device)
+            r_c, r_r = _pair_scores(self.model, self.head, batch)
+            local_loss = reward_loss(r_c, r_r, margin=batch.margin, is_tie=batch.is_tie,
+                                     center_coef=self.rc.center_coef)
+        # The loss is a mean over pairs: the global batch's is the ranks' losses weighted by share.
+        loss = self.ranks.sum([local_loss.item() * weight if local else 0.0])[0]
+        if not math.isfinite(loss):
+            raise _Failed(f"loss became {loss} at step {step + 1}; kept the weights from step {step} "
                           "(try a lower [reward] lr)")
-        loss.backward()
+        if local:
+            local_loss.backward()
+        self.ranks.sum_gradients(self.params, weight)
+        is_tie = torch.tensor([p.is_tie for p in pairs], dtype=torch.bool, device=self.device)
+        r_c, r_r = self.ranks.gather(r_c.detach()), self.ranks.gather(r_r.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -277,7 +302,8 @@ class _Trainer:
                           f"step {step} (try a lower [reward] lr)")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), **batch_metrics(r_c, r_r, batch.is_tie)}
+        self.ranks.check_identical(self.params)
+        return {"loss": loss, "grad_norm": grad_norm.item(), **batch_metrics(r_c, r_r, is_tie)}
 
     def run(self, train: list[EncodedPair], heldout: list[EncodedPair]) -> tuple[str, str]:
         """Train from the session's step on. Returns (status, message): finished, stopped (on request) or failed
@@ -303,8 +329,7 @@ class _Trainer:
                     return "stopped", f"stopped at step {session.step} of {session.total_steps}"
                 start = batch_index * self.rc.batch_size
                 try:
-                    metrics = self._train_step(_batch(order[start:start + self.rc.batch_size], self.pad_id,
-                                                      self.device))
+                    metrics = self._train_step(order[start:start + self.rc.batch_size])
                 except _Failed as failure:
                     return "failed", str(failure)
                 except torch.OutOfMemoryError:

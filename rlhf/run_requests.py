@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import Config, Workspace
+from .distributed import SINGLE, Ranks
 from .hooks import RunHooks, RunResult
 from .store import Store
 
@@ -41,16 +42,18 @@ RunRequest = StartReward | StartPPO
 
 
 def run_request(workspace: Workspace, request: RunRequest, hooks: RunHooks | None = None,
-                store: Store | None = None) -> RunResult:
+                store: Store | None = None, ranks: Ranks = SINGLE) -> RunResult:
     """Run a reward or PPO request to its end in this process and say how it ended; `hooks` report progress
-    and carry stop requests, `store` is the workspace's open store (None: the run opens its own)."""
+    and carry stop requests, `store` is the workspace's open store (None: the run opens its own), `ranks` this
+    process's place in a data-parallel run (`rlhf-tui ... --processes N`; one process: `SINGLE`)."""
     if isinstance(request, StartReward):
         from .reward import train_reward
 
-        return train_reward(workspace, request.config, hooks=hooks, store=store, resume_run=request.resume_run)
+        return train_reward(workspace, request.config, hooks=hooks, store=store, resume_run=request.resume_run,
+                            ranks=ranks)
     if isinstance(request, StartPPO):
         from .ppo import run_ppo
 
         return run_ppo(workspace, request.config, reward_run=request.reward_run, resume_run=request.resume_run,
-                       hooks=hooks, store=store)
+                       hooks=hooks, store=store, ranks=ranks)
     raise TypeError(f"not a run request: {request!r}")

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,7 +143,127 @@ def _collectives(out: Path) -> None:
     (out / f"rank-{r}.json").write_text(json.dumps(report))
 
 
-MODES = {"collectives": _collectives}
+# -- reward training and PPO on two ranks vs one process -------------------------------------
+
+# 120 training pairs in 10 steps; the last batch holds 3 pairs (1 on rank 0, 2 on rank 1): the gradient weights
+# must make up for the uneven shares.
+REWARD_SETTINGS = {"reward.epochs": 1, "reward.batch_size": 13, "reward.checkpoint_every": 4}
+PPO_SETTINGS = {"ppo.batch_size": 4, "ppo.max_new_tokens": 8, "ppo.minibatches": 1, "ppo.ppo_epochs": 2,
+                "ppo.lr": 1e-3, "ppo.max_policy_kl_per_step": 0.0, "ppo.no_eos_penalty": 0.0}
+PPO_STEPS = 2
+# Two ranks add up gradients in another order than one process: float32 rounding, nothing more. Bounds on the
+# relative difference of the reward losses, of PPO's metrics (averaged over ranks: token means over each rank's
+# share), and on the largest difference of a trained weight (measured: 0, 3e-5, 3e-7).
+REWARD_LOSS_TOL = 1e-6
+PPO_METRIC_TOL = 1e-4
+PARAM_TOL = 1e-6
+
+
+def test_reward_and_ppo_on_two_ranks_match_one_process(tmp_path, tiny_model_dir):
+    from tools.tiny import exclamation_rule_workspace
+
+    exclamation_rule_workspace(tmp_path / "dp", tiny_model_dir)
+    exclamation_rule_workspace(tmp_path / "single", tiny_model_dir)
+    out = tmp_path / "out"
+    first, second = run_ranks("runs", out, str(tmp_path / "dp"), str(tmp_path / "single"))
+    from safetensors.torch import load_file
+
+    from rlhf.store import Store
+
+    # Reward training: one run, written by rank 0 alone, with the losses of one process on the same batches.
+    run_id = first["reward_runs"][0]
+    assert second["reward_runs"][0] == run_id and second["reward_loss"] == []  # rank 1 read no rows of its own
+    assert len(first["reward_loss"]) == 10
+    assert first["reward_loss"] == pytest.approx(second["reward_loss_single"], rel=REWARD_LOSS_TOL)
+    with Store(tmp_path / "dp" / "rlhf.db") as store:
+        assert [(run["id"], run["status"], run["config"]["processes"]) for run in store.runs()] == [
+            (run_id, "finished", 2)]
+    heads = [load_file(tmp_path / root / "runs" / report["reward_runs"][-1] / "reward" / "score_head.safetensors")
+             for report, root in ((first, "dp"), (second, "single"))]
+    assert (heads[0]["weight"] - heads[1]["weight"]).abs().max().item() <= PARAM_TOL
+    # PPO: both ranks log the global batch's metrics, those of one process stepping on the whole rollout.
+    for name in ("policy_loss", "value_loss", "approx_kl", "score_mean", "kl_k1", "entropy", "response_length"):
+        ranks_values = [step[name] for step in first["ppo"]]
+        assert [step[name] for step in second["ppo"]] == ranks_values, name
+        single = [step[name] for step in first["ppo_single"]]
+        assert ranks_values == pytest.approx(single, rel=PPO_METRIC_TOL, abs=1e-6), name
+    assert first["ppo_sums_ranks"] == second["ppo_sums_ranks"]  # the same weights on both ranks (LoRA, value head)
+    trained = load_file(out / "ppo-ranks.safetensors"), load_file(out / "ppo-single.safetensors")
+    assert max((trained[0][k] - trained[1][k]).abs().max().item() for k in trained[0]) <= PARAM_TOL
+
+
+def _runs(out: Path, dp_root: str, single_root: str) -> None:
+    """Reward training through `train_reward` on both ranks, then PPO steps on one global rollout sampled alike on
+    both ranks (each rank steps on its rows); then both again in one process each."""
+    import torch
+    from safetensors.torch import save_file
+
+    from rlhf.config import Workspace
+    from rlhf.distributed import SINGLE, current_ranks
+    from rlhf.ppo import prepare_prompts
+    from rlhf.ppo_trainer import build_trainer
+    from rlhf.reward import train_reward
+    from rlhf.store import Store
+
+    ranks = current_ranks()
+    report: dict = {"rank": ranks.rank, "seconds": {"start": time.monotonic() - STARTED}}
+
+    def reward_run(root: str, on) -> list[float]:
+        ws = Workspace(Path(root))
+        result = train_reward(ws, ws.load_config().override(REWARD_SETTINGS), ranks=on)
+        on.barrier()  # rank 0 has saved the reward model (as `rlhf-tui train-reward` waits)
+        assert result.status == "finished", result.message
+        report.setdefault("reward_runs", []).append(result.run_id)
+        if not on.writes:
+            return []
+        with Store(ws.db_path) as store:
+            return [row["value"] for row in store.metrics(result.run_id, "loss")]
+
+    def ppo_steps(on, tag: str) -> list[dict]:
+        ws = Workspace(Path(dp_root))
+        cfg = ws.load_config().override(PPO_SETTINGS)
+        trainer = build_trainer(ws, cfg, report["reward_runs"][0], ranks=on)
+        with Store(ws.db_path) as store:
+            prompts, _ = prepare_prompts(store.prompts(), trainer.tokenizer, cfg.model.max_prompt_tokens)
+        generate, steps = trainer.rollout, []
+        for step in range(PPO_STEPS):
+            batch = prompts[step * 4:(step + 1) * 4]
+            torch.manual_seed(100 + step)
+            whole = generate(batch)  # the same responses on every rank: same weights, same seed
+            start, end = share_bounds(len(batch), on.rank, on.world)
+            trainer.rollout = lambda _prompts, rows=slice(start, end): _rows(whole, rows)
+            metrics, _ = trainer.step(batch[start:end])
+            steps.append(metrics)
+        report[f"ppo_sums_{tag}"] = [p.detach().double().sum().item() for p in trainer.params]
+        if on.writes:
+            save_file({f"p{i}": p.detach().contiguous() for i, p in enumerate(trainer.params)}, out / f"ppo-{tag}.safetensors")
+        return steps
+
+    def timed(name: str, value):
+        report["seconds"][name] = round(time.monotonic() - STARTED - sum(report["seconds"].values()), 2)
+        return value
+
+    report["reward_loss"] = timed("reward", reward_run(dp_root, ranks))
+    report["ppo"] = timed("ppo", ppo_steps(ranks, "ranks"))
+    if ranks.writes:  # the same in one process: PPO on rank 0, reward training on rank 1 (at the same time)
+        report["ppo_single"] = timed("ppo_single", ppo_steps(SINGLE, "single"))
+    else:
+        report["reward_loss_single"] = timed("reward_single", reward_run(single_root, SINGLE))
+    (out / f"rank-{ranks.rank}.json").write_text(json.dumps(report))
+
+
+def _rows(rollout, rows: slice):
+    """The rollout's responses `rows` (a rank's share), as if sampled alone."""
+    from dataclasses import fields, replace
+
+    import torch
+
+    return replace(rollout, **{f.name: getattr(rollout, f.name)[rows] for f in fields(rollout)
+                               if isinstance(getattr(rollout, f.name), (torch.Tensor, list))})
+
+
+MODES = {"collectives": _collectives, "runs": _runs}
 
 if __name__ == "__main__":
+    STARTED = time.monotonic()
     MODES[sys.argv[1]](Path(sys.argv[2]), *sys.argv[3:])
