@@ -135,7 +135,7 @@ def _run_headless(args: argparse.Namespace, overrides: dict[str, Any], shown: tu
         with stop_on_ctrl_c(progress) as received:
             try:
                 result = run_request(session.workspace, request_for(session.config),
-                                     agreed_hooks(progress, ranks), session.store)
+                                     agreed_hooks(progress, ranks), session.store, ranks=ranks)
             except RunCancelled as exc:
                 exc.exit_code = stopped_exit_code(received)
                 raise
