@@ -8,7 +8,7 @@ from textual.widgets import DataTable, Static
 from rlhf.config import Workspace
 from rlhf.store import PromptItem, Store
 from rlhf_tui.app.main import RlhfApp
-from rlhf_tui.app.screens.stats import (NO_LABELS, StatsScreen, columns_of, describe, flatten, format_value,
+from rlhf_tui.app.screens.stats import (EMPTY, NO_LABELS, StatsScreen, columns_of, describe, flatten, format_value,
                                         position_bias_note)
 
 
@@ -43,19 +43,26 @@ def test_position_bias_note_names_annotators_whose_interval_leaves_out_half():
     assert position_bias_note([fair, biased]) == "position bias: alice (0.82, 95% 0.52–0.95)"
 
 
-def label_two_annotators(workspace: Workspace) -> None:
-    """Ten pairs labeled by alice (A, but B on pair 0) and bob (B on pairs 0-4, else A), both seeing the same
-    sides; alice sees pair 5 again with the sides swapped and prefers the same answer."""
+def label_as_alice(workspace: Workspace) -> None:
+    """Ten pairs labeled by alice: A, but B on pair 0."""
     with Store(workspace.db_path) as store:
         ids, _ = store.add_prompts([PromptItem(f"Question {i}?") for i in range(10)], "test")
-        answers = [(store.add_response(p, f"first {i}", model=None), store.add_response(p, f"second {i}", model=None))
-                   for i, p in enumerate(ids)]
-        firsts = [store.add_comparison(p, a, b, "b" if i == 0 else "a", annotator="alice", decision_ms=2000)
-                  for i, (p, (a, b)) in enumerate(zip(ids, answers))]
-        for i, (p, (a, b)) in enumerate(zip(ids, answers)):
-            store.add_comparison(p, a, b, "b" if i < 5 else "a", annotator="bob", decision_ms=3000)
-        a, b = answers[5]
-        store.add_comparison(ids[5], b, a, "b", annotator="alice", decision_ms=2000, repeat_of=firsts[5])
+        for i, prompt_id in enumerate(ids):
+            a, b = (store.add_response(prompt_id, f"{side} {i}", model=None) for side in ("first", "second"))
+            store.add_comparison(prompt_id, a, b, "b" if i == 0 else "a", annotator="alice", decision_ms=2000)
+
+
+def label_as_bob_and_repeat(workspace: Workspace) -> None:
+    """bob labels alice's ten pairs with the same sides (B on pairs 0-4, else A); alice sees pair 5 again with
+    the sides swapped and prefers the same answer."""
+    with Store(workspace.db_path) as store:
+        alice = store.comparisons()
+        for i, first in enumerate(alice):
+            store.add_comparison(first["prompt_id"], first["response_a_id"], first["response_b_id"],
+                                 "b" if i < 5 else "a", annotator="bob", decision_ms=3000)
+        fifth = alice[5]
+        store.add_comparison(fifth["prompt_id"], fifth["response_b_id"], fifth["response_a_id"], "b",
+                             annotator="alice", decision_ms=2000, repeat_of=fifth["id"])
 
 
 def table_rows(screen: StatsScreen, table_id: str) -> list[list[str]]:
@@ -78,7 +85,12 @@ async def test_the_stats_screen_shows_annotator_quality(workspace):
         assert app.current_mode == "stats" and isinstance(screen, StatsScreen)
         assert NO_LABELS in texts(screen)
 
-        label_two_annotators(workspace)
+        label_as_alice(workspace)
+        await pilot.press("r")
+        assert [row[0] for row in table_rows(screen, "stats-annotators")] == ["alice"]
+        assert EMPTY["agreement"] in texts(screen)
+
+        label_as_bob_and_repeat(workspace)
         await pilot.press("r")
         assert texts(screen)[0].startswith("prompts 10 · responses ")  # the engine samples some too
         assert "comparisons 21 (a 14, b 7, tie 0, both_bad 0, skip 0)" in texts(screen)[0]

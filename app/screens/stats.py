@@ -32,6 +32,8 @@ SECTION_TITLES = {
     "reward_model": "Reward model vs your labels, on pairs it scored as they were served",
 }
 NO_LABELS = "No labeled decisions yet: label pairs on the Label screen (tab), then come back."
+# What an empty list of records means, per section; any other says "none yet".
+EMPTY = {"agreement": "none yet: it needs two annotators who labeled the same pairs (each with --annotator NAME)"}
 
 
 def is_share(value: Any) -> bool:
@@ -144,7 +146,9 @@ class StatsScreen(RlhfScreen):
             if key in COUNTS:
                 continue
             yield Static(SECTION_TITLES.get(key, key.replace("_", " ")), classes="stats-title", markup=False)
-            if isinstance(value, list):
+            if isinstance(value, list) and not value:
+                yield Static(EMPTY.get(key, "none yet"), classes="stats-line", markup=False)
+            elif isinstance(value, list):
                 yield self._table(key, value)
             elif isinstance(value, Mapping):
                 yield Static(describe({k: v for k, v in value.items() if k != "warning"}), classes="stats-line",
