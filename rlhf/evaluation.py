@@ -141,7 +141,10 @@ def plan_eval(store: Store, workspace: Workspace, *, run_id: str | None = None, 
                         f"({' and '.join(sorted(model_names))}): compare checkpoints of one base")
     trained = set().union(*(trained_prompt_ids(store, run, system.step or 0)
                             for run, system in zip(runs, (candidate, opponent))))
-    candidates = [p for p in store.prompts(tag=prompt_tag) if p["id"] not in trained]
+    named = store.prompts(tag=prompt_tag)
+    if prompt_tag and not named:
+        raise RlhfError(f"no prompts tagged {prompt_tag!r} (see `rlhf-tui prompts list`)")
+    candidates = [p for p in named if p["id"] not in trained]
     if not candidates:
         tagged = f" tagged {prompt_tag!r}" if prompt_tag else ""
         raise RlhfError(f"no held-out prompts{tagged}: every one was drawn for the PPO run's rollouts; import "

@@ -64,8 +64,8 @@ async def test_prepare_through_the_engine_label_blind_and_reveal(workspace, stor
         screen.set_focus(tag)
         await pilot.press("a", "t", "e")  # decision keys are off in the form: they type
         assert tag.value == "ate"
-        await pilot.press("enter")  # no held-out prompt has that tag: the engine says so
-        await wait_until(pilot, lambda: screen.stage == "setup" and "no held-out prompts tagged 'ate'" in screen.message,
+        await pilot.press("enter")  # no prompt has that tag: the engine says so
+        await wait_until(pilot, lambda: screen.stage == "setup" and "no prompts tagged 'ate'" in screen.message,
                          ENGINE_TIMEOUT_S, "the engine's refusal")
         tag.value = ""
         screen.query_one("#eval-count").value = "3"

@@ -119,7 +119,8 @@ def test_plan_picks_held_out_prompts_only(workspace: Workspace, store: Store):
     ("reward", {}, "is a reward run: evaluation compares PPO checkpoints"),
     ("run", {"against": "self"}, "is the run being evaluated: name another run, or 'reference'"),
     ("trained", {}, "no held-out prompts: every one was drawn for the PPO run's rollouts"),
-    ("run", {"prompt_tag": "nothing"}, "no held-out prompts tagged 'nothing'"),
+    ("run", {"prompt_tag": "nothing"}, "no prompts tagged 'nothing' (see `rlhf-tui prompts list`)"),
+    ("trained", {"prompt_tag": "demo"}, "no held-out prompts tagged 'demo': every one was drawn"),
     ("run", {"count": 0}, "-n must be at least 1, got 0"),
 ])
 def test_plan_errors_say_what_to_do(workspace: Workspace, store: Store, setup: str, kwargs: dict, message: str):
@@ -235,7 +236,7 @@ def test_eval_prepare_and_report_on_the_tiny_model(workspace: Workspace, store: 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--run", "ppo-nope"], "error: no run 'ppo-nope' (see `rlhf-tui runs`)"),
     (["--checkpoint", "7"], "has no checkpoint of step 7: it keeps only its latest, step 1"),
-    (["--prompts", "nothing"], "error: no held-out prompts tagged 'nothing'"),
+    (["--prompts", "nothing"], "error: no prompts tagged 'nothing'"),
 ])
 def test_eval_prepare_bad_input_is_one_line(workspace: Workspace, tiny_ppo_run: str, flags: list[str], message: str,
                                             capsys: pytest.CaptureFixture[str]):

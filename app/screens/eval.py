@@ -112,6 +112,7 @@ class EvalScreen(RlhfScreen):
         self.app.subscribe_engine(self.handle_engine_events)
         self.refresh_choices()
         self._redraw()
+        self.query_one("#eval-count", Input).focus()  # enter there prepares (a focused Select would open instead)
 
     def on_screen_resume(self) -> None:
         if self.stage == "setup":
@@ -233,6 +234,7 @@ class EvalScreen(RlhfScreen):
         self.stage, self.session, self.pairs, self.message = "setup", None, [], ""
         self.refresh_choices()
         self._redraw()
+        self.query_one("#eval-count", Input).focus()
 
     def _advance(self) -> None:
         """Show the next undecided pair, or reveal once every pair is decided."""
