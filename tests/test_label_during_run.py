@@ -6,17 +6,22 @@ keeps its reward (and says so) when the refit fails."""
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from rlhf import cli
+from rlhf.config import Config, Workspace
+from rlhf.hooks import RunHooks
+from rlhf.sampling import PairSampler
 from rlhf.engine import protocol
 from rlhf.refit import preserved_rng, reward_run_at
 from rlhf.store import Store
 from rlhf_tui.app.main import RlhfApp
 from rlhf_tui.app.screens.label import LabelScreen
 from test_label_screen import wait_ready_to_decide
+from test_ppo import TIMINGS
 from test_reward_screen import ENGINE_TIMEOUT_S, db_metric, db_run, make_workspace, wait_until
 
 # Tiny PPO: 4 prompts a step, 8 new tokens, one epoch, a checkpoint every 2 steps; long enough to label during.
@@ -46,6 +51,46 @@ def test_preserved_rng_puts_torch_and_python_streams_back():
         random.seed(123)
         torch.rand(5)
     assert (torch.rand(3).tolist(), random.random()) == expected
+
+
+class PairsBetweenSteps(RunHooks):
+    """Samples a labeling pair from the run's live policy after every step, as the engine's hooks do."""
+
+    def __init__(self, cfg: Config, keep_rng: bool) -> None:
+        super().__init__()
+        self.cfg, self.keep_rng, self.sampler, self.pairs = cfg, keep_rng, None, 0
+
+    def on_policy(self, run_id, model, tokenizer) -> None:
+        self.sampler = PairSampler(model, tokenizer, self.cfg.sampling, self.cfg.model.max_prompt_tokens)
+
+    def on_step(self, run_id, step, metrics) -> None:
+        with preserved_rng() if self.keep_rng else nullcontext():
+            self.sampler.sample("How do I boil eggs?", None, prompt_id=1, draw=step)
+        self.pairs += 1
+
+
+def run_metrics(ws: Workspace, cfg: Config, reward_run: str, hooks: RunHooks | None = None) -> dict:
+    from rlhf.ppo import run_ppo
+
+    result = run_ppo(ws, cfg, reward_run=reward_run, hooks=hooks)
+    assert result.status == "finished", result.message
+    return {step: {name: value for name, value in values.items() if name not in TIMINGS}
+            for step, values in db_metric_rows(ws, result.run_id).items()}
+
+
+def db_metric_rows(ws: Workspace, run_id: str) -> dict[int, dict[str, float]]:
+    with Store(ws.db_path) as store:
+        return store.metrics_by_step(run_id)
+
+
+def test_labeling_between_steps_leaves_the_run_as_it_would_have_been(rewarded):
+    ws, reward_run = rewarded
+    cfg = ws.load_config().override({"ppo.steps": 3, "ppo.checkpoint_every": 3})
+    plain = run_metrics(ws, cfg, reward_run)
+    labeled = PairsBetweenSteps(cfg, keep_rng=True)
+    assert run_metrics(ws, cfg, reward_run, labeled) == plain and labeled.pairs == 3
+    # Without preserved_rng, the pairs' seeds would steer the run's sampling.
+    assert run_metrics(ws, cfg, reward_run, PairsBetweenSteps(cfg, keep_rng=False)) != plain
 
 
 @pytest.fixture(scope="module")
