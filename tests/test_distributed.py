@@ -1,7 +1,8 @@
 """Data-parallel runs (rlhf/distributed.py): the formulas by hand, then real 2-rank gloo process groups on the CPU.
 
 The 2-rank tests start this file as a script in two processes with the environment `launch` gives its ranks
-(`python tests/test_distributed.py MODE OUT`): each rank writes what it saw to OUT/rank-<r>.json.
+(`python tests/test_distributed.py OUT DP_WORKSPACE SINGLE_WORKSPACE`): each rank writes what it saw to
+OUT/rank-<r>.json. The CLI test starts `rlhf-tui ppo --processes 2` itself.
 """
 
 from __future__ import annotations
@@ -73,11 +74,11 @@ def test_masked_whiten_with_pooled_moments_is_one_batch_whitening():
 # -- two ranks ---------------------------------------------------------------------------------
 
 
-def run_ranks(mode: str, out: Path, *args: str, timeout: float = 120) -> list[dict]:
+def run_ranks(out: Path, *args: str, timeout: float = 300) -> list[dict]:
     """Run this file as rank 0 and rank 1 of a 2-process gloo group; each rank's JSON report."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, __file__, mode, str(out), *args],
+    procs = [subprocess.Popen([sys.executable, __file__, str(out), *args],
                               env={**env, **launch_environment(rank, 2, out / "rendezvous", 1)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in range(2)]
@@ -86,9 +87,20 @@ def run_ranks(mode: str, out: Path, *args: str, timeout: float = 120) -> list[di
     return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(2)]
 
 
-def test_collectives_on_two_ranks(tmp_path):
-    first, second = run_ranks("collectives", tmp_path)
-    for rank, report in enumerate((first, second)):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, tiny_model_dir) -> tuple[list[dict], Path]:
+    """One 2-rank launch for the whole module (starting the ranks costs most of it): the collectives, then reward
+    training and PPO on two ranks and in one process. Each rank's report, and the folder of the workspaces."""
+    from tools.tiny import exclamation_rule_workspace
+
+    root = tmp_path_factory.mktemp("two-ranks")
+    exclamation_rule_workspace(root / "dp", tiny_model_dir)
+    exclamation_rule_workspace(root / "single", tiny_model_dir)
+    return run_ranks(root / "out", str(root / "dp"), str(root / "single")), root
+
+
+def test_collectives_on_two_ranks(two_ranks):
+    for rank, report in enumerate(report["collectives"] for report in two_ranks[0]):
         assert report["rank"] == rank and report["world"] == 2 and report["writes"] == (rank == 0)
         assert report["sum"] == [1.0, 3.0]  # ranks 0 and 1 sent [rank, 1 + rank]
         assert report["any"] is True and report["none"] is False
@@ -106,13 +118,10 @@ def test_collectives_on_two_ranks(tmp_path):
         assert report["listening"] and all(ip in ("127.0.0.1", "::1") for ip in report["listening"])
 
 
-def _collectives(out: Path) -> None:
+def _collectives(ranks) -> dict:
     import psutil
     import torch
 
-    from rlhf.distributed import current_ranks
-
-    ranks = current_ranks()
     r = ranks.rank
     grad_param = torch.nn.Parameter(torch.zeros(2))
     grad_param.grad = torch.tensor([2.0, 2.0]) if r == 0 else torch.tensor([10.0, 0.0])
@@ -140,7 +149,7 @@ def _collectives(out: Path) -> None:
         "listening": [c.laddr.ip for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN],
     }
     ranks.barrier()
-    (out / f"rank-{r}.json").write_text(json.dumps(report))
+    return report
 
 
 # -- reward training and PPO on two ranks vs one process -------------------------------------
@@ -159,24 +168,20 @@ PPO_METRIC_TOL = 1e-4
 PARAM_TOL = 1e-6
 
 
-def test_reward_and_ppo_on_two_ranks_match_one_process(tmp_path, tiny_model_dir):
-    from tools.tiny import exclamation_rule_workspace
-
-    exclamation_rule_workspace(tmp_path / "dp", tiny_model_dir)
-    exclamation_rule_workspace(tmp_path / "single", tiny_model_dir)
-    out = tmp_path / "out"
-    first, second = run_ranks("runs", out, str(tmp_path / "dp"), str(tmp_path / "single"))
+def test_reward_and_ppo_on_two_ranks_match_one_process(two_ranks):
     from safetensors.torch import load_file
 
     from rlhf.store import Store
 
+    (first, second), tmp_path = [report["runs"] for report in two_ranks[0]], two_ranks[1]
+    out = tmp_path / "out"
     # Reward training: one run, written by rank 0 alone, with the losses of one process on the same batches.
     run_id = first["reward_runs"][0]
     assert second["reward_runs"][0] == run_id and second["reward_loss"] == []  # rank 1 read no rows of its own
     assert len(first["reward_loss"]) == 10
     assert first["reward_loss"] == pytest.approx(second["reward_loss_single"], rel=REWARD_LOSS_TOL)
     with Store(tmp_path / "dp" / "rlhf.db") as store:
-        assert [(run["id"], run["status"], run["config"]["processes"]) for run in store.runs()] == [
+        assert [(run.id, run.status, run.config["processes"]) for run in store.runs()] == [
             (run_id, "finished", 2)]
     heads = [load_file(tmp_path / root / "runs" / report["reward_runs"][-1] / "reward" / "score_head.safetensors")
              for report, root in ((first, "dp"), (second, "single"))]
@@ -192,20 +197,76 @@ def test_reward_and_ppo_on_two_ranks_match_one_process(tmp_path, tiny_model_dir)
     assert max((trained[0][k] - trained[1][k]).abs().max().item() for k in trained[0]) <= PARAM_TOL
 
 
-def _runs(out: Path, dp_root: str, single_root: str) -> None:
+def test_ppo_processes_stop_on_one_rank_and_resume(two_ranks, tmp_path):
+    """`rlhf-tui ppo --processes 2` on the workspace the ranks trained a reward model in: SIGTERM to rank 1 alone
+    stops both ranks after the same step, with a checkpoint; `--resume RUN --processes 2` finishes the run."""
+    import shutil
+    import signal
+
+    import psutil
+
+    from rlhf.store import Store
+
+    ws = tmp_path / "ws"
+    shutil.copytree(two_ranks[1] / "dp", ws)
+    with (ws / "rlhf.toml").open("a", encoding="utf-8") as toml:
+        toml.write("[ppo]\nmax_new_tokens = 8\ncheckpoint_every = 1\n")
+    command = [sys.executable, "-m", "rlhf.cli", "--workspace", str(ws), "ppo"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    launcher = subprocess.Popen([*command, "--processes", "2", "--steps", "3", "--batch-size", "4", "--epochs", "1",
+                                 "--minibatches", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    def ppo_run():
+        with Store(ws / "rlhf.db") as store:
+            return next(iter(store.runs("ppo")), None)
+
+    deadline = time.monotonic() + 240
+    while (run := ppo_run()) is None or run.step < 1:
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.2)
+    rank1 = next(p for p in psutil.Process(launcher.pid).children() if p.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=240)
+    assert launcher.returncode in (130, 143), err
+    run = ppo_run()
+    assert run.status == "stopped" and 1 <= run.checkpoint_step == run.step < 3, err
+    assert run.config["processes"] == 2 and run.pid != rank1.pid
+    assert f"ppo run {run.id}: stopped at step {run.step}/3" in out  # said once, by rank 0
+    assert out.count("ppo run") == 1
+
+    resumed = subprocess.run([*command, "--resume", run.id, "--processes", "2"], env=env, capture_output=True,
+                             text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    with Store(ws / "rlhf.db") as store:
+        run = store.run(run.id)
+        kl_rows = store.metrics(run.id, "kl_k1")
+    assert run.status == "finished" and run.step == 3
+    assert [row["step"] for row in kl_rows] == [1, 2, 3]  # one writer: one row per step
+
+
+def _worker(out: Path, dp_root: str, single_root: str) -> None:
+    """Rank `RANK`'s part of `two_ranks`: its report in OUT/rank-<r>.json."""
+    from rlhf.distributed import current_ranks
+
+    ranks = current_ranks()
+    report = {"collectives": _collectives(ranks), "runs": _runs(ranks, out, dp_root, single_root)}
+    (out / f"rank-{ranks.rank}.json").write_text(json.dumps(report))
+
+
+def _runs(ranks, out: Path, dp_root: str, single_root: str) -> dict:
     """Reward training through `train_reward` on both ranks, then PPO steps on one global rollout sampled alike on
     both ranks (each rank steps on its rows); then both again in one process each."""
     import torch
     from safetensors.torch import save_file
 
     from rlhf.config import Workspace
-    from rlhf.distributed import SINGLE, current_ranks
+    from rlhf.distributed import SINGLE
     from rlhf.ppo import prepare_prompts
     from rlhf.ppo_trainer import build_trainer
     from rlhf.reward import train_reward
     from rlhf.store import Store
 
-    ranks = current_ranks()
     report: dict = {"rank": ranks.rank, "seconds": {"start": time.monotonic() - STARTED}}
 
     def reward_run(root: str, on) -> list[float]:
@@ -249,7 +310,7 @@ def _runs(out: Path, dp_root: str, single_root: str) -> None:
         report["ppo_single"] = timed("ppo_single", ppo_steps(SINGLE, "single"))
     else:
         report["reward_loss_single"] = timed("reward_single", reward_run(single_root, SINGLE))
-    (out / f"rank-{ranks.rank}.json").write_text(json.dumps(report))
+    return report
 
 
 def _rows(rollout, rows: slice):
@@ -262,8 +323,6 @@ def _rows(rollout, rows: slice):
                                if isinstance(getattr(rollout, f.name), (torch.Tensor, list))})
 
 
-MODES = {"collectives": _collectives, "runs": _runs}
-
 if __name__ == "__main__":
     STARTED = time.monotonic()
-    MODES[sys.argv[1]](Path(sys.argv[2]), *sys.argv[3:])
+    _worker(Path(sys.argv[1]), *sys.argv[2:])

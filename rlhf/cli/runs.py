@@ -131,7 +131,7 @@ def _run_headless(args: argparse.Namespace, overrides: dict[str, Any], shown: tu
         with rank0_first(ranks):
             session = stack.enter_context(open_workspace(args, overrides))
         enter_demo_mode(session.config)
-        progress = ConsoleProgress(shown) if ranks.writes else RunHooks()
+        progress = ConsoleProgress(shown)  # on ranks > 0 the run reports nothing to it
         with stop_on_ctrl_c(progress) as received:
             try:
                 result = run_request(session.workspace, request_for(session.config),
