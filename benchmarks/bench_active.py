@@ -2,8 +2,12 @@
 
 The task is the demo's: the shipped demo model answers the demo prompts, and a scripted annotator prefers
 the polite answer (`--rule polite`: a when only A is polite, b when only B is, skip when both or neither
-are: a skip costs the person a look too, so it counts as a label) or the shorter one (`--rule brief`). A pool of pairs (one per prompt, sampled once) stands for
-what the engine would sample; a held-out set of decided pairs on other prompts measures the reward model.
+are: a skip costs the person a look too, so it counts as a label) or the shorter one (`--rule brief`).
+A pool of pairs (one per prompt, sampled once) stands for what the engine would sample; a held-out set of
+decided pairs on other prompts measures the reward model.
+
+Measured (docs/label_quality.md has the table): `--seeds 5 --retrain 4`, polite: random 17.6, uncertain
+12.8 labels on average (381 s on the shared 2-core box).
 
 Each seed and mode labels from the pool one pair at a time and trains a reward model (`train_reward`, the
 demo's settings) after every `--retrain` labels, as a person retraining now and then would:
