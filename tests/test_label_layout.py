@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 
 from textual.widgets import Footer
 
@@ -52,11 +53,19 @@ async def test_label_screen_at_120_columns(workspace):
         assert a.region.height == b.region.height == text_lines + 2  # the text and the border, both alike
         assert a.region.height <= area.height // 3  # not the whole room: it was the full height before
 
-        for pane in (a, b):  # long answers: the panes take the room there is and scroll
-            pane.show(LONG_ANSWER)
-        await pilot.pause()
+        async def show_answers(text_a: str, text_b: str) -> None:
+            """The pair on screen with these texts, shown as the engine's regenerated pair would be."""
+            pair = screen.current
+            screen.handle_engine_events([replace(pair, a=replace(pair.a, text=text_a), b=replace(pair.b, text=text_b),
+                                                 regenerated=True)])
+            await pilot.pause()
+            await pilot.pause()
+
+        await show_answers(LONG_ANSWER, "short")  # the longer one sets both; the room there is caps it
         assert a.region.height == b.region.height == area.height
         assert a.max_scroll_y > 0
+        await show_answers("one line", "two\nlines")  # and they shrink again
+        assert a.region.height == b.region.height == 2 + 2
 
         await pilot.resize_terminal(80, HEIGHT)  # narrow: stacked, each at most half the room, both readable
         await pilot.pause()

@@ -393,7 +393,16 @@ class LabelScreen(RlhfScreen):
         return None if self.visible_since is None else decision_ms(self.visible_since, event_clock())
 
     def on_resize(self) -> None:
+        self.call_after_refresh(self._match_answer_heights)
         self.call_after_refresh(self._note_visibility)
+
+    def _match_answer_heights(self) -> None:
+        """Side by side, both answer panes as tall as the longer answer, so their borders line up (each alone is
+        as tall as its own text); stacked, each keeps its own. CSS caps both at the room there is."""
+        panes = [self.query_one("#answer-a", TextPane), self.query_one("#answer-b", TextPane)]
+        height = None if self.has_class("-narrow") else max(pane.text_height() for pane in panes)
+        for pane in panes:
+            pane.styles.height = height
 
     def _show(self, pair: protocol.PairReady | None, note: str | None = None) -> None:
         self.current = pair
@@ -403,6 +412,7 @@ class LabelScreen(RlhfScreen):
             self.query_one("#prompt", TextPane).show(pair.prompt_text)
             self.query_one("#answer-a", TextPane).show(pair.a.text, f"{pair.a.tokens} tokens")
             self.query_one("#answer-b", TextPane).show(pair.b.text, f"{pair.b.tokens} tokens")
+            self.call_after_refresh(self._match_answer_heights)  # once the texts are laid out at this width
         self._render_pair()
 
     def _render_pair(self) -> None:

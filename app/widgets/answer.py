@@ -29,6 +29,10 @@ class TextPane(VerticalScroll, can_focus=False):
     def compose(self) -> ComposeResult:
         yield self._body
 
+    def text_height(self) -> int:
+        """Rows this pane needs to show its whole text at its current width, border included."""
+        return self._body.outer_size.height + self.styles.gutter.height
+
     def show(self, text: str, subtitle: str = "") -> None:
         self._body.update(visible_text(text))
         self.border_subtitle = subtitle
