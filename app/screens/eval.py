@@ -144,13 +144,13 @@ class EvalScreen(RlhfScreen):
             elif isinstance(event, protocol.EvalReady):
                 self.open_session(event.session_id)
                 return
-            elif isinstance(event, protocol.Error) and (event.fatal or event.request == "PrepareEval"):
+            elif isinstance(event, protocol.Error) and (event.fatal or event.is_about(protocol.PrepareEval)):
                 self._back_to_setup(event.message)
         self._redraw()
 
     def _back_to_setup(self, message: str) -> None:
+        # Said above the form; no toast: the Label screen already toasts every failed request.
         self.stage, self.message = "setup", message
-        self.notify(message, severity="error", timeout=10)
 
     # -- actions ---------------------------------------------------------------------------------
 
