@@ -22,6 +22,7 @@ from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import Config, Workspace
+from .errors import RlhfError
 from .lora import lora_config
 from .reward_model import (RewardHead, RewardScorer, encode_response, load_reward_onto, read_reward_meta,
                            reward_tokenizer_matches)
@@ -86,6 +87,8 @@ class PairJudge:
         self.workspace, self.cfg, self.tokenizer = workspace, cfg, tokenizer
         self.model_name, self.count = model_name, count
         self.judges: list[_Judge] = []
+        self.problems: list[str] = []
+        self._runs: list[str] = []
         self._model: Any = None
         self._wrapped_base = False
 
@@ -94,35 +97,45 @@ class PairJudge:
         return [judge.run_id for judge in self.judges]
 
     def newest_runs(self, store: Store) -> list[str]:
-        finished = [run["id"] for run in store.runs("reward") if run["status"] == "finished"]
-        return list(reversed(finished))[:self.count]
+        return [run.id for run in store.finished_reward_runs()][:self.count]
 
     def attach(self, model: PreTrainedModel | PeftModel, store: Store) -> PreTrainedModel | PeftModel:
-        """Load the newest reward runs for `model` (nothing to do when both are unchanged)."""
+        """Load the newest reward runs for `model` (nothing to do when both are unchanged). A run that cannot be
+        loaded (files gone or damaged, its base not available) judges nothing: `problems` says why after the call
+        that found it, in one line each, and labeling goes on."""
         runs = self.newest_runs(store)
-        if model is self._model and runs == self.run_ids:
+        if model is self._model and runs == self._runs:
+            self.problems = []  # said when they were found
             return model
         if isinstance(model, PeftModel):  # a newer reward run replaces the judges loaded before
             for name in [name for name in model.peft_config if name.startswith(JUDGE_ADAPTER)]:
                 model.delete_adapter(name)
-        self.judges, self._wrapped_base = [], model is self._model and self._wrapped_base
+        self.judges, self.problems, self._runs = [], [], runs
+        self._wrapped_base = model is self._model and self._wrapped_base
         for run_id in runs:
-            run_dir = self.workspace.run_dir(run_id)
-            meta = read_reward_meta(run_dir)
-            shared = (meta["base_model"] == self.model_name and meta["quantization"] == self.cfg.model.quantization
-                      and reward_tokenizer_matches(run_dir, self.tokenizer))
-            if not shared:
-                scorer = RewardScorer.from_run(self.workspace, run_id, self.cfg, device=model.device)
-                self.judges.append(_Judge(run_id, meta["max_length"], scorer=scorer))
-                continue
-            if not isinstance(model, PeftModel):
-                # A PeftModel to hold the reward adapters, whose active adapter changes nothing (LoRA B starts
-                # at 0); `sampling()` turns adapters off while generating anyway, which also skips its cost.
-                model = get_peft_model(model, lora_config(model, 1, 1, 0.0), adapter_name=BASE_ADAPTER).eval()
-                self._wrapped_base = True
-            head = load_reward_onto(model, run_dir, f"{JUDGE_ADAPTER}{len(self.judges)}")
-            self.judges.append(_Judge(run_id, meta["max_length"], head=head))
+            try:
+                model = self._add_judge(model, run_id)
+            except (RlhfError, OSError, KeyError, ValueError) as exc:
+                self.problems.append(f"reward run {run_id} does not judge labeling pairs: {exc}")
         self._model = model
+        return model
+
+    def _add_judge(self, model: PreTrainedModel | PeftModel, run_id: str) -> PreTrainedModel | PeftModel:
+        run_dir = self.workspace.run_dir(run_id)
+        meta = read_reward_meta(run_dir)
+        shared = (meta["base_model"] == self.model_name and meta["quantization"] == self.cfg.model.quantization
+                  and reward_tokenizer_matches(run_dir, self.tokenizer))
+        if not shared:
+            scorer = RewardScorer.from_run(self.workspace, run_id, self.cfg, device=model.device)
+            self.judges.append(_Judge(run_id, meta["max_length"], scorer=scorer))
+            return model
+        if not isinstance(model, PeftModel):
+            # A PeftModel to hold the reward adapters, whose active adapter changes nothing (LoRA B starts at 0);
+            # `sampling()` turns adapters off while generating anyway, which also skips its cost.
+            model = get_peft_model(model, lora_config(model, 1, 1, 0.0), adapter_name=BASE_ADAPTER).eval()
+            self._wrapped_base = True
+        head = load_reward_onto(model, run_dir, f"{JUDGE_ADAPTER}{len(self.judges)}")
+        self.judges.append(_Judge(run_id, meta["max_length"], head=head))
         return model
 
     def sampling(self) -> AbstractContextManager[Any]:

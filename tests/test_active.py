@@ -159,3 +159,18 @@ def test_repeat_every_shows_a_labeled_pair_again_with_sides_swapped(rewarded):
     repeated = engine.store.add_comparison(repeat.prompt_id, repeat.a.id, repeat.b.id, "b", repeat_of=repeat.repeat_of)
     last = engine.store.labeled_decisions()[-1]
     assert (last["id"], last["repeat_of"]) == (repeated, original["id"])
+
+
+def test_a_reward_run_that_cannot_load_judges_nothing_and_labeling_goes_on(rewarded):
+    ws, reward_run = rewarded
+    with Store(ws.db_path) as store:  # a newer finished reward run whose files are gone
+        broken = store.create_run("reward", {})
+        store.update_run(broken, status="finished")
+    engine, events = engine_on(ws, {"uncertainty_runs": 2, "selection": "uncertain", "candidates": 2})
+    warnings = [e.message for e in events.sent if isinstance(e, protocol.Warning)]
+    assert warnings == [f"reward run {broken} does not judge labeling pairs: {ws.run_dir(broken) / 'reward'}: no "
+                        "trained reward model here (missing reward.json); train one with `rlhf-tui train-reward`"]
+    ask_pairs(engine, 1)
+    (pair,) = events.pairs()
+    assert pair.reward_run == reward_run  # the older run still judges
+    engine.store.update_run(broken, status="failed")  # the module's workspace stays as the other tests know it
