@@ -292,6 +292,8 @@ class Engine:
                                   else base)
             self.adapter = adapter
         self.sampler.model = self.judge.attach(self.sampler.model, self.store)
+        for problem in self.judge.problems:
+            self.outbox.send(protocol.Warning(problem))
         label = "demo" if is_demo(self.cfg) else Path(self.model_name).name or self.model_name
         self.outbox.send(protocol.Ready(model_label=label,
                                         adapter=str(self.adapter) if self.adapter else None,
