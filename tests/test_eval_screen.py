@@ -3,7 +3,6 @@ with the Label keys, identities revealed at the end with the win rate and its in
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 from rlhf.config import Workspace
@@ -11,8 +10,8 @@ from rlhf.evaluation import plan_eval, prepare_eval
 from rlhf.store import Store
 from rlhf_tui.app.main import RlhfApp
 from rlhf_tui.app.screens import TABS
-from rlhf_tui.app.screens.eval import EvalScreen, checkpoint_options, reveal_lines
-from rlhf_tui.app.screens.label import MIN_LOOK_MS
+from rlhf_tui.app.screens.eval import EvalScreen, checkpoint_options, reveal_lines, session_options
+from rlhf_tui.app.screens.label import MIN_LOOK_MS, event_clock
 from test_evaluation import tiny_ppo_run  # noqa: F401 - the fixture: a PPO run on the tiny model with a checkpoint
 from test_label_screen import ENGINE_TIMEOUT_S, wait_until
 
@@ -23,6 +22,15 @@ def test_checkpoint_options_lists_ppo_runs_with_a_checkpoint_newest_first():
             SimpleNamespace(id="reward-1", kind="reward", checkpoint_step=3),
             SimpleNamespace(id="ppo-3", kind="ppo", checkpoint_step=2)]
     assert checkpoint_options(runs) == [("ppo-3 @ step 2", "ppo-3"), ("ppo-1 @ step 5", "ppo-1")]
+
+
+def test_session_options_offer_unfinished_sessions_newest_first_then_a_new_one():
+    sessions = [{"id": "eval-1", "candidate": "ppo-1@5", "opponent": "reference", "decided": 2, "pairs": 4},
+                {"id": "eval-2", "candidate": "ppo-1@5", "opponent": "reference", "decided": 3, "pairs": 3},
+                {"id": "eval-3", "candidate": "ppo-2@9", "opponent": "ppo-1@5", "decided": 0, "pairs": 5}]
+    assert session_options(sessions) == [("eval-3: ppo-2@9 vs ppo-1@5, 0 of 5 labeled", "eval-3"),
+                                         ("eval-1: ppo-1@5 vs reference, 2 of 4 labeled", "eval-1"),
+                                         ("a new session (the settings below)", "new")]
 
 
 def test_reveal_lines_name_each_side():
@@ -42,7 +50,7 @@ def configure(workspace: Workspace) -> None:
 async def decide(pilot, screen: EvalScreen, key: str) -> None:
     """Press `key` once the pair on screen has been visible long enough for a decision to count."""
     await wait_until(pilot, lambda: screen.shown_at is not None, 10, "the pair painted")
-    while (time.monotonic() - screen.shown_at) * 1000 < MIN_LOOK_MS + 50:
+    while (event_clock() - screen.shown_at) * 1000 < MIN_LOOK_MS + 50:
         await pilot.pause(0.05)
     await pilot.press(key)
 
@@ -80,8 +88,11 @@ async def test_prepare_through_the_engine_label_blind_and_reveal(workspace, stor
         assert "pair 1 of 3" in shown and tiny_ppo_run not in shown and "reference" not in shown  # systems hidden
 
         await wait_until(pilot, lambda: screen.shown_at is not None, 10, "the pair painted")
-        await pilot.press("a")  # at once: too fast to have read the pair
+        painted = screen.shown_at
+        screen.shown_at = event_clock() + 60  # as if the key came before the pair was painted: it does not count
+        await pilot.press("a")
         assert eval_comparisons(workspace) == []
+        screen.shown_at = painted
         await decide(pilot, screen, "a")
         assert [(row["choice"], row["source"]) for row in eval_comparisons(workspace)] == [("a", "eval")]
         await pilot.press("u")  # undo: the pair is back, its decision deleted
@@ -110,12 +121,17 @@ async def test_the_last_decision_reveals_and_skips_do_not_count(workspace, store
     async with app.run_test(size=(140, 40)) as pilot:
         await pilot.press("ctrl+e")
         screen = app.screen
-        screen.open_session(session_id)
+        assert screen.query_one("#eval-session").value == session_id  # made headless: offered first
+        await pilot.press("enter")
+        assert screen.stage == "labeling" and screen.session["id"] == session_id
         first = screen.pairs[0]["candidate_side"]
         await decide(pilot, screen, "1" if first == "a" else "2")  # the candidate's side: a win
         await decide(pilot, screen, "space")  # skip
         assert screen.stage == "revealed"
         assert "win rate 1.00" in screen.reveal_text() and "1 skipped on 2 of 2 pairs" in screen.reveal_text()
+        await pilot.press("n")  # the finished session is no longer offered; its result is listed
+        assert screen.query_one("#eval-session").value == "new"
+        assert "win rate 1.00" in str(screen.query_one("#eval-results").render())
 
 
 async def test_eval_is_a_screen_in_the_palette_and_the_tab_cycle(workspace, store):

@@ -18,7 +18,8 @@ from textual.widgets import Footer, Header, Input, Label, ProgressBar, Select, S
 
 from rlhf.engine import protocol
 from rlhf.errors import RlhfError
-from rlhf.evaluation import DEFAULT_EVAL_PAIRS, REFERENCE, describe_result, outcome_summary, session_outcomes
+from rlhf.evaluation import (DEFAULT_EVAL_PAIRS, REFERENCE, describe_result, eval_report, outcome_summary,
+                             session_outcomes)
 from rlhf.win_rate import eval_outcome
 
 from ..widgets.answer import TextPane
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from rlhf.run_rows import Run
 
 REFERENCE_OPTION = ("reference (adapters off)", REFERENCE)
+NEW_SESSION = "new"
+NEW_SESSION_OPTION = ("a new session (the settings below)", NEW_SESSION)
 CHOICE_WORDS = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad", "skip": "skipped"}
 
 
@@ -36,6 +39,14 @@ def checkpoint_options(runs: list[Run]) -> list[tuple[str, str]]:
     """(label, run id) of each PPO run with a checkpoint, newest first: what can be evaluated."""
     return [(f"{run.id} @ step {run.checkpoint_step}", run.id) for run in reversed(runs)
             if run.kind == "ppo" and run.checkpoint_step]
+
+
+def session_options(sessions: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(label, session id) of each session with pairs left to label, newest first (e.g. made by `eval prepare`),
+    then a new session."""
+    unfinished = [(f"{s['id']}: {s['candidate']} vs {s['opponent']}, {s['decided']} of {s['pairs']} labeled", s["id"])
+                  for s in reversed(sessions) if s["decided"] < s["pairs"]]
+    return [*unfinished, NEW_SESSION_OPTION]
 
 
 def reveal_lines(pairs: list[dict[str, Any]], candidate: str, opponent: str) -> list[str]:
@@ -88,6 +99,8 @@ class EvalScreen(RlhfScreen):
     def compose(self) -> ComposeResult:
         yield Header()
         with Vertical(id="eval-setup"):
+            yield Label("Session")
+            yield Select([NEW_SESSION_OPTION], id="eval-session", allow_blank=False)
             yield Label("Checkpoint to evaluate")
             yield Select([], id="eval-checkpoint", prompt="no PPO run with a checkpoint yet")
             yield Label("Against")
@@ -97,6 +110,7 @@ class EvalScreen(RlhfScreen):
                 yield Input(id="eval-tag", placeholder="any")
                 yield Label("Pairs")
                 yield Input(str(DEFAULT_EVAL_PAIRS), id="eval-count", type="integer")
+            yield Static("", id="eval-results", markup=False)
         yield Static("", id="eval-message", markup=False)
         yield ProgressBar(total=1.0, show_eta=False, id="eval-progress")
         yield TextPane("prompt", id="eval-prompt")
@@ -119,7 +133,15 @@ class EvalScreen(RlhfScreen):
             self.refresh_choices()  # a run may have finished since
 
     def refresh_choices(self) -> None:
-        """Fill the checkpoint and opponent lists from the store's PPO runs."""
+        """Fill the session, checkpoint and opponent lists from the store (the newest unfinished session first), and
+        the results so far."""
+        sessions = self.app.store.eval_sessions()
+        session = self.query_one("#eval-session", Select)
+        session.set_options(session_options(sessions))
+        session.value = session_options(sessions)[0][1]
+        results = [describe_result(row) for row in eval_report(self.app.store)]
+        self.query_one("#eval-results", Static).update(
+            "\n".join(["Results so far (every session, per checkpoint):", *results]) if results else "")
         options = checkpoint_options(self.app.store.runs("ppo"))
         checkpoint = self.query_one("#eval-checkpoint", Select)
         chosen = checkpoint.value
@@ -164,6 +186,11 @@ class EvalScreen(RlhfScreen):
         self.action_prepare()  # enter in a text field
 
     def action_prepare(self) -> None:
+        """Continue the chosen session, or ask the engine for a new one with the form's settings."""
+        session = self.query_one("#eval-session", Select).value
+        if session != NEW_SESSION:
+            self.open_session(str(session))
+            return
         checkpoint = self.query_one("#eval-checkpoint", Select)
         if checkpoint.is_blank():
             self.notify("no PPO run with a checkpoint: train one on the Train screen first", severity="error")
@@ -173,8 +200,9 @@ class EvalScreen(RlhfScreen):
             self.notify(f"pairs must be a whole number of at least 1, got {count_text!r}", severity="error")
             return
         tag = self.query_one("#eval-tag", Input).value.strip() or None
-        request = protocol.PrepareEval(run_id=str(checkpoint.value), against=str(self.query_one("#eval-against", Select).value),
-                                       prompt_tag=tag, count=int(count_text))
+        against = self.query_one("#eval-against", Select).value
+        request = protocol.PrepareEval(run_id=str(checkpoint.value), against=str(against), prompt_tag=tag,
+                                       count=int(count_text))
         if not self.app.engine.send(request):
             self.notify("the engine is not running: ctrl+r restarts it", severity="error")
             return
@@ -282,9 +310,13 @@ class EvalScreen(RlhfScreen):
         decided = sum(pair["choice"] is not None for pair in self.pairs)
         row = {**summary, "candidate": session["candidate"], "opponent": session["opponent"], "decided": decided,
                "pairs": len(self.pairs)}
+        overall = [f"{len(total['sessions'])} sessions together: {describe_result(total)}"
+                   for total in eval_report(self.app.store) if len(total["sessions"]) > 1
+                   and (total["candidate"], total["opponent"]) == (session["candidate"], session["opponent"])]
         lines = [f"Session {session['id']} (seed {session['seed']}): identities revealed", "", describe_result(row),
+                 *overall,
                  "", *reveal_lines(self.pairs, session["candidate"], session["opponent"]), "",
-                 "n starts a new session; `rlhf-tui eval report` sums every session per checkpoint"]
+                 "n: another session; `rlhf-tui eval report` prints every checkpoint's result"]
         return "\n".join(lines)
 
     def _status_line(self) -> str:
@@ -293,5 +325,6 @@ class EvalScreen(RlhfScreen):
             return (f"pair {self.position + 1} of {len(self.pairs)} · {decided} decided · session "
                     f"{self.session['id'] if self.session else ''} · systems hidden until the end (e ends early)")
         if self.stage == "setup":
-            return "enter samples blind pairs: one answer from the checkpoint, one from the opponent, sides at random"
+            return ("enter: label the chosen session, or sample a new one's blind pairs (one answer from the "
+                    "checkpoint, one from the opponent, sides at random)")
         return f"annotator {self.app.annotator}"
