@@ -234,13 +234,13 @@ class RlhfApp(App):
         if not running:
             self.notify("no run in progress", severity="warning")
             return
-        screen = await self.show_screen(RUN_MODES[self.store.run(running[0])["kind"]], LiveRunScreen)
+        screen = await self.show_screen(RUN_MODES[self.store.run(running[0]).kind], LiveRunScreen)
         screen.action_stop()
 
     async def resume_run(self, run: dict[str, Any]) -> None:
         """Resume a run on the screen of its kind, where it is then watched and stopped like any other."""
-        screen = await self.show_screen(RUN_MODES[run["kind"]], LiveRunScreen)
-        screen.resume(run["id"])
+        screen = await self.show_screen(RUN_MODES[run.kind], LiveRunScreen)
+        screen.resume(run.id)
 
     async def action_use_reward_run(self, run_id: str) -> None:
         """Take a finished reward run to the Train screen, chosen there to score PPO."""

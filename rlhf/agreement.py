@@ -227,7 +227,7 @@ def reward_model_check(store: Any, window: int, ppo_run: str | None = None) -> d
     heldout = accuracy[-1]["value"] if accuracy else None
     if ppo_run is None:
         runs = store.runs("ppo")
-        ppo_run = runs[-1]["id"] if runs else None
+        ppo_run = runs[-1].id if runs else None
     samples = store.samples(ppo_run, limit=RECENT_SAMPLES) if ppo_run else []
     return {"reward_run": reward_run, **figures, "heldout_accuracy": heldout,
             "warning": agreement_falls(figures["agree"], figures["n"], heldout),

@@ -65,16 +65,16 @@ def ppo_policy_adapter(workspace: Workspace, store: Store, run_id: str | None) -
 
     if run_id is not None:
         run = store.run(run_id)
-        if run["kind"] != "ppo" or not run["checkpoint_step"]:
-            raise RlhfError(f"run {run_id!r} is a {run['kind']} run without a PPO checkpoint: name a PPO run "
+        if run.kind != "ppo" or not run.checkpoint_step:
+            raise RlhfError(f"run {run_id!r} is a {run.kind} run without a PPO checkpoint: name a PPO run "
                             "that has one (see `rlhf-tui runs`), or leave out --ppo")
     else:
-        with_checkpoint = [run for run in store.runs("ppo") if run["checkpoint_step"]]
+        with_checkpoint = [run for run in store.runs("ppo") if run.checkpoint_step]
         if not with_checkpoint:
             return None
         run = with_checkpoint[-1]
-    folder = checkpoint_path(workspace.run_dir(run["id"]), run["checkpoint_step"]) / POLICY_ADAPTER
-    return Path(safetensors_adapter(folder)), f"run {run['id']}, step {run['checkpoint_step']}"
+    folder = checkpoint_path(workspace.run_dir(run.id), run.checkpoint_step) / POLICY_ADAPTER
+    return Path(safetensors_adapter(folder)), f"run {run.id}, step {run.checkpoint_step}"
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .config import SECTIONS, Config, Workspace
 from .errors import RlhfError, describe_write_error
+from .run_rows import Run, RunStatus
 from .store import Store, _pid_alive
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -136,16 +137,16 @@ def check_checkpoint(folder: Path, run_id: str, kind: str, *, adapter: str, tens
                         f"{NEW_RUN_ADVICE[kind]}")
 
 
-def resume_checkpoint(workspace: Workspace, run: dict[str, Any], *, adapter: str, tensor_files: tuple[str, ...],
+def resume_checkpoint(workspace: Workspace, run: Run, *, adapter: str, tensor_files: tuple[str, ...],
                       state_keys: tuple[str, ...]) -> tuple[int, Path | None]:
     """The step a resumable run goes on from and its checkpoint folder (0 and None: from the start), the folder
     read whole first (`check_checkpoint`). Found from the run id, not the stored path: the workspace may have
     moved since."""
-    step = run["checkpoint_step"] or 0
+    step = run.checkpoint_step or 0
     if not step:
         return 0, None
-    folder = checkpoint_path(workspace.run_dir(run["id"]), step)
-    check_checkpoint(folder, run["id"], run["kind"], adapter=adapter, tensor_files=tensor_files, state_keys=state_keys)
+    folder = checkpoint_path(workspace.run_dir(run.id), step)
+    check_checkpoint(folder, run.id, run.kind, adapter=adapter, tensor_files=tensor_files, state_keys=state_keys)
     return step, folder
 
 
@@ -187,21 +188,21 @@ def resume_command(kind: str, run_id: str) -> str:
     return f"rlhf-tui {RESUME_COMMANDS[kind]} --resume {run_id}"
 
 
-def resumable_run(store: Store, run_id: str, kind: str) -> dict[str, Any]:
-    """The run row, when it is a `kind` run that can resume: stopped, failed or interrupted."""
+def resumable_run(store: Store, run_id: str, kind: str) -> Run:
+    """The run row, when it is a `kind` run that can resume: stopped, failed or interrupted (or left running by a
+    process that is gone)."""
     run = store.run(run_id)
-    if run["kind"] != kind:
-        raise RlhfError(f"run {run_id!r} is a {run['kind']} run: "
-                        f"resume it with `{resume_command(run['kind'], run_id)}`")
-    if run["status"] in ("running", "stopping") and run["pid"] and _pid_alive(run["pid"]):
-        raise RlhfError(f"run {run_id!r} is still running (pid {run['pid']})")
-    if run["status"] == "finished":
-        raise RlhfError(f"run {run_id!r} already finished its {run['total_steps']} steps")
+    if run.kind != kind:
+        raise RlhfError(f"run {run_id!r} is a {run.kind} run: resume it with `{resume_command(run.kind, run_id)}`")
+    if not run.status.is_final and run.pid and _pid_alive(run.pid):
+        raise RlhfError(f"run {run_id!r} is still running (pid {run.pid})")
+    if run.status == RunStatus.FINISHED:
+        raise RlhfError(f"run {run_id!r} already finished its {run.total_steps} steps")
     return run
 
 
-def config_of_run(run: dict[str, Any], user_cfg: Config) -> Config:
+def config_of_run(run: Run, user_cfg: Config) -> Config:
     """The config a run started with (a resumed run keeps its own settings), except whether remote code may run:
     that comes from the user's own config only, never from a database that may have come with the workspace."""
-    stored = Config.from_dict({k: v for k, v in run["config"].items() if k in SECTIONS}, source=f"run {run['id']}")
+    stored = Config.from_dict({k: v for k, v in run.config.items() if k in SECTIONS}, source=f"run {run.id}")
     return stored.override({"model.trust_remote_code": user_cfg.model.trust_remote_code})

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from .config import Config, Workspace
 from .errors import RlhfError
+from .run_rows import Run
 from .store import Store, new_run_id
 from .win_rate import eval_outcome, tally_outcomes, win_rate, win_rate_interval
 
@@ -66,7 +67,7 @@ def replayed_draws(n_prompts: int, batch_size: int, steps: int, seed: int,
     return {index for step in range(1, steps + 1) for index in prompt_batch(n_prompts, batch_size, step, seed)}
 
 
-def trained_prompt_ids(store: Store, run: dict[str, Any], steps: int) -> set[int]:
+def trained_prompt_ids(store: Store, run: Run, steps: int) -> set[int]:
     """Prompt ids a PPO run drew for rollouts in its first `steps` steps.
 
     Its prompt list is the prompts carrying its `ppo.prompt_tag` (all when empty) that existed when it started. A
@@ -75,11 +76,11 @@ def trained_prompt_ids(store: Store, run: dict[str, Any], steps: int) -> set[int
     """
     from .ppo import prompt_batch
 
-    ppo = run["config"]["ppo"]
+    ppo = run.config["ppo"]
     tagged = store.prompts(tag=ppo.get("prompt_tag") or None)
-    at_start = [p for p in tagged if p["created_at"] <= run["started_at"]]
-    resumed_at = run.get("session_started_at")
-    if resumed_at and any(run["started_at"] < p["created_at"] <= resumed_at for p in tagged):
+    at_start = [p for p in tagged if p["created_at"] <= run.started_at]
+    resumed_at = run.session_started_at
+    if resumed_at and any(run.started_at < p["created_at"] <= resumed_at for p in tagged):
         return {p["id"] for p in tagged if p["created_at"] <= resumed_at}
     if not at_start:
         return set()
@@ -94,25 +95,25 @@ def checkpoint_system(store: Store, workspace: Workspace, run_id: str | None, st
     from .ppo_trainer import POLICY_ADAPTER
 
     if run_id is None:
-        with_checkpoint = [run for run in store.runs("ppo") if run["checkpoint_step"]]
+        with_checkpoint = [run for run in store.runs("ppo") if run.checkpoint_step]
         if not with_checkpoint:
             raise RlhfError("no PPO run with a checkpoint to evaluate: run `rlhf-tui ppo` first")
         run = with_checkpoint[-1]
     else:
         run = store.run(run_id)
-        if run["kind"] != "ppo":
-            raise RlhfError(f"run {run_id!r} is a {run['kind']} run: evaluation compares PPO checkpoints "
+        if run.kind != "ppo":
+            raise RlhfError(f"run {run_id!r} is a {run.kind} run: evaluation compares PPO checkpoints "
                             "(see `rlhf-tui runs`)")
-    kept = run["checkpoint_step"]
+    kept = run.checkpoint_step
     if not kept:
-        raise RlhfError(f"PPO run {run['id']!r} has no checkpoint yet")
+        raise RlhfError(f"PPO run {run.id!r} has no checkpoint yet")
     if step is not None and step != kept:
-        raise RlhfError(f"PPO run {run['id']!r} has no checkpoint of step {step}: it keeps only its latest, "
+        raise RlhfError(f"PPO run {run.id!r} has no checkpoint of step {step}: it keeps only its latest, "
                         f"step {kept} (use --checkpoint {kept} or leave it out)")
-    adapter = checkpoint_path(workspace.run_dir(run["id"]), kept) / POLICY_ADAPTER
+    adapter = checkpoint_path(workspace.run_dir(run.id), kept) / POLICY_ADAPTER
     if not adapter.is_dir():
-        raise RlhfError(f"the checkpoint of PPO run {run['id']!r} is gone from disk ({adapter})")
-    return System(f"{run['id']}@{kept}", run["id"], kept, adapter)
+        raise RlhfError(f"the checkpoint of PPO run {run.id!r} is gone from disk ({adapter})")
+    return System(f"{run.id}@{kept}", run.id, kept, adapter)
 
 
 def plan_eval(store: Store, workspace: Workspace, *, run_id: str | None = None, checkpoint: int | None = None,
@@ -128,16 +129,16 @@ def plan_eval(store: Store, workspace: Workspace, *, run_id: str | None = None, 
     candidate = checkpoint_system(store, workspace, run_id, checkpoint)
     runs = [store.run(candidate.run_id)]
     if against == REFERENCE:
-        sft = runs[0]["config"]["ppo"].get("sft_adapter")
+        sft = runs[0].config["ppo"].get("sft_adapter")
         opponent = System(REFERENCE, adapter=Path(sft) if sft else None)
     else:
         opponent = checkpoint_system(store, workspace, against, None)
         if opponent.run_id == candidate.run_id:
             raise RlhfError(f"--against {against} is the run being evaluated: name another run, or 'reference'")
         runs.append(store.run(against))
-    model_names = {run["config"]["model"]["name"] for run in runs}
+    model_names = {run.config["model"]["name"] for run in runs}
     if len(model_names) > 1:
-        raise RlhfError(f"runs {runs[0]['id']!r} and {runs[1]['id']!r} were trained on different base models "
+        raise RlhfError(f"runs {runs[0].id!r} and {runs[1].id!r} were trained on different base models "
                         f"({' and '.join(sorted(model_names))}): compare checkpoints of one base")
     trained = set().union(*(trained_prompt_ids(store, run, system.step or 0)
                             for run, system in zip(runs, (candidate, opponent))))
@@ -153,7 +154,7 @@ def plan_eval(store: Store, workspace: Workspace, *, run_id: str | None = None, 
     seed = secrets.randbelow(2**31) if seed is None else seed
     random.Random(seed).shuffle(candidates)
     chosen = candidates[:count]
-    return EvalPlan(new_run_id("eval"), candidate, opponent, runs[0]["config"]["model"]["name"], prompt_tag, seed,
+    return EvalPlan(new_run_id("eval"), candidate, opponent, runs[0].config["model"]["name"], prompt_tag, seed,
                     chosen, [candidate_side(seed, p["id"]) for p in chosen])
 
 

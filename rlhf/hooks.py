@@ -1,6 +1,6 @@
 """How a training run talks to whoever started it, without knowing who that is.
 
-`train_reward` and `run_ppo` write runs/metrics/samples to the store themselves, and also call a
+`train_reward` and `run_ppo` write runs/metrics/samples to the store (through their `runs.RunSession`), and call a
 `RunHooks`: the headless CLI draws a progress bar and turns Ctrl+C into `should_stop`; the engine
 process forwards each call to the app as a protocol event and sets `should_stop` on a Stop message.
 No torch here: the app's side imports it.
@@ -12,13 +12,16 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from .run_rows import RunStatus
+
 
 @dataclass
 class RunResult:
-    """How a run ended. status is one of store.FINAL_STATUSES."""
+    """How a run ended: a final status (finished, stopped, failed, interrupted), a one-line message, the
+    checkpoint or model it left, and the steps it did."""
 
     run_id: str
-    status: str
+    status: RunStatus
     message: str = ""
     checkpoint: str | None = None
     step: int = 0

@@ -34,6 +34,7 @@ from .reward_model import (ADAPTER_SUBDIR, META_FORMAT, REWARD_SUBDIR, SCORE_HEA
                            save_reward_model)
 from .reward_pairs import (EncodedPair, data_hash, encode_pairs, pairs_of_run, split_heldout, usable_pairs,
                            write_pairs_record)
+from .run_rows import RunStatus
 from .runs import RunSession, open_store
 from .store import Store, new_run_id
 from .tokens import model_device, pad_left
@@ -158,7 +159,7 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
     pairs, identical = usable_pairs(store, cfg)
     start_step, checkpoint, unused = 0, None, 0
     if resumed is not None:
-        pairs, identical, unused = pairs_of_run(workspace.run_dir(resumed["id"]), pairs, resumed["id"])
+        pairs, identical, unused = pairs_of_run(workspace.run_dir(resumed.id), pairs, resumed.id)
         start_step, checkpoint = resume_checkpoint(workspace, resumed, adapter=ADAPTER_SUBDIR,
                                                    tensor_files=(SCORE_HEAD_FILE,), state_keys=STATE_KEYS)
     tokenizer = load_tokenizer(base_name, trust_remote_code=cfg.model.trust_remote_code)
@@ -206,7 +207,7 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
         try:
             status, message = trainer.run(train, heldout)
         except CheckpointWriteError as exc:  # a full disk: the final save would fail the same way
-            return session.finish_with_product(None, "failed", session.checkpoint_failed(exc))
+            return session.finish_with_product(None, RunStatus.FAILED, session.checkpoint_failed(exc))
         # Measured by the rank that saves the model.
         mean, std = (_training_response_stats(model, head, train, rc.batch_size, tokenizer.pad_token_id, device)
                      if session.writes else (0.0, 1.0))
@@ -221,7 +222,7 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
         }
         if session.writes:
             save_reward_model(reward_dir, model, head, meta)
-    if status != "failed":
+    if status != RunStatus.FAILED:
         message = _summary(trainer.heldout_acc, counts)
     return session.finish_with_product(reward_dir, status, message)
 
@@ -305,17 +306,17 @@ class _Trainer:
         self.ranks.check_identical(self.params)
         return {"loss": loss, "grad_norm": grad_norm.item(), **batch_metrics(r_c, r_r, is_tie)}
 
-    def run(self, train: list[EncodedPair], heldout: list[EncodedPair]) -> tuple[str, str]:
+    def run(self, train: list[EncodedPair], heldout: list[EncodedPair]) -> tuple[RunStatus, str]:
         """Train from the session's step on. Returns (status, message): finished, stopped (on request) or failed
         (non-finite loss, out of memory); an early end first checkpoints the last good weights."""
         status, message = self._steps(train, heldout)
-        if status == "stopped":
+        if status == RunStatus.STOPPED:
             self.session.stop(self._write_checkpoint)
-        elif status == "failed":
+        elif status == RunStatus.FAILED:
             self.session.save_progress(self._write_checkpoint)
         return status, message
 
-    def _steps(self, train: list[EncodedPair], heldout: list[EncodedPair]) -> tuple[str, str]:
+    def _steps(self, train: list[EncodedPair], heldout: list[EncodedPair]) -> tuple[RunStatus, str]:
         session = self.session
         if session.step == 0:
             self._log_heldout(heldout)  # the untrained model: the start of the accuracy curve
@@ -326,18 +327,19 @@ class _Trainer:
             random.Random(f"{self.rc.seed}:{epoch}").shuffle(order)
             for batch_index in range(first_batch if epoch == first_epoch else 0, self.steps_per_epoch):
                 if session.should_stop():
-                    return "stopped", f"stopped at step {session.step} of {session.total_steps}"
+                    return RunStatus.STOPPED, f"stopped at step {session.step} of {session.total_steps}"
                 start = batch_index * self.rc.batch_size
                 try:
                     metrics = self._train_step(order[start:start + self.rc.batch_size])
                 except _Failed as failure:
-                    return "failed", str(failure)
+                    return RunStatus.FAILED, str(failure)
                 except torch.OutOfMemoryError:
                     self.optimizer.zero_grad(set_to_none=True)
-                    return "failed", (f"out of GPU memory at step {session.step + 1}; kept the weights from step "
-                                      f"{session.step} (lower [reward] batch_size, now {self.rc.batch_size}, or "
-                                      f"max_length, now {self.rc.max_length}, or set [reward] quantization = \"4bit\" "
-                                      "or gradient_checkpointing = true)")
+                    return RunStatus.FAILED, (
+                        f"out of GPU memory at step {session.step + 1}; kept the weights from step {session.step} "
+                        f"(lower [reward] batch_size, now {self.rc.batch_size}, or max_length, now "
+                        f"{self.rc.max_length}, or set [reward] quantization = \"4bit\" or "
+                        "gradient_checkpointing = true)")
                 done = min(start + self.rc.batch_size, len(order))
                 session.step_done({**metrics, "epoch": epoch + done / len(order)})
                 if session.step % self.rc.checkpoint_every == 0 and batch_index < self.steps_per_epoch - 1:
@@ -346,4 +348,4 @@ class _Trainer:
             if session.step < session.total_steps:
                 # After the held-out evaluation: a resume here starts the next epoch.
                 session.checkpoint(self._write_checkpoint)
-        return "finished", ""
+        return RunStatus.FINISHED, ""

@@ -16,6 +16,7 @@ from .checkpoints import (CheckpointWriteError, checkpoint_path, prune_checkpoin
 from .config import Workspace
 from .errors import RlhfError, cancel_if_stopped
 from .hooks import RunHooks, RunResult
+from .run_rows import Run, RunStatus
 from .store import Store, new_run_id
 
 # What a stop that came in while a fresh run was still loading names, per kind of run.
@@ -49,7 +50,8 @@ class RunSession:
     `step` counts the steps done, `saved_step` the step of the last checkpoint written.
 
     Used as a context manager around the training: an exception that escapes it marks the run "interrupted"
-    (Ctrl+C) or "failed" with a one-line error, and goes on. Expected ends go through `finish` or `finish_with_product`.
+    (Ctrl+C) or "failed" with a one-line error, and goes on. Expected ends go through `finish` or
+    `finish_with_product`.
 
     `writes` says whether this process writes the run: its row, metrics, samples, run folder and checkpoints,
     and whether it reports them through the hooks. True for a run in one process. In a data-parallel run every
@@ -80,16 +82,16 @@ class RunSession:
         return session
 
     @classmethod
-    def resume(cls, store: Store, workspace: Workspace, hooks: RunHooks, run: dict[str, Any], start_step: int, *,
+    def resume(cls, store: Store, workspace: Workspace, hooks: RunHooks, run: Run, start_step: int, *,
                writes: bool = True) -> RunSession:
         """Continue `run` (a row `checkpoints.resumable_run` accepted) from `start_step`, its checkpoint's step:
         what it logged past that step is dropped."""
-        cancel_if_stopped(hooks.should_stop(), f"{run['kind']} run {run['id']}")
+        cancel_if_stopped(hooks.should_stop(), f"{run.kind} run {run.id}")
         if writes:
-            store.resume_run(run["id"], start_step)
-        session = cls(store, hooks, run["kind"], run["id"], workspace.run_dir(run["id"]), run["total_steps"],
-                      start_step, writes=writes)
-        session._report.on_start(run["id"], run["kind"], run["total_steps"], start_step)
+            store.resume_run(run.id, start_step)
+        session = cls(store, hooks, run.kind, run.id, workspace.run_dir(run.id), run.total_steps, start_step,
+                      writes=writes)
+        session._report.on_start(run.id, run.kind, run.total_steps, start_step)
         return session
 
     def __enter__(self) -> RunSession:
@@ -98,7 +100,7 @@ class RunSession:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
         if exc is not None and self.writes:
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            status = RunStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
             self.store.update_run(self.run_id, status=status, error=error_line(exc))
 
     # -- while it runs ---------------------------------------------------------------------------
@@ -148,7 +150,7 @@ class RunSession:
     def stop(self, write: Callable[[Path, int], None]) -> None:
         """A stop was asked for: the row says "stopping" while the steps since the last checkpoint are saved."""
         if self.writes:
-            self.store.update_run(self.run_id, status="stopping")
+            self.store.update_run(self.run_id, status=RunStatus.STOPPING)
         self.save_progress(write)
 
     def last_checkpoint(self) -> str | None:
@@ -172,28 +174,28 @@ class RunSession:
 
     # -- the end ---------------------------------------------------------------------------------
 
-    def finish(self, status: str, message: str) -> RunResult:
+    def finish(self, status: RunStatus, message: str) -> RunResult:
         """End a run whose last checkpoint is what it made (PPO's policy adapter); `message` is the row's error
         when it failed."""
         self._end(status, message)
         return RunResult(self.run_id, status, message, self.last_checkpoint(), self.step)
 
-    def finish_with_product(self, product: Path | None, status: str, message: str) -> RunResult:
+    def finish_with_product(self, product: Path | None, status: RunStatus, message: str) -> RunResult:
         """End a run that made `product`, a folder beside its checkpoints (a reward model), or None when it could
         not make it: the row and the result name it, and a finished run's checkpoints are removed, as nothing is
         left to resume."""
         fields = {"step": self.step, "checkpoint": str(product), "checkpoint_step": self.step} if product else {}
         self._end(status, message, **fields)
         if product is not None:
-            if self.writes and status == "finished":
+            if self.writes and status == RunStatus.FINISHED:
                 prune_checkpoints(self.run_dir)  # after the row names the product, never a deleted checkpoint
             self._report.on_checkpoint(self.run_id, self.step, str(product))
         return RunResult(self.run_id, status, message, str(product) if product else None, self.step)
 
-    def _end(self, status: str, message: str, **fields: Any) -> None:
+    def _end(self, status: RunStatus, message: str, **fields: Any) -> None:
         if self.writes:
-            self.store.update_run(self.run_id, status=status, **({"error": message} if status == "failed" else {}),
-                                  **fields)
+            error = {"error": message} if status == RunStatus.FAILED else {}
+            self.store.update_run(self.run_id, status=status, **error, **fields)
 
 
 def _create_run(store: Store, workspace: Workspace, run_id: str, kind: str, config: dict[str, Any],

@@ -28,11 +28,11 @@ import sqlite_utils
 
 from .agreement import reward_margin
 from .errors import StoreError
+from .run_rows import FINAL_STATUSES, RUN_KINDS, Run, RunStatus, run_seconds
 
 CHOICES = ("a", "b", "tie", "both_bad", "skip")
-RUN_KINDS = ("reward", "ppo")
+# The statuses the first schema allows, as its migration wrote them (RunStatus names the same six).
 RUN_STATUSES = ("running", "stopping", "finished", "stopped", "failed", "interrupted")
-FINAL_STATUSES = ("finished", "stopped", "failed", "interrupted")
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 # A labeling session renews its prompt claims whenever it asks for a pair, and the claims of a process that
 # has ended lapse at once (no release needed): the expiry only guards against a pid reused by another process.
@@ -670,8 +670,8 @@ class Store:
         unknown = set(fields) - allowed
         if unknown:
             raise ValueError(f"cannot update run fields {sorted(unknown)}")
-        if "status" in fields and fields["status"] not in RUN_STATUSES:
-            raise ValueError(f"bad run status {fields['status']!r}")
+        if "status" in fields:
+            fields["status"] = RunStatus(fields["status"])  # a ValueError names a bad one
         if fields.get("status") in FINAL_STATUSES and "ended_at" not in fields:
             fields["ended_at"] = now_iso()
         sets = ", ".join(f"{k} = ?" for k in fields)
@@ -690,35 +690,43 @@ class Store:
             self.db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, from_step])
             self.db.execute("DELETE FROM samples WHERE run_id = ? AND step > ?", [run_id, from_step])
 
-    def run(self, run_id: str) -> dict[str, Any]:
+    def run(self, run_id: str) -> Run:
         rows = self._query("SELECT * FROM runs WHERE id = ?", [run_id])
         if not rows:
             raise StoreError(f"no run {run_id!r} (see `rlhf-tui runs`)")
-        return _decode_run(rows[0])
+        return Run.from_row(rows[0])
 
-    def runs(self, kind: str | None = None) -> list[dict[str, Any]]:
+    def runs(self, kind: str | None = None) -> list[Run]:
+        """The runs (of one kind), oldest first."""
         sql, params = "SELECT * FROM runs", []
         if kind:
             sql += " WHERE kind = ?"
             params.append(kind)
-        return [_decode_run(r) for r in self._query(sql + " ORDER BY started_at, id", params)]
+        return [Run.from_row(r) for r in self._query(sql + " ORDER BY started_at, id", params)]
 
-    def latest_run(self, kind: str, status: str = "finished") -> dict[str, Any] | None:
+    def latest_run(self, kind: str, status: RunStatus = RunStatus.FINISHED) -> Run | None:
         rows = self._query("SELECT * FROM runs WHERE kind = ? AND status = ? ORDER BY started_at DESC, id DESC "
                            "LIMIT 1", [kind, status])
-        return _decode_run(rows[0]) if rows else None
+        return Run.from_row(rows[0]) if rows else None
 
-    def finished_reward_run(self, run_id: str | None = None) -> dict[str, Any]:
+    def finished_reward_runs(self) -> list[Run]:
+        """The reward runs PPO may use, newest first: the first is the default of `finished_reward_run`."""
+        return [Run.from_row(r) for r in self._query(
+            "SELECT * FROM runs WHERE kind = 'reward' AND status = ? ORDER BY started_at DESC, id DESC",
+            [RunStatus.FINISHED])]
+
+    def finished_reward_run(self, run_id: str | None = None) -> Run:
         """The named reward run of this database, or the latest finished one; it must be a finished reward run
-        (what PPO, `score` and `export-reward` use: a name that is not a run here is refused, never a path)."""
+        (what PPO, `score`, `export-reward` and the Train screen use: a name that is not a run here is refused,
+        never a path)."""
         if run_id is None:
-            run = self.latest_run("reward")
-            if run is None:
+            runs = self.finished_reward_runs()
+            if not runs:
                 raise StoreError("no finished reward run: train one with `rlhf-tui train-reward`")
-            return run
+            return runs[0]
         run = self.run(run_id)
-        if run["kind"] != "reward" or run["status"] != "finished":
-            raise StoreError(f"run {run_id!r} is a {run['status']} {run['kind']} run, not a finished reward run "
+        if run.kind != "reward" or run.status != RunStatus.FINISHED:
+            raise StoreError(f"run {run_id!r} is a {run.status} {run.kind} run, not a finished reward run "
                              "(see `rlhf-tui runs`)")
         return run
 
@@ -814,23 +822,6 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
 def _decode_prompt(row: dict[str, Any]) -> dict[str, Any]:
     row["messages"] = json.loads(row["messages"]) if row["messages"] else None
     row["tags"] = json.loads(row["tags"]) if row["tags"] else []
-    return row
-
-
-# The columns of a `runs` row that say how long it has run (see run_seconds).
-RUN_TIMING = ("started_at", "ended_at", "session_started_at", "earlier_seconds")
-
-
-def run_seconds(run: dict[str, Any], now: datetime) -> float:
-    """How long a run has been running: its earlier sessions, plus the current (or last) session from its
-    start to its end, or to `now` while it runs. A resumed run's stopped time does not count."""
-    session_start = datetime.fromisoformat(run["session_started_at"] or run["started_at"])
-    end = datetime.fromisoformat(run["ended_at"]) if run["ended_at"] else now
-    return run["earlier_seconds"] + max(0.0, (end - session_start).total_seconds())
-
-
-def _decode_run(row: dict[str, Any]) -> dict[str, Any]:
-    row["config"] = json.loads(row["config"])
     return row
 
 

@@ -27,6 +27,7 @@ from rlhf.ppo_trainer import response_forward, response_logprobs
 from rlhf.reward import train_reward
 from rlhf.reward_model import RewardScorer, encode_response, export_sequence_classifier, standardise
 from rlhf.sampling import PairSampler
+from rlhf.tokens import pad_left
 from tools.tiny import (FAMILIES, generated_sentences, hidden_rule_pairs, train_byte_level_tokenizer,
                        workspace_with_pairs)
 

@@ -263,11 +263,11 @@ def test_engine_runs_reward_training_with_graceful_and_hard_stops(workspace, sto
         long_run = workspace.load_config().override({"reward.epochs": 500, "reward.batch_size": 2})
         client.send(protocol.StartReward(long_run))
         started = wait_for(client, protocol.RunStarted)
-        assert started.kind == "reward" and started.total_steps == store.run(started.run_id)["total_steps"] >= 500
+        assert started.kind == "reward" and started.total_steps == store.run(started.run_id).total_steps >= 500
         client.send(protocol.StopRun(started.run_id))
         ended = wait_for(client, protocol.RunEnded)
         assert (ended.result.run_id, ended.result.status) == (started.run_id, "stopped")
-        assert store.run(started.run_id)["status"] == "stopped"
+        assert store.run(started.run_id).status == "stopped"
         assert ended.result.checkpoint and Path(ended.result.checkpoint).is_dir()
 
         # Hard: the engine marks the run stopped and exits; the client starts a fresh engine.
@@ -283,7 +283,7 @@ def test_engine_runs_reward_training_with_graceful_and_hard_stops(workspace, sto
         assert restarted.stage == protocol.STARTING and client.pid != old_pid
         wait_for(client, protocol.Ready)
         run = store.run(started.run_id)
-        assert run["status"] == "stopped" and "hard stop" in run["error"]
+        assert run.status == "stopped" and "hard stop" in run.error
 
 
 def test_the_labeling_model_is_freed_during_a_run_and_samples_again_after(workspace, store):

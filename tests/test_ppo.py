@@ -102,10 +102,10 @@ def test_ppo_raises_the_reward_model_score(rewarded):
     with Store(ws.db_path) as store:
         run = store.run(result.run_id)
         samples = store.samples(result.run_id)
-    assert (run["status"], run["step"], run["checkpoint_step"], run["parent_run"]) == ("finished", steps, steps,
+    assert (run.status, run.step, run.checkpoint_step, run.parent_run) == ("finished", steps, steps,
                                                                                        reward_run)
     assert len(samples) == 4 * steps and all(s["response"] is not None and math.isfinite(s["kl"]) for s in samples)
-    checkpoints = Path(run["checkpoint"]).parent
+    checkpoints = Path(run.checkpoint).parent
     assert [p.name for p in checkpoints.iterdir()] == [f"step-{steps}"]  # older ones are replaced
 
 
@@ -333,12 +333,12 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(rewarded, algorithm
         run_ppo(ws, cfg, reward_run=reward_run, hooks=CrashAt(3))
     with Store(ws.db_path) as store:
         crashed = store.runs("ppo")[-1]
-    assert (crashed["status"], crashed["checkpoint_step"], max(metric_rows(ws, crashed["id"]))) == ("failed", 2, 3)
+    assert (crashed.status, crashed.checkpoint_step, max(metric_rows(ws, crashed.id))) == ("failed", 2, 3)
 
-    stopped = run_ppo(ws, cfg, resume_run=crashed["id"], hooks=StopAt(5))
-    assert (stopped.run_id, stopped.status, stopped.step) == (crashed["id"], "stopped", 5)
+    stopped = run_ppo(ws, cfg, resume_run=crashed.id, hooks=StopAt(5))
+    assert (stopped.run_id, stopped.status, stopped.step) == (crashed.id, "stopped", 5)
     assert stopped.checkpoint.endswith("step-5")
-    resumed = run_ppo(ws, Config(), resume_run=crashed["id"])  # needs nothing but the run id
+    resumed = run_ppo(ws, Config(), resume_run=crashed.id)  # needs nothing but the run id
     assert (resumed.status, resumed.step) == ("finished", 6)
 
     with Store(ws.db_path) as store:
@@ -381,8 +381,8 @@ def test_nan_reward_fails_the_run_and_keeps_the_last_checkpoint(rewarded, monkey
     assert "step 3" in result.message and "NaN" in result.message and "step 2" in result.message
     with Store(ws.db_path) as store:
         run = store.run(result.run_id)
-    assert (run["status"], run["checkpoint_step"]) == ("failed", 2) and run["error"] == result.message
-    assert Path(run["checkpoint"]).is_dir()
+    assert (run.status, run.checkpoint_step) == ("failed", 2) and run.error == result.message
+    assert Path(run.checkpoint).is_dir()
 
 
 def test_no_reward_run_is_a_clear_error(workspace):
@@ -459,6 +459,6 @@ def test_cli_sigterm_stops_after_the_step_with_a_checkpoint(rewarded):
     assert "stopped at step" in summary and "--resume" in summary and "/50" in summary
     with Store(ws.db_path) as store:
         run = store.runs("ppo")[-1]
-    assert run["status"] == "stopped" and run["checkpoint_step"] == run["step"] >= 1
-    assert (Path(run["checkpoint"]) / POLICY_ADAPTER / "adapter_model.safetensors").is_file()
+    assert run.status == "stopped" and run.checkpoint_step == run.step >= 1
+    assert (Path(run.checkpoint) / POLICY_ADAPTER / "adapter_model.safetensors").is_file()
     assert not (ws.runs_dir / LOCK_FILE).exists()

@@ -153,8 +153,8 @@ def test_hidden_rule_is_learned_full_precision(trained):
         heldout = [m["value"] for m in store.metrics(result.run_id, "heldout_acc")]
         losses = [m["value"] for m in store.metrics(result.run_id, "loss")]
         names = {m["name"] for m in store.metrics(result.run_id)}
-    assert run["kind"] == "reward" and run["status"] == "finished" and run["step"] == run["total_steps"]
-    assert run["checkpoint"] == result.checkpoint
+    assert run.kind == "reward" and run.status == "finished" and run.step == run.total_steps
+    assert run.checkpoint == result.checkpoint
     assert {"loss", "train_acc", "heldout_acc", "margin_mean", "chosen_mean", "rejected_mean"} <= names
     assert len(heldout) == cfg.reward.epochs + 1  # before training, then after each epoch
     assert heldout[-1] == meta["heldout_acc"] and heldout[0] < ACCURACY_BAR
@@ -250,7 +250,7 @@ def test_stop_keeps_a_loadable_adapter(tmp_path, tiny_model_dir):
     assert result.status == "stopped" and result.step == 3 and hooks.seen == [1, 2, 3]
     with Store(ws.db_path) as store:
         run = store.run(result.run_id)
-    assert run["status"] == "stopped" and run["ended_at"] and run["checkpoint"] == result.checkpoint
+    assert run.status == "stopped" and run.ended_at and run.checkpoint == result.checkpoint
     assert math.isfinite(RewardScorer.from_run(ws, result.run_id).score("Hi", " A good boat."))
 
 
@@ -280,7 +280,7 @@ def test_a_stopped_run_resumes_to_the_very_model_an_unbroken_run_trains(tmp_path
     checkpoints = ws.run_dir(stopped.run_id) / "checkpoints"
     assert stopped.status == "stopped" and [p.name for p in checkpoints.iterdir()] == [f"step-{stop_at}"]
     with Store(ws.db_path) as store:
-        assert store.run(stopped.run_id)["checkpoint_step"] == stop_at
+        assert store.run(stopped.run_id).checkpoint_step == stop_at
 
     # The run keeps its own settings: the config passed in (1 epoch) is not used.
     resumed = train_reward(ws, cfg.override({"reward.epochs": 1}), resume_run=stopped.run_id)
@@ -290,7 +290,7 @@ def test_a_stopped_run_resumes_to_the_very_model_an_unbroken_run_trains(tmp_path
     with Store(ws.db_path) as store:
         run, losses = store.run(resumed.run_id), store.metrics(resumed.run_id, "loss")
         heldout = [row["step"] for row in store.metrics(resumed.run_id, "heldout_acc")]
-    assert run["status"] == "finished" and run["checkpoint"] == resumed.checkpoint and run["error"] is None
+    assert run.status == "finished" and run.checkpoint == resumed.checkpoint and run.error is None
     assert [row["step"] for row in losses] == list(range(1, unbroken.step + 1))  # no step counted twice
     assert heldout == [0, per_epoch, 2 * per_epoch, 3 * per_epoch]
     assert not checkpoints.exists()  # the finished model is whole: nothing is left to resume
@@ -339,7 +339,7 @@ def test_resume_trains_on_the_pairs_it_started_with(tmp_path, tiny_model_dir):
     with pytest.raises(RlhfError, match=f"the preference pairs run {second.run_id} trained on changed"):
         train_reward(ws, cfg, resume_run=second.run_id)
     with Store(ws.db_path) as store:
-        assert store.run(second.run_id)["status"] == "stopped"  # refused before anything changed
+        assert store.run(second.run_id).status == "stopped"  # refused before anything changed
     (ws.run_dir(second.run_id) / "pairs.json").unlink()  # a run folder from elsewhere, or an older rlhf-tui
     with pytest.raises(RlhfError, match="no pairs.json .* it cannot resume; train a new reward model"):
         train_reward(ws, cfg, resume_run=second.run_id)
@@ -360,7 +360,7 @@ def test_non_finite_loss_fails_the_run_and_keeps_the_last_good_adapter(tmp_path,
     assert "loss became nan at step 3; kept the weights from step 2" in result.message
     with Store(ws.db_path) as store:
         run = store.run(result.run_id)
-    assert run["status"] == "failed" and run["error"] == result.message
+    assert run.status == "failed" and run.error == result.message
     assert math.isfinite(RewardScorer.from_run(ws, result.run_id).score("Hi", " A good boat."))
 
 
@@ -471,8 +471,8 @@ def test_cli_ctrl_c_stops_training_and_keeps_the_adapter(tmp_path, tiny_model_di
                      r"; resume with `rlhf-tui train-reward --resume reward-\S+`$", out.strip()), out
     with Store(ws.db_path) as store:
         run = store.runs("reward")[0]
-    assert run["status"] == "stopped" and run["step"] < run["total_steps"]
-    assert math.isfinite(RewardScorer.from_run(ws, run["id"]).score("Hi", " A good boat."))
+    assert run.status == "stopped" and run.step < run.total_steps
+    assert math.isfinite(RewardScorer.from_run(ws, run.id).score("Hi", " A good boat."))
 
 
 def test_the_reward_base_is_quantized_like_the_policy_base_unless_told_otherwise():

@@ -171,9 +171,9 @@ async def test_train_from_the_screen_watch_the_charts_stop_and_hand_to_ppo(tmp_p
         loss = screen.view.chart("chart-loss")
         await wait_until(pilot, lambda: len(loss.points["loss"]) >= 3, ENGINE_TIMEOUT_S, "three training steps")
         run_id = screen.run_id
-        assert run_id is not None and screen.view.feed.total_steps == db_run(ws, run_id)["total_steps"] > 200
+        assert run_id is not None and screen.view.feed.total_steps == db_run(ws, run_id).total_steps > 200
         # The run trains with the form's settings on top of the app's config (not a re-read rlhf.toml).
-        started_with = db_run(ws, run_id)["config"]["reward"]
+        started_with = db_run(ws, run_id).config["reward"]
         assert (started_with["epochs"], started_with["batch_size"], started_with["center_coef"]) == (200, 4, 0.02)
         accuracy = screen.view.chart("chart-accuracy")
         assert 0 in accuracy.points["heldout_acc"]  # the untrained model's held-out accuracy, at step 0
@@ -186,7 +186,7 @@ async def test_train_from_the_screen_watch_the_charts_stop_and_hand_to_ppo(tmp_p
         await wait_until(pilot, lambda: screen.view.feed.final, what="the stopped run")
         assert screen.view.feed.status == "stopped"
         row = db_run(ws, run_id)
-        assert row["status"] == "stopped" and Path(row["checkpoint"], "adapter").is_dir()
+        assert row.status == "stopped" and Path(row.checkpoint, "adapter").is_dir()
         # The chart holds exactly what the database holds.
         assert loss.points["loss"] == db_metric(ws, run_id, "loss")
         assert screen.check_action("stop", ()) is False  # nothing left to stop: the key is hidden
@@ -198,7 +198,7 @@ async def test_train_from_the_screen_watch_the_charts_stop_and_hand_to_ppo(tmp_p
         await wait_until(pilot, lambda: screen.run_id not in (None, run_id) and screen.view.feed.final,
                          ENGINE_TIMEOUT_S, "a finished one-epoch run")
         finished = screen.run_id
-        assert screen.view.feed.status == "finished" and db_run(ws, finished)["status"] == "finished"
+        assert screen.view.feed.status == "finished" and db_run(ws, finished).status == "finished"
         assert "held-out accuracy" in screen.view.status_text()
         await pilot.press("p")
         assert app.current_mode == "train"

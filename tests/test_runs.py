@@ -61,7 +61,7 @@ def test_a_session_writes_rows_metrics_samples_and_keeps_only_the_last_checkpoin
         run = store.run(session.run_id)
         assert [row["value"] for row in store.metrics(session.run_id, "loss")] == pytest.approx([1, 1 / 2, 1 / 3])
         assert len(store.samples(session.run_id)) == 3
-    assert (run["status"], run["step"], run["checkpoint_step"], run["error"]) == ("stopped", 3, 3, None)
+    assert (run.status, run.step, run.checkpoint_step, run.error) == ("stopped", 3, 3, None)
     assert sorted(p.name for p in (ws.run_dir(session.run_id) / CHECKPOINTS_DIR).iterdir()) == ["step-3"]
     assert (result.status, result.step, Path(result.checkpoint).name) == ("stopped", 3, "step-3")
     assert hooks.calls == [("start", 3, 0), ("step", 1), ("samples", 1), ("step", 2), ("samples", 2),
@@ -92,7 +92,7 @@ def test_a_product_run_names_its_product_and_a_finished_one_drops_its_checkpoint
         product = ws.run_dir(session.run_id) / "reward"
         result = session.finish_with_product(product, "finished", "held-out accuracy 1.0")
         run = store.run(session.run_id)
-    assert (run["status"], run["checkpoint"], run["checkpoint_step"]) == ("finished", str(product), 3)
+    assert (run.status, run.checkpoint, run.checkpoint_step) == ("finished", str(product), 3)
     assert sorted(p.name for p in ws.run_dir(session.run_id).iterdir()) == ["pairs.json"]
     assert (result.checkpoint, hooks.calls[-1]) == (str(product), ("checkpoint", 3, "reward"))
 
@@ -110,7 +110,7 @@ def test_an_escaping_exception_marks_the_run_and_goes_on(tmp_path, exc, status, 
             session.step_done({"loss": 1.0})
             raise exc
         run = store.run(session.run_id)
-    assert (run["status"], run["error"], run["step"]) == (status, error, 1) and error_line(exc) == error
+    assert (run.status, run.error, run.step) == (status, error, 1) and error_line(exc) == error
 
 
 def test_failure_messages_say_what_is_kept_and_how_to_go_on(tmp_path):

@@ -21,6 +21,7 @@ from rlhf_tui.app.widgets.run_feed import (SAMPLES_KEPT, DbFollower, RunFeed, Ru
 from rlhf_tui.app.widgets.run_view import SamplesPane
 from rlhf.engine import protocol
 from rlhf.hooks import RunResult
+from rlhf.run_rows import RunTiming
 from rlhf.store import PromptItem
 from rlhf_tui.app.screens.reward import RewardScreen
 from test_reward_screen import ENGINE_TIMEOUT_S, db_metric, db_run, make_workspace, wait_until
@@ -41,19 +42,13 @@ def test_seconds_per_step_and_eta():
     assert eta_seconds(3.0, step=7, total_steps=None) is None
 
 
-def timing(started_at: str, ended_at: str | None = None, session_started_at: str | None = None,
-           earlier_seconds: float = 0.0) -> dict:
-    return {"started_at": started_at, "ended_at": ended_at, "session_started_at": session_started_at,
-            "earlier_seconds": earlier_seconds}
-
-
 def test_elapsed_and_durations():
     start = "2026-01-01T10:00:00.000+00:00"
     now = datetime(2026, 1, 1, 10, 2, 5, tzinfo=timezone.utc)
-    assert elapsed_seconds(timing(start), now) == 125.0
-    assert elapsed_seconds(timing(start, "2026-01-01T10:00:30.500+00:00"), now) == 30.5  # ended: the clock stopped
+    assert elapsed_seconds(RunTiming(start), now) == 125.0
+    assert elapsed_seconds(RunTiming(start, "2026-01-01T10:00:30.500+00:00"), now) == 30.5  # ended: the clock stopped
     # Resumed at 10:02:00 after 30 s of running: 30 s + the 5 s since, not the 2 minutes it stood still.
-    assert elapsed_seconds(timing(start, None, "2026-01-01T10:02:00.000+00:00", 30.0), now) == 35.0
+    assert elapsed_seconds(RunTiming(start, None, "2026-01-01T10:02:00.000+00:00", 30.0), now) == 35.0
     assert elapsed_seconds(None, now) is None
     assert [format_duration(s) for s in (None, 0, 59.4, 125, 3725)] == ["–", "0:00", "0:59", "2:05", "1:02:05"]
 
@@ -99,7 +94,7 @@ def test_feed_merges_updates_idempotently_and_times_new_steps():
 def test_status_rows():
     feed = RunFeed("ppo-1", "ppo")
     assert status_line(RunFeed(), notice="starting PPO…") == "starting PPO…"
-    feed.apply(RunUpdate(status="running", step=0, total_steps=10, timing=timing("2026-01-01T10:00:00+00:00"),
+    feed.apply(RunUpdate(status="running", step=0, total_steps=10, timing=RunTiming("2026-01-01T10:00:00+00:00"),
                          config={"ppo": {"target_kl": 6.0, "adaptive_kl": True}}), now=0.0)
     feed.apply(RunUpdate(steps={2: {"tokens_per_s": 512.4, "time_rollout": 1.234, "time_score": 0.5,
                                     "time_train": 2.0}}, step=2, checkpoint_step=2), now=8.0)
@@ -109,7 +104,7 @@ def test_status_rows():
     feed.add_warning("step 2: KL is negative")
     assert detail_line(feed) == "⚠ step 2: KL is negative · 512 tok/s · rollout 1.23s score 0.50s train 2.00s"
     feed.apply(RunUpdate(status="stopped", message="stopped at step 2/10",
-                         timing=timing("2026-01-01T10:00:00+00:00", "2026-01-01T10:00:05+00:00")))
+                         timing=RunTiming("2026-01-01T10:00:00+00:00", "2026-01-01T10:00:05+00:00")))
     assert status_line(feed, now + timedelta(hours=1)) == "stopped · step 2/10 · elapsed 0:05 · checkpoint at 2"
     assert detail_line(feed).startswith("stopped at step 2/10 · ⚠ step 2")
 
@@ -146,7 +141,7 @@ def test_db_follower_reads_only_what_is_new(workspace, store):
     store.update_run(run_id, step=3, checkpoint_step=2, status="stopped")
     third = follower.poll()
     assert set(third.steps) == {2, 3} and list(third.samples) == [3] and third.status == "stopped"
-    assert third.checkpoint_step == 2 and third.timing["ended_at"] is not None
+    assert third.checkpoint_step == 2 and third.timing.ended_at is not None
     # Resumed from its checkpoint: the steps after it are recomputed, so everything is read afresh.
     store.resume_run(run_id, 2)
     resumed = follower.poll()
@@ -178,8 +173,8 @@ async def test_follow_a_headless_run_live_then_open_finished_runs(rewarded):  # 
         runs = app.screen
         assert isinstance(runs, RunsScreen)
         table = runs.query_one(DataTable)
-        assert table.get_row(reward_run)[1:4] == ["reward", "finished", f"{db_run(ws, reward_run)['step']}/"
-                                                 f"{db_run(ws, reward_run)['total_steps']}"]
+        assert table.get_row(reward_run)[1:4] == ["reward", "finished", f"{db_run(ws, reward_run).step}/"
+                                                 f"{db_run(ws, reward_run).total_steps}"]
         assert table.get_row(reward_run)[4].startswith("held-out acc ")
 
         process = headless_ppo(ws.root, steps=300)
@@ -202,8 +197,8 @@ async def test_follow_a_headless_run_live_then_open_finished_runs(rewarded):  # 
             assert process.wait(timeout=120) == 128 + signal.SIGTERM, process.stderr.read()
             await wait_until(pilot, lambda: view.feed.final, what="the stop, seen in the database")
             row = db_run(ws, ppo_run)
-            assert view.feed.status == row["status"] == "stopped"
-            assert view.feed.checkpoint_step == row["checkpoint_step"] == row["step"]
+            assert view.feed.status == row.status == "stopped"
+            assert view.feed.checkpoint_step == row.checkpoint_step == row.step
             assert view.chart("chart-reward").points["score_mean"] == db_metric(ws, ppo_run, "score_mean")
             assert view.chart("chart-kl").points["kl_coef"] == db_metric(ws, ppo_run, "kl_coef")
         finally:
@@ -243,7 +238,7 @@ async def test_a_stopped_reward_run_resumes_from_the_list_on_the_reward_screen(t
     async with app.run_test(size=(120, 36)) as pilot:
         await pilot.press("tab", "tab", "tab")
         table = app.screen.query_one(DataTable)
-        assert table.get_row(stopped.run_id)[2:4] == ["stopped", f"1/{db_run(ws, stopped.run_id)['total_steps']}"]
+        assert table.get_row(stopped.run_id)[2:4] == ["stopped", f"1/{db_run(ws, stopped.run_id).total_steps}"]
         await pilot.press("r")
         screen = app.screen
         assert isinstance(screen, RewardScreen)
@@ -251,7 +246,7 @@ async def test_a_stopped_reward_run_resumes_from_the_list_on_the_reward_screen(t
         assert app.focused is None  # not in the form the screen opened on: s stops the run, not typed into a field
         await wait_until(pilot, lambda: screen.view.feed.final, ENGINE_TIMEOUT_S, "the resumed run to finish")
         row = db_run(ws, stopped.run_id)
-        assert screen.view.feed.status == row["status"] == "finished" and row["step"] == row["total_steps"]
+        assert screen.view.feed.status == row.status == "finished" and row.step == row.total_steps
         losses = db_metric(ws, stopped.run_id, "loss")
-        assert list(losses) == list(range(1, row["total_steps"] + 1))  # step 1 kept, the rest trained once
+        assert list(losses) == list(range(1, row.total_steps + 1))  # step 1 kept, the rest trained once
         assert screen.view.chart("chart-loss").points["loss"] == losses

@@ -17,7 +17,8 @@ import pytest
 
 from rlhf import store as store_module
 from rlhf.errors import StoreError
-from rlhf.store import SCHEMA_VERSION, PromptItem, Store, run_seconds
+from rlhf.run_rows import Run, RunStatus, run_seconds
+from rlhf.store import SCHEMA_VERSION, PromptItem, Store
 
 NOBODY = 65534
 
@@ -308,15 +309,50 @@ def test_metrics_and_samples_are_stored_per_step(empty_store: Store):
     assert [(s["step"], s["response"]) for s in empty_store.samples(run_id)] == [(2, "r")]
 
 
+def test_runs_come_back_typed_with_their_status(empty_store: Store):
+    reward = empty_store.create_run("reward", {"reward": {"epochs": 2}}, total_steps=4)
+    time.sleep(0.002)  # started later: listed after
+    ppo = empty_store.create_run("ppo", {}, total_steps=3, parent_run=reward)
+    empty_store.update_run(reward, status="finished", step=4, checkpoint="runs/r/reward", checkpoint_step=4)
+    run = empty_store.run(reward)
+    assert isinstance(run, Run) and run.status is RunStatus.FINISHED and run.status == "finished"
+    assert (run.kind, run.config, run.step, run.total_steps, run.checkpoint, run.pid) == (
+        "reward", {"reward": {"epochs": 2}}, 4, 4, "runs/r/reward", os.getpid())
+    assert run.ended_at and run.status.is_final and not run.status.can_resume
+    child = empty_store.run(ppo)
+    assert (child.parent_run, child.status, child.status.is_final) == (reward, RunStatus.RUNNING, False)
+    assert [r.id for r in empty_store.runs()] == [reward, ppo] and empty_store.runs("ppo") == [child]
+    assert run.to_dict()["status"] == "finished" and run.to_dict()["config"] == {"reward": {"epochs": 2}}
+    with pytest.raises(ValueError, match="'done' is not a valid RunStatus"):
+        empty_store.update_run(ppo, status="done")
+
+
+def test_which_reward_run_is_the_newest_finished_one_or_the_one_named(empty_store: Store):
+    with pytest.raises(StoreError, match="no finished reward run: train one with `rlhf-tui train-reward`"):
+        empty_store.finished_reward_run()
+    ids = []
+    for i in range(3):
+        time.sleep(0.002)  # each started after the one before
+        ids.append(empty_store.create_run("reward", {}, run_id=f"reward-{i}"))
+    older, stopped, newer = ids
+    for run_id in (older, newer):
+        empty_store.update_run(run_id, status="finished")
+    empty_store.update_run(stopped, status="stopped")
+    assert [run.id for run in empty_store.finished_reward_runs()] == [newer, older]
+    assert empty_store.finished_reward_run().id == newer and empty_store.finished_reward_run(older).id == older
+    with pytest.raises(StoreError, match=f"run '{stopped}' is a stopped reward run, not a finished reward run"):
+        empty_store.finished_reward_run(stopped)
+
+
 def test_a_resumed_run_counts_only_the_time_it_ran(empty_store: Store):
     run_id = empty_store.create_run("ppo", {}, total_steps=4)
-    started = datetime.fromisoformat(empty_store.run(run_id)["started_at"])
+    started = datetime.fromisoformat(empty_store.run(run_id).started_at)
     empty_store.update_run(run_id, status="stopped", ended_at=(started + timedelta(seconds=30)).isoformat())
     assert run_seconds(empty_store.run(run_id), started + timedelta(hours=5)) == 30.0  # stopped: the clock stands
     empty_store.resume_run(run_id, 0)  # hours later: the stopped time is not running time
     run = empty_store.run(run_id)
-    session = datetime.fromisoformat(run["session_started_at"])
-    assert run["earlier_seconds"] == 30.0 and run["ended_at"] is None and session >= started
+    session = datetime.fromisoformat(run.session_started_at)
+    assert run.earlier_seconds == 30.0 and run.ended_at is None and session >= started
     assert run_seconds(run, session + timedelta(seconds=5)) == 35.0
 
 
@@ -329,7 +365,7 @@ def test_a_version_2_database_gains_the_timing_of_resumed_runs(db_path: Path):
         conn.execute("PRAGMA user_version = 2")
     with Store(db_path) as store:
         run = store.run("ppo-1")
-        assert (run["earlier_seconds"], run["session_started_at"]) == (0.0, None)
+        assert (run.earlier_seconds, run.session_started_at) == (0.0, None)
         assert run_seconds(run, datetime.now(timezone.utc)) == 60.0
 
 

@@ -46,9 +46,9 @@ def rewarded(tmp_path_factory, tiny_model_dir) -> tuple[Workspace, str]:
 
 def checkpoint_intact(row: dict) -> bool:
     """The run's recorded checkpoint is on disk, complete, and at the step the row says."""
-    path = Path(row["checkpoint"])
+    path = Path(row.checkpoint)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    return (state["step"] == row["checkpoint_step"] and (path / "policy" / "adapter_config.json").is_file()
+    return (state["step"] == row.checkpoint_step and (path / "policy" / "adapter_config.json").is_file()
             and (path / "value_head.safetensors").is_file())
 
 
@@ -156,11 +156,11 @@ async def test_launch_watch_stop_resume_and_hard_stop(rewarded):
         assert "stopping…" in view.status_text() or view.feed.status == "stopped"
         await wait_until(pilot, lambda: view.feed.final, what="the graceful stop")
         row = db_run(ws, run_id)
-        assert row["status"] == view.feed.status == "stopped"
-        assert row["checkpoint_step"] == row["step"] == view.feed.step and checkpoint_intact(row)
-        assert sorted(db_metric(ws, run_id, "score_mean")) == list(range(1, row["step"] + 1))
+        assert row.status == view.feed.status == "stopped"
+        assert row.checkpoint_step == row.step == view.feed.step and checkpoint_intact(row)
+        assert sorted(db_metric(ws, run_id, "score_mean")) == list(range(1, row.step + 1))
         assert reward.points["score_mean"] == db_metric(ws, run_id, "score_mean")
-        stopped_at = row["step"]
+        stopped_at = row.step
 
         # Resume it from the Runs list: the Train screen shows the old steps and continues.
         await pilot.press("tab")
@@ -188,7 +188,7 @@ async def test_launch_watch_stop_resume_and_hard_stop(rewarded):
         assert screen.stop_state == "hard" and "stopping… at once" in view.status_text()
         await wait_until(pilot, lambda: view.feed.final, what="the hard stop")
         row = db_run(ws, run_id)
-        assert row["status"] == "stopped" and "hard stop" in row["error"] and "hard stop" in view.status_text()
+        assert row.status == "stopped" and "hard stop" in row.error and "hard stop" in view.status_text()
         assert checkpoint_intact(row)
         await wait_until(pilot, lambda: app.engine.alive and app.engine.pid != old_engine, what="a fresh engine")
 
@@ -221,9 +221,9 @@ async def test_engine_killed_mid_run_marks_the_run_interrupted(rewarded):
         os.kill(app.engine.pid, signal.SIGKILL)
         await wait_until(pilot, lambda: view.feed.final, what="the run marked lost")
         row = db_run(ws, run_id)
-        assert row["status"] == view.feed.status == "interrupted"
+        assert row.status == view.feed.status == "interrupted"
         assert "SIGKILL" in view.status_text() and "resume it from Runs" in view.status_text()
-        assert checkpoint_intact(row) and row["checkpoint_step"] >= 2
+        assert checkpoint_intact(row) and row.checkpoint_step >= 2
         with Store(ws.db_path) as store:
-            assert max(store.metrics_by_step(run_id)) >= row["checkpoint_step"]
+            assert max(store.metrics_by_step(run_id)) >= row.checkpoint_step
         assert screen.check_action("stop", ()) is False

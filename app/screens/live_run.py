@@ -216,7 +216,7 @@ class LiveRunScreen(RlhfScreen):
         """The engine ended without a RunEnded: read how the run was left, marking it interrupted if it
         still says running (its process is gone), and say so."""
         store = self.app.store
-        if store.run(self.run_id)["status"] in ("running", "stopping"):
+        if not store.run(self.run_id).status.is_final:
             store.mark_interrupted_runs()
         self.view.sync()
         feed = self.view.feed

@@ -47,8 +47,8 @@ class RewardScreen(LiveRunScreen):
         self.show_start_error(None)
         latest = self.app.store.latest_run("reward")
         if latest is not None:
-            self.view.show_run(self.app.store, latest["id"])
-            self.sub_title = latest["id"]
+            self.view.show_run(self.app.store, latest.id)
+            self.sub_title = latest.id
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "use_for_ppo":

@@ -9,12 +9,11 @@ following it while it runs. `r` resumes a stopped, interrupted or failed run on 
 
 from __future__ import annotations
 
-from typing import Any
-
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Header
 
+from rlhf.run_rows import RESUMABLE_STATUSES, Run
 from rlhf.store import Store
 
 from ..widgets.run_feed import format_number
@@ -23,26 +22,25 @@ from .base import RlhfScreen
 
 RUNS_REFRESH_S = 2.0
 DB_FOLLOW_INTERVAL_S = 0.5
-RESUMABLE_STATUSES = ("stopped", "interrupted", "failed")
 # The final metrics shown per kind: (metric, label).
 FINAL_METRICS = {"ppo": (("score_mean", "score"), ("kl_k1", "KL")), "reward": (("heldout_acc", "held-out acc"),)}
 COLUMNS = ("run", "kind", "status", "steps", "final metrics")
 
 
-def final_metrics_text(store: Store, run: dict[str, Any]) -> str:
+def final_metrics_text(store: Store, run: Run) -> str:
     """The last logged value of the run's headline metrics, e.g. "score 0.531 · KL 0.12"."""
     parts = []
-    for name, label in FINAL_METRICS[run["kind"]]:
-        rows = store.metrics(run["id"], name)
+    for name, label in FINAL_METRICS[run.kind]:
+        rows = store.metrics(run.id, name)
         if rows:
             parts.append(f"{label} {format_number(rows[-1]['value'])}")
     return " · ".join(parts)
 
 
-def resume_refusal(run: dict[str, Any]) -> str | None:
+def resume_refusal(run: Run) -> str | None:
     """Why this run cannot be resumed, or None when it can."""
-    if run["status"] not in RESUMABLE_STATUSES:
-        return f"{run['id']} is {run['status']}: only stopped, interrupted or failed runs resume"
+    if not run.status.can_resume:
+        return f"{run.id} is {run.status}: only stopped, interrupted or failed runs resume"
     return None
 
 
@@ -78,25 +76,25 @@ class RunsScreen(RlhfScreen):
         store.mark_interrupted_runs()
         runs = list(reversed(store.runs()))  # newest first
         table = self.query_one(DataTable)
-        if [r["id"] for r in runs] != list(self._shown):
+        if [r.id for r in runs] != list(self._shown):
             selected = self.selected_run_id()
             table.clear()
             self._shown = {}
             for run in runs:
-                table.add_row(*self._cells(store, run), key=run["id"])
-                self._shown[run["id"]] = (run["status"], run["step"])
+                table.add_row(*self._cells(store, run), key=run.id)
+                self._shown[run.id] = (run.status, run.step)
             if selected in self._shown:
                 table.move_cursor(row=table.get_row_index(selected))
             return
         for run in runs:
-            if self._shown[run["id"]] != (run["status"], run["step"]):
+            if self._shown[run.id] != (run.status, run.step):
                 for column, value in zip(COLUMNS, self._cells(store, run)):
-                    table.update_cell(run["id"], column, value)
-                self._shown[run["id"]] = (run["status"], run["step"])
+                    table.update_cell(run.id, column, value)
+                self._shown[run.id] = (run.status, run.step)
 
     @staticmethod
-    def _cells(store: Store, run: dict[str, Any]) -> tuple[str, ...]:
-        return (run["id"], run["kind"], run["status"], f"{run['step']}/{run['total_steps'] or '?'}",
+    def _cells(store: Store, run: Run) -> tuple[str, ...]:
+        return (run.id, run.kind, run.status.value, f"{run.step}/{run.total_steps or '?'}",
                 final_metrics_text(store, run))
 
     def selected_run_id(self) -> str | None:
@@ -138,13 +136,13 @@ class RunScreen(RlhfScreen):
         *SCROLL_SAMPLES_BINDINGS,
     ]
 
-    def __init__(self, run: dict[str, Any]) -> None:
+    def __init__(self, run: Run) -> None:
         super().__init__()
         self.run_row = run
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield RunView(self.run_row["kind"], id="panes")
+        yield RunView(self.run_row.kind, id="panes")
         yield Footer(compact=True)
 
     @property
@@ -152,13 +150,13 @@ class RunScreen(RlhfScreen):
         return self.query_one("#panes", RunView)
 
     def on_mount(self) -> None:
-        self.title = f"rlhf-tui · {self.run_row['kind']} run {self.run_row['id']}"
-        self.view.show_run(self.app.store, self.run_row["id"])
+        self.title = f"rlhf-tui · {self.run_row.kind} run {self.run_row.id}"
+        self.view.show_run(self.app.store, self.run_row.id)
         self.set_interval(DB_FOLLOW_INTERVAL_S, self.view.sync)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in ("more", "scroll_samples"):
-            return self.run_row["kind"] == "ppo"
+            return self.run_row.kind == "ppo"
         if action == "resume":
             return self.view.feed.status in RESUMABLE_STATUSES
         return True
@@ -173,7 +171,7 @@ class RunScreen(RlhfScreen):
         self.view.scroll_samples(lines)
 
     async def action_resume(self) -> None:
-        run = self.app.store.run(self.run_row["id"])
+        run = self.app.store.run(self.run_row.id)
         refusal = resume_refusal(run)
         if refusal:
             self.notify(refusal, severity="warning")

@@ -32,13 +32,13 @@ PPO_FORM_KEYS = ("ppo.steps", "ppo.batch_size", "ppo.algorithm", "ppo.samples_pe
 
 
 def reward_run_choices(store: Store) -> list[tuple[str, str]]:
-    """(label, run id) of every finished reward run, newest first, labelled with its held-out accuracy."""
+    """(label, run id) of every finished reward run, newest first (the first is what PPO uses by default),
+    labelled with its held-out accuracy."""
     choices = []
-    for run in reversed(store.runs("reward")):
-        if run["status"] == "finished":
-            accuracy = store.metrics(run["id"], "heldout_acc")
-            shown = format_number(accuracy[-1]["value"] if accuracy else None)
-            choices.append((f"{run['id']} · held-out acc {shown}", run["id"]))
+    for run in store.finished_reward_runs():
+        accuracy = store.metrics(run.id, "heldout_acc")
+        choices.append((f"{run.id} · held-out acc {format_number(accuracy[-1]['value'] if accuracy else None)}",
+                        run.id))
     return choices
 
 

@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from rlhf.engine import protocol
-from rlhf.store import FINAL_STATUSES, RUN_TIMING, Store, run_seconds
+from rlhf.run_rows import FINAL_STATUSES, Run, RunTiming, run_seconds
+from rlhf.store import Store
 
 from .answer import visible_text
 
@@ -34,7 +35,7 @@ class RunUpdate:
     total_steps: int | None = None
     checkpoint_step: int | None = None
     message: str | None = None
-    timing: dict[str, Any] | None = None  # the row's RUN_TIMING columns, for how long it has run
+    timing: RunTiming | None = None  # for how long it has run
     config: dict[str, Any] | None = None
     reset: bool = False  # the run restarted from a checkpoint: what was shown past it is void
 
@@ -54,11 +55,11 @@ def update_from_event(event: protocol.Event) -> RunUpdate | None:
     return None
 
 
-def update_from_row(run: dict[str, Any]) -> RunUpdate:
+def update_from_row(run: Run) -> RunUpdate:
     """The facts of a `runs` row."""
-    return RunUpdate(status=run["status"], step=run["step"], total_steps=run["total_steps"],
-                     checkpoint_step=run["checkpoint_step"], message=run["error"],
-                     timing={name: run[name] for name in RUN_TIMING}, config=run["config"])
+    return RunUpdate(status=run.status, step=run.step, total_steps=run.total_steps,
+                     checkpoint_step=run.checkpoint_step, message=run.error,
+                     timing=run.timing, config=run.config)
 
 
 class DbFollower:
@@ -74,10 +75,10 @@ class DbFollower:
         run = self.store.run(self.run_id)
         update = update_from_row(run)
         # A stopped run that runs again was resumed from its checkpoint: the steps after it are recomputed.
-        if self.last_status in FINAL_STATUSES and run["status"] not in FINAL_STATUSES:
+        if self.last_status in FINAL_STATUSES and run.status not in FINAL_STATUSES:
             update.reset = True
             self.last_step = self.last_sample_step = -1
-        self.last_status = run["status"]
+        self.last_status = run.status
         # The last step is read again: a reward run logs its held-out metrics under a step already logged.
         update.steps = self.store.metrics_by_step(self.run_id, after_step=self.last_step - 1)
         if update.steps:
@@ -100,7 +101,7 @@ class RunFeed:
         self.total_steps: int | None = None
         self.checkpoint_step: int | None = None
         self.message: str | None = None
-        self.timing: dict[str, Any] | None = None
+        self.timing: RunTiming | None = None
         self.config: dict[str, Any] = {}
         self.metrics: dict[int, dict[str, float]] = {}
         self.samples: list[dict[str, Any]] = []  # newest first
@@ -163,7 +164,7 @@ def eta_seconds(per_step: float | None, step: int, total_steps: int | None) -> f
     return per_step * max(0, total_steps - step)
 
 
-def elapsed_seconds(timing: dict[str, Any] | None, now: datetime) -> float | None:
+def elapsed_seconds(timing: RunTiming | None, now: datetime) -> float | None:
     """How long the run has been running (not counting time stopped before a resume); None before its row is read."""
     return None if timing is None else run_seconds(timing, now)
 

@@ -19,7 +19,7 @@ def _cmd_eval_prepare(args: argparse.Namespace) -> int:
         from ..models import load_causal_lm, load_tokenizer, pick_device
 
         trust = session.config.model.trust_remote_code
-        quantization = session.store.run(plan.candidate.run_id)["config"]["model"]["quantization"]
+        quantization = session.store.run(plan.candidate.run_id).config["model"]["quantization"]
         tokenizer = load_tokenizer(plan.model_name, trust_remote_code=trust)
         base = load_causal_lm(plan.model_name, quantization, trust_remote_code=trust, device=pick_device()).eval()
         tty = sys.stderr.isatty()

@@ -131,18 +131,18 @@ def _run_headless(args: argparse.Namespace, overrides: dict[str, Any], shown: tu
         with rank0_first(ranks):
             session = stack.enter_context(open_workspace(args, overrides))
         enter_demo_mode(session.config)
-        progress = ConsoleProgress(shown)  # on ranks > 0 the run reports nothing to it
+        progress = ConsoleProgress(shown) if ranks.writes else RunHooks()
         with stop_on_ctrl_c(progress) as received:
             try:
                 result = run_request(session.workspace, request_for(session.config),
-                                     agreed_hooks(progress, ranks), session.store, ranks=ranks)
+                                     agreed_hooks(progress, ranks), session.store)
             except RunCancelled as exc:
                 exc.exit_code = stopped_exit_code(received)
                 raise
             finally:
                 progress.finish()
         ranks.barrier()  # rank 0 has written the run's end (row, reward model) before any rank reads it
-        total = session.store.run(result.run_id)["total_steps"]
+        total = session.store.run(result.run_id).total_steps
     return result, total, received
 
 
@@ -190,7 +190,7 @@ def _reward_summary(result: RunResult, total_steps: int) -> str:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     with open_workspace(args, {"model.quantization": None}) as session:
-        run_id = session.store.finished_reward_run(args.reward)["id"]
+        run_id = session.store.finished_reward_run(args.reward).id
         from ..reward_model import RewardScorer
 
         scorer = RewardScorer.from_run(session.workspace, run_id, session.config,
@@ -202,7 +202,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_export_reward(args: argparse.Namespace) -> int:
     with open_workspace(args) as session:
-        run_id = session.store.finished_reward_run(args.reward)["id"]
+        run_id = session.store.finished_reward_run(args.reward).id
         run_dir = session.workspace.run_dir(run_id)
         if not run_dir.is_dir():
             raise RlhfError(f"no run {run_id!r} in {session.workspace.runs_dir} (see `rlhf-tui runs`)")
@@ -262,7 +262,8 @@ RUNS_TABLE_METRICS = ("score_mean", "kl_k1", "heldout_acc")
 
 def _cmd_runs(args: argparse.Namespace) -> int:
     with open_workspace(args) as session:
-        runs = [{**run, "final_metrics": _final_metrics(session.store, run["id"])} for run in session.store.runs()]
+        runs = [{**run.to_dict(), "final_metrics": _final_metrics(session.store, run.id)}
+                for run in session.store.runs()]
     if args.json:
         print_json(runs)
         return 0
@@ -278,14 +279,11 @@ def _cmd_runs_show(args: argparse.Namespace) -> int:
     with open_workspace(args) as session:
         run = session.store.run(args.run)
         by_step = session.store.metrics_by_step(args.run)
-        rewards = session.store.reward_history(args.run)
     steps = [{"step": step, **values} for step, values in sorted(by_step.items())]
     if args.json:
-        print_json({"run": run, "steps": steps})
+        print_json({"run": run.to_dict(), "steps": steps})
         return 0
-    print(f"{run['id']}: {run['kind']} run, {run['status']}, step {run['step']}/{run['total_steps'] or '?'}")
-    if len(rewards) > 1:  # a PPO run that switched to a refit's reward run
-        print("scored by: " + ", ".join(f"{row['reward_run']} from step {row['from_step'] + 1}" for row in rewards))
+    print(f"{run.id}: {run.kind} run, {run.status}, step {run.step}/{run.total_steps or '?'}")
     names = list(dict.fromkeys(name for values in by_step.values() for name in values))
     print("\t".join(["step", *names]))
     for row in steps:

@@ -141,9 +141,9 @@ def find_policy_adapter(checkpoint: Path) -> Path | None:
 def latest_policy_adapter(store: Store, workspace: Workspace, model_name: str) -> Path | None:
     """The policy adapter of the newest PPO run with a checkpoint trained on this base, or None."""
     for run in reversed(store.runs("ppo")):
-        if not run["checkpoint"] or run["config"].get("model", {}).get("name", "") != model_name:
+        if not run.checkpoint or run.config.get("model", {}).get("name", "") != model_name:
             continue
-        checkpoint = Path(run["checkpoint"])
+        checkpoint = Path(run.checkpoint)
         adapter = find_policy_adapter(checkpoint if checkpoint.is_absolute() else workspace.root / checkpoint)
         if adapter is not None:
             return adapter

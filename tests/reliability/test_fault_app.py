@@ -205,7 +205,7 @@ RUN_AND_WAIT_SCRIPT = textwrap.dedent("""
             app.engine.send(protocol.StartPPO(app.config.override({"ppo.steps": 500})))
             while app.is_running:  # until the signal makes the app exit
                 running = sorted(app.engine.running_runs)
-                if running and app.store.run(running[0])["step"] >= 1:
+                if running and app.store.run(running[0]).step >= 1:
                     with open(progress_path, "w") as progress:
                         progress.write(running[0])
                 await asyncio.sleep(0.1)
@@ -240,9 +240,9 @@ def test_a_closed_terminal_or_sigterm_stops_the_run_with_a_checkpoint_like_ctrl_
         app.kill()
     with Store(workspace.db_path) as store:
         run = store.run(progress.read_text())
-    assert run["status"] == "stopped", run  # was: left "running", later "interrupted ... without saying why"
-    assert run["checkpoint_step"] == run["step"] >= 1
-    assert (workspace.root / run["checkpoint"]).is_dir()
+    assert run.status == "stopped", run  # was: left "running", later "interrupted ... without saying why"
+    assert run.checkpoint_step == run.step >= 1
+    assert (workspace.root / run.checkpoint).is_dir()
 
 
 async def test_a_stopped_engine_is_reported_with_the_restart_key(workspace):

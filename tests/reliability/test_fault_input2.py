@@ -157,8 +157,8 @@ def test_resume_from_a_damaged_reward_run_is_one_line_and_keeps_its_status(tmp_p
     assert_one_line_error(code, captured.err, fragment, "train a new reward model with `rlhf-tui train-reward`")
     with Store(ws.db_path) as store:
         after = store.run(run_id)
-    assert (after["status"], after["error"], after["checkpoint_step"]) == \
-        (before["status"], before["error"], before["checkpoint_step"]) == ("stopped", None, 2)
+    assert (after.status, after.error, after.checkpoint_step) == \
+        (before.status, before.error, before.checkpoint_step) == ("stopped", None, 2)
     assert tree_snapshot(ws.runs_dir) == files_before
 
 
@@ -180,7 +180,7 @@ def test_resume_from_a_damaged_ppo_checkpoint_is_one_line_and_keeps_its_status(r
     assert_one_line_error(code, captured.err, fragment, "start a new run with `rlhf-tui ppo`")
     with Store(ws.db_path) as store:
         run = store.run(result.run_id)
-    assert (run["status"], run["error"], run["checkpoint_step"]) == ("stopped", None, 2)
+    assert (run.status, run.error, run.checkpoint_step) == ("stopped", None, 2)
     assert tree_snapshot(ws.runs_dir) == files_before
 
 

@@ -60,24 +60,24 @@ def test_kill_9_during_reward_training_then_resume_finishes_the_run(labeled, cap
         proc.kill()
     with Store(labeled.db_path) as store:  # opening a store alone changes nothing: the commands mark runs
         (run,) = store.runs("reward")
-    assert run["status"] == "running" and run["pid"] == proc.pid and run["checkpoint_step"] >= first
+    assert run.status == "running" and run.pid == proc.pid and run.checkpoint_step >= first
     assert _integrity(labeled.db_path) == [("ok",)]
 
-    listed = _listed_run(labeled, run["id"])
+    listed = _listed_run(labeled, run.id)
     assert listed["status"] == "interrupted" and "killed or crashed" in listed["error"] and listed["ended_at"]
-    assert not (labeled.run_dir(run["id"]) / "reward").exists()  # nothing half-written passes for a model
+    assert not (labeled.run_dir(run.id) / "reward").exists()  # nothing half-written passes for a model
     assert cli.main(["ppo", "--workspace", str(labeled.root)]) == 2
     assert "no finished reward run" in capsys.readouterr().err  # PPO never picks the interrupted run
 
-    assert cli.main(["train-reward", "--workspace", str(labeled.root), "--resume", run["id"]]) == 0
+    assert cli.main(["train-reward", "--workspace", str(labeled.root), "--resume", run.id]) == 0
     out, err = capsys.readouterr()
-    assert f"(resuming at step {run['checkpoint_step']})" in err and "Traceback" not in err
-    assert out.startswith(f"reward run {run['id']}: finished 60 epochs ({run['total_steps']} steps)")
+    assert f"(resuming at step {run.checkpoint_step})" in err and "Traceback" not in err
+    assert out.startswith(f"reward run {run.id}: finished 60 epochs ({run.total_steps} steps)")
     with Store(labeled.db_path) as store:
-        after, latest = store.run(run["id"]), store.latest_run("reward")
-        losses = [row["step"] for row in store.metrics(run["id"], "loss")]
-    assert after["status"] == "finished" and latest["id"] == run["id"]  # now PPO's reward model
-    assert losses == list(range(1, run["total_steps"] + 1))  # steps after the checkpoint redone once
+        after, latest = store.run(run.id), store.latest_run("reward")
+        losses = [row["step"] for row in store.metrics(run.id, "loss")]
+    assert after.status == "finished" and latest.id == run.id  # now PPO's reward model
+    assert losses == list(range(1, run.total_steps + 1))  # steps after the checkpoint redone once
 
 
 def test_kill_9_during_ppo_then_resume_continues_from_the_last_checkpoint(rewarded, capsys, monkeypatch):
@@ -96,10 +96,10 @@ def test_kill_9_during_ppo_then_resume_continues_from_the_last_checkpoint(reward
         proc.kill()
     with Store(ws.db_path) as store:
         (run,) = store.runs("ppo")
-    assert run["status"] == "running" and run["checkpoint_step"] >= 2 and run["step"] >= 3
+    assert run.status == "running" and run.checkpoint_step >= 2 and run.step >= 3
     assert (ws.runs_dir / LOCK_FILE).read_text() == str(proc.pid)  # a stale lock: its owner is gone
     assert _integrity(ws.db_path) == [("ok",)]
-    assert _listed_run(ws, run["id"])["status"] == "interrupted"
+    assert _listed_run(ws, run.id)["status"] == "interrupted"
 
     real_on_step = cli.ConsoleProgress.on_step
 
@@ -108,17 +108,17 @@ def test_kill_9_during_ppo_then_resume_continues_from_the_last_checkpoint(reward
         os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl+C: the handler runs in this (main) thread
 
     monkeypatch.setattr(cli.ConsoleProgress, "on_step", ctrl_c_after_the_first_step)
-    code = cli.main(["ppo", "--workspace", str(ws.root), "--resume", run["id"]])
+    code = cli.main(["ppo", "--workspace", str(ws.root), "--resume", run.id])
     out, err = capsys.readouterr()
-    resumed_at, stopped_at = run["checkpoint_step"], run["checkpoint_step"] + 1
+    resumed_at, stopped_at = run.checkpoint_step, run.checkpoint_step + 1
     assert code == 130, err
-    assert f"{run['id']}: 100 steps (resuming at step {resumed_at})" in err and "Traceback" not in err
-    assert out.splitlines() == [f"ppo run {run['id']}: stopped at step {stopped_at}/100; checkpoint "
-                                f"{ws.run_dir(run['id']) / 'checkpoints' / f'step-{stopped_at}'}; "
-                                f"resume with `rlhf-tui ppo --resume {run['id']}`"]
+    assert f"{run.id}: 100 steps (resuming at step {resumed_at})" in err and "Traceback" not in err
+    assert out.splitlines() == [f"ppo run {run.id}: stopped at step {stopped_at}/100; checkpoint "
+                                f"{ws.run_dir(run.id) / 'checkpoints' / f'step-{stopped_at}'}; "
+                                f"resume with `rlhf-tui ppo --resume {run.id}`"]
     with Store(ws.db_path) as store:
-        after = store.run(run["id"])
-        steps = [row["step"] for row in store.metrics(run["id"], "score_mean")]
-    assert (after["status"], after["checkpoint_step"]) == ("stopped", stopped_at)
+        after = store.run(run.id)
+        steps = [row["step"] for row in store.metrics(run.id, "score_mean")]
+    assert (after.status, after.checkpoint_step) == ("stopped", stopped_at)
     assert steps == list(range(1, stopped_at + 1))  # rows past the checkpoint were redone once, not duplicated
     assert not (ws.runs_dir / LOCK_FILE).exists()

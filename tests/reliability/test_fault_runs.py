@@ -69,9 +69,9 @@ def test_reward_out_of_memory_names_the_settings_and_keeps_the_last_good_adapter
     assert "lower [reward] batch_size, now 4, or max_length, now 512" in line and 'quantization = "4bit"' in line
     with Store(labeled.db_path) as store:
         run = store.runs("reward")[-1]
-    assert (run["status"], run["step"]) == ("failed", 2) and run["error"] in line
-    assert f"those weights are saved in {labeled.run_dir(run['id']) / 'reward'}" in line and out == ""
-    assert _scores_finite(labeled, run["id"])
+    assert (run.status, run.step) == ("failed", 2) and run.error in line
+    assert f"those weights are saved in {labeled.run_dir(run.id) / 'reward'}" in line and out == ""
+    assert _scores_finite(labeled, run.id)
 
 
 def test_out_of_memory_while_loading_the_base_names_the_setting_and_writes_nothing(labeled, tiny_model_dir, capsys,
@@ -102,12 +102,12 @@ def test_reward_disk_full_while_saving_leaves_no_half_model_and_the_previous_one
         failed = store.runs("reward")[-1]
         latest = store.latest_run("reward")
     assert code == 2 and out == ""
-    assert line == (f"rlhf-tui: error: {ws.run_dir(failed['id']) / 'reward'}: cannot save the reward model: "
+    assert line == (f"rlhf-tui: error: {ws.run_dir(failed.id) / 'reward'}: cannot save the reward model: "
                     "disk full (free some space); then train again")
-    assert failed["status"] == "failed" and failed["error"] in line
-    assert [p.name for p in ws.run_dir(failed["id"]).iterdir()] == ["pairs.json"]  # no reward/, no reward.tmp/
+    assert failed.status == "failed" and failed.error in line
+    assert [p.name for p in ws.run_dir(failed.id).iterdir()] == ["pairs.json"]  # no reward/, no reward.tmp/
     monkeypatch.undo()
-    assert latest["id"] == previous and _scores_finite(ws, previous)  # what PPO will use is intact
+    assert latest.id == previous and _scores_finite(ws, previous)  # what PPO will use is intact
 
 
 def test_reward_disk_full_mid_run_keeps_the_last_checkpoint_and_resumes(labeled, capsys, monkeypatch):
@@ -123,19 +123,19 @@ def test_reward_disk_full_mid_run_keeps_the_last_checkpoint_and_resumes(labeled,
     code, out, err = _main(capsys, "train-reward", "--workspace", labeled.root, "--epochs", "3")
     with Store(labeled.db_path) as store:
         run = store.runs("reward")[-1]
-    per_epoch = run["total_steps"] // 3
+    per_epoch = run.total_steps // 3
     line = _only_problem_line(err, "failed")
     assert code == 1 and out == "" and line == (
-        f"reward run {run['id']}: failed: cannot write the checkpoint of step {2 * per_epoch}: disk full (free "
+        f"reward run {run.id}: failed: cannot write the checkpoint of step {2 * per_epoch}: disk full (free "
         f"some space); the run stopped (last checkpoint: step {per_epoch}). Resume it with "
-        f"`rlhf-tui train-reward --resume {run['id']}` once there is room")
-    assert (run["status"], run["checkpoint_step"]) == ("failed", per_epoch)
-    assert _checkpoints(labeled, run["id"]) == [f"step-{per_epoch}"]  # intact; no half-written one beside it
+        f"`rlhf-tui train-reward --resume {run.id}` once there is room")
+    assert (run.status, run.checkpoint_step) == ("failed", per_epoch)
+    assert _checkpoints(labeled, run.id) == [f"step-{per_epoch}"]  # intact; no half-written one beside it
 
     monkeypatch.undo()
-    code, out, _ = _main(capsys, "train-reward", "--workspace", labeled.root, "--resume", run["id"])
-    assert code == 0 and out.startswith(f"reward run {run['id']}: finished 3 epochs")
-    assert _scores_finite(labeled, run["id"])
+    code, out, _ = _main(capsys, "train-reward", "--workspace", labeled.root, "--resume", run.id)
+    assert code == 0 and out.startswith(f"reward run {run.id}: finished 3 epochs")
+    assert _scores_finite(labeled, run.id)
 
 
 def _checkpoints(ws, run_id: str) -> list[str]:
@@ -158,16 +158,16 @@ def test_ppo_out_of_memory_names_the_settings_keeps_the_checkpoint_and_resumes(r
     code, _, err = _main(capsys, "ppo", "--workspace", ws.root, "--steps", "4")
     run = _latest_ppo_run(ws)
     line = _only_problem_line(err, "failed")
-    assert code == 1 and line.startswith(f"ppo run {run['id']}: failed: step 3: out of GPU memory; the run stopped "
+    assert code == 1 and line.startswith(f"ppo run {run.id}: failed: step 3: out of GPU memory; the run stopped "
                                          "(last checkpoint: step 2). Lower --batch-size (now 2) or "
                                          "ppo.max_new_tokens (now 8)")
-    assert (run["status"], run["step"], run["checkpoint_step"]) == ("failed", 2, 2) and run["error"] in line
-    assert _checkpoints(ws, run["id"]) == ["step-2"]
+    assert (run.status, run.step, run.checkpoint_step) == ("failed", 2, 2) and run.error in line
+    assert _checkpoints(ws, run.id) == ["step-2"]
 
     monkeypatch.undo()
-    code, out, _ = _main(capsys, "ppo", "--workspace", ws.root, "--resume", run["id"])
-    assert code == 0 and out.startswith(f"ppo run {run['id']}: finished 4 steps")
-    assert _metric_steps(ws, run["id"]) == [1, 2, 3, 4]  # the kept checkpoint loaded; no step counted twice
+    code, out, _ = _main(capsys, "ppo", "--workspace", ws.root, "--resume", run.id)
+    assert code == 0 and out.startswith(f"ppo run {run.id}: finished 4 steps")
+    assert _metric_steps(ws, run.id) == [1, 2, 3, 4]  # the kept checkpoint loaded; no step counted twice
 
 
 def test_ppo_disk_full_mid_checkpoint_keeps_the_previous_one_valid(rewarded, capsys, monkeypatch):
@@ -185,16 +185,16 @@ def test_ppo_disk_full_mid_checkpoint_keeps_the_previous_one_valid(rewarded, cap
     code, _, err = _main(capsys, "ppo", "--workspace", ws.root, "--steps", "4")
     run = _latest_ppo_run(ws)
     line = _only_problem_line(err, "failed")
-    assert code == 1 and line == (f"ppo run {run['id']}: failed: cannot write the checkpoint of step 4: disk full "
+    assert code == 1 and line == (f"ppo run {run.id}: failed: cannot write the checkpoint of step 4: disk full "
                                   f"(free some space); the run stopped (last checkpoint: step 2). Resume it with "
-                                  f"`rlhf-tui ppo --resume {run['id']}` once there is room")
-    assert (run["status"], run["checkpoint_step"]) == ("failed", 2)
-    assert _checkpoints(ws, run["id"]) == ["step-2"]  # no step-4, no step-4.tmp
+                                  f"`rlhf-tui ppo --resume {run.id}` once there is room")
+    assert (run.status, run.checkpoint_step) == ("failed", 2)
+    assert _checkpoints(ws, run.id) == ["step-2"]  # no step-4, no step-4.tmp
 
     monkeypatch.undo()
-    code, out, _ = _main(capsys, "ppo", "--workspace", ws.root, "--resume", run["id"])
-    assert code == 0 and out.startswith(f"ppo run {run['id']}: finished 4 steps")
-    assert _checkpoints(ws, run["id"]) == ["step-4"]
+    code, out, _ = _main(capsys, "ppo", "--workspace", ws.root, "--resume", run.id)
+    assert code == 0 and out.startswith(f"ppo run {run.id}: finished 4 steps")
+    assert _checkpoints(ws, run.id) == ["step-4"]
 
 
 def test_sigterm_to_train_reward_stops_with_143_and_a_loadable_adapter(labeled, capsys, monkeypatch):
@@ -211,9 +211,9 @@ def test_sigterm_to_train_reward_stops_with_143_and_a_loadable_adapter(labeled, 
     assert sum("stopping after this step" in line for line in err) == 1 and not any("Traceback" in l for l in err)
     with Store(labeled.db_path) as store:
         run = store.runs("reward")[-1]
-    assert out.startswith(f"reward run {run['id']}: stopped at step 1/") and "(0 of 1000 epochs)" in out
-    assert out.count("\n") == 1 and out.rstrip().endswith(f"`rlhf-tui train-reward --resume {run['id']}`")
-    assert (run["status"], run["step"]) == ("stopped", 1) and _scores_finite(labeled, run["id"])
+    assert out.startswith(f"reward run {run.id}: stopped at step 1/") and "(0 of 1000 epochs)" in out
+    assert out.count("\n") == 1 and out.rstrip().endswith(f"`rlhf-tui train-reward --resume {run.id}`")
+    assert (run.status, run.step) == ("stopped", 1) and _scores_finite(labeled, run.id)
 
 
 def test_a_prompt_longer_than_the_model_takes_is_cut_with_a_notice(rewarded, capsys):
@@ -225,4 +225,4 @@ def test_a_prompt_longer_than_the_model_takes_is_cut_with_a_notice(rewarded, cap
     code, out, err = _main(capsys, "ppo", "--workspace", ws.root, "--steps", "1")
     assert code == 0, err
     assert "warning: 1 prompts were cut to their last 256 tokens (model.max_prompt_tokens)" in err
-    assert _latest_ppo_run(ws)["status"] == "finished"
+    assert _latest_ppo_run(ws).status == "finished"

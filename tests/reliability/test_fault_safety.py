@@ -229,6 +229,6 @@ def test_sighup_stops_a_headless_run_with_a_checkpoint(rewarded):
     assert proc.wait(timeout=120) == 128 + signal.SIGHUP
     with Store(ws.db_path) as store:
         run = store.runs("ppo")[-1]
-    assert run["status"] == "stopped" and run["checkpoint_step"] == run["step"] >= 1
-    assert Path(run["checkpoint"]).is_dir()
+    assert run.status == "stopped" and run.checkpoint_step == run.step >= 1
+    assert Path(run.checkpoint).is_dir()
     assert not (ws.runs_dir / LOCK_FILE).exists()
