@@ -105,6 +105,11 @@ def loopback_interface() -> str:
 # -- ranks -------------------------------------------------------------------------------------
 
 
+class PeerLost(RlhfError):
+    """Another rank of the run ended (an error, out of memory, killed) while this one waited for it at a
+    collective: this rank cannot go on either."""
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place among the ranks of a data-parallel run, and the collectives the loops use.
@@ -126,21 +131,30 @@ class Ranks:
 
     def sum(self, values: list[float]) -> list[float]:
         """Each value summed over the ranks (one all-reduce for the list)."""
-        if self.world == 1:
-            return list(values)
-        import torch
-        from accelerate.utils import reduce
-
-        return reduce(torch.tensor(values, dtype=torch.float64, device=_device()), reduction="sum").tolist()
+        return self._reduce(values, "sum")
 
     def max(self, values: list[float]) -> list[float]:
         """Each value's maximum over the ranks (one all-reduce for the list)."""
+        return self._reduce(values, "max")
+
+    def _reduce(self, values: list[float], reduction: str) -> list[float]:
         if self.world == 1:
             return list(values)
         import torch
         from accelerate.utils import reduce
 
-        return reduce(torch.tensor(values, dtype=torch.float64, device=_device()), reduction="max").tolist()
+        with self._peers():
+            return reduce(torch.tensor(values, dtype=torch.float64, device=_device()), reduction=reduction).tolist()
+
+    @contextmanager
+    def _peers(self) -> Iterator[None]:
+        """Around a collective: a rank that ended (failed, killed) makes it fail here too, as one line."""
+        try:
+            yield
+        except RuntimeError as exc:  # gloo and NCCL say "Connection closed by peer" and the like
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise PeerLost(f"rank {self.rank}: another process of this data-parallel run ended, see its error "
+                           f"({first})") from None
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on any: how the ranks agree to stop after the same step."""
@@ -160,14 +174,16 @@ class Ranks:
             return value
         from accelerate.utils import broadcast_object_list
 
-        return broadcast_object_list([value], from_process=0)[0]
+        with self._peers():
+            return broadcast_object_list([value], from_process=0)[0]
 
     def barrier(self) -> None:
         """Wait until every rank gets here."""
         if self.world > 1:
             from accelerate import PartialState
 
-            PartialState().wait_for_everyone()
+            with self._peers():
+                PartialState().wait_for_everyone()
 
     def gather(self, rows: Tensor) -> Tensor:
         """Every rank's `rows` (a tensor of any length along dim 0), concatenated in rank order, on every rank."""
@@ -176,7 +192,8 @@ class Ranks:
         import torch
         from accelerate.utils import gather_object
 
-        return torch.cat(gather_object([rows.detach().cpu()])).to(rows.device)
+        with self._peers():
+            return torch.cat(gather_object([rows.detach().cpu()])).to(rows.device)
 
     def check_identical(self, params: list[nn.Parameter]) -> None:
         """Raise when `params` differ between ranks (checked on checksums, at each checkpoint): the ranks
@@ -213,7 +230,8 @@ class Ranks:
 
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() * weight
                           for p in params])
-        flat = reduce(flat, reduction="sum")
+        with self._peers():
+            flat = reduce(flat, reduction="sum")
         offset = 0
         for p in params:
             p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
@@ -229,7 +247,8 @@ class Ranks:
 
         with torch.no_grad():
             for p in params:
-                p.copy_(broadcast(p.detach().clone(), from_process=0))
+                with self._peers():
+                    p.copy_(broadcast(p.detach().clone(), from_process=0))
 
     def masked_moments(self, x: Tensor, mask: Tensor) -> tuple[float, float] | None:
         """Mean and unbiased variance of `x` over the real tokens of every rank's share (`pooled_mean_var`), for

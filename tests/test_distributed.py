@@ -116,6 +116,19 @@ def test_collectives_on_two_ranks(two_ranks):
         assert report["identical_ok"] and "weights differ" in report["identical_error"]
         # nothing listens beyond the loopback interface
         assert report["listening"] and all(ip in ("127.0.0.1", "::1") for ip in report["listening"])
+    assert two_ranks[0][0]["peer_lost"].startswith("rank 0: another process of this data-parallel run ended")
+
+
+def test_fsdp_and_deepspeed_launches_are_refused(monkeypatch):
+    from rlhf.distributed import current_ranks
+    from rlhf.errors import RlhfError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        monkeypatch.setenv(flag, "true")
+        with pytest.raises(RlhfError, match=f"^{name} is not supported: .*docs/scale-out.md"):
+            current_ranks()
+        monkeypatch.delenv(flag)
 
 
 def _collectives(ranks) -> dict:
@@ -247,10 +260,17 @@ def test_ppo_processes_stop_on_one_rank_and_resume(two_ranks, tmp_path):
 
 def _worker(out: Path, dp_root: str, single_root: str) -> None:
     """Rank `RANK`'s part of `two_ranks`: its report in OUT/rank-<r>.json."""
-    from rlhf.distributed import current_ranks
+    from rlhf.distributed import PeerLost, current_ranks
 
     ranks = current_ranks()
     report = {"collectives": _collectives(ranks), "runs": _runs(ranks, out, dp_root, single_root)}
+    if not ranks.writes:  # rank 1 leaves; rank 0's next collective fails as one line
+        (out / f"rank-{ranks.rank}.json").write_text(json.dumps(report))
+        os._exit(0)
+    try:
+        ranks.sum([1.0])
+    except PeerLost as exc:
+        report["peer_lost"] = str(exc)
     (out / f"rank-{ranks.rank}.json").write_text(json.dumps(report))
 
 
