@@ -13,6 +13,7 @@ from rlhf.hooks import RunHooks
 from rlhf.ppo import guard_warnings, run_ppo
 from rlhf.reward import train_reward
 from rlhf.store import Store
+from test_reward import Warnings
 from tools.tiny import exclamation_rule_workspace, pretrain_tiny_llama
 
 TARGET_KL = 2.0  # nats per response: reached within ~5 steps at lr 1e-3
@@ -28,15 +29,6 @@ def rewarded(tmp_path_factory) -> tuple[Workspace, str]:
     reward = train_reward(ws, ws.load_config())
     assert reward.status == "finished", reward.message
     return ws, reward.run_id
-
-
-class Warnings(RunHooks):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def on_warning(self, run_id, message):
-        self.lines.append(message)
 
 
 def run_rows(ws: Workspace, reward_run: str, controller: str, hooks: RunHooks | None = None) -> list[dict[str, float]]:
@@ -62,7 +54,7 @@ def test_log_controller_holds_the_kl_band_where_the_classic_one_does_not(rewarde
     # The early stop (ppo.max_policy_kl_per_step 0.05) acts at this learning rate, and each time it says so.
     stopped = [step for step, row in enumerate(rows, 1) if row["early_stopped"]]
     assert stopped and all(rows[step - 1]["epochs_done"] < 4 for step in stopped)
-    said = [line.split(":")[0] for line in hooks.lines if "PPO epochs stopped" in line]
+    said = [line.split(":")[0] for line in hooks.messages if "PPO epochs stopped" in line]
     assert said == [f"step {s}" for s in stopped]
 
     classic_kl = [row["kl_k1"] for row in run_rows(ws, reward_run, "classic")]

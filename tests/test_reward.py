@@ -261,6 +261,8 @@ def _saved_weights(result) -> dict[str, torch.Tensor]:
 
 
 class Warnings(RunHooks):
+    """Keeps every warning a run reports."""
+
     def __init__(self) -> None:
         super().__init__()
         self.messages: list[str] = []
