@@ -349,17 +349,18 @@ def launch(argv: list[str], processes: int) -> int:
     failed rank's, when one failed).
 
     The ranks meet through a file in a private temporary folder and talk over the loopback interface only:
-    nothing listens beyond 127.0.0.1. They run in their own process group: Ctrl+C, SIGTERM and SIGHUP reach
-    this launcher, which passes each on to every rank once (each rank then stops after the step, or aborts on
-    the second, as a single run does). When a rank fails the others get PEER_FAILURE_GRACE_S to end (their
-    next collective fails) before they are killed."""
+    nothing listens beyond 127.0.0.1. They run in sessions of their own, away from the terminal: Ctrl+C, SIGTERM
+    and SIGHUP reach this launcher, which passes each on to every rank once (each rank then stops after the
+    step, or aborts on the second, as a single run does). When a rank fails the others get PEER_FAILURE_GRACE_S
+    to end (their next collective fails) before they are killed."""
     gpus = _gpu_count()
     if gpus and processes > gpus:
-        raise RlhfError(f"--processes {processes}: this machine has {gpus} GPUs; run at most one process per GPU")
+        raise RlhfError(f"--processes {processes}: this machine has {gpus} GPU{'s' if gpus > 1 else ''}; run at "
+                        "most one process per GPU")
     threads = threads_per_process(os.cpu_count() or 1, processes)
     with tempfile.TemporaryDirectory(prefix="rlhf-tui-ranks-") as folder:
         rendezvous = Path(folder) / "rendezvous"
-        children = [subprocess.Popen([sys.executable, "-m", "rlhf.cli", *argv], process_group=0,
+        children = [subprocess.Popen([sys.executable, "-m", "rlhf.cli", *argv], start_new_session=True,
                                      env={**os.environ, **launch_environment(rank, processes, rendezvous, threads)})
                     for rank in range(processes)]
 

@@ -175,7 +175,8 @@ def check_settings(cfg: PPOConfig, processes: int = 1) -> None:
     if (responses_per_step(cfg) // processes) % per_update:
         if processes > 1:
             raise ConfigError(f"each process's share of the responses ({responses_per_step(cfg) // processes}) must "
-                              f"be divisible by ppo.minibatches x ppo.grad_accum ({cfg.minibatches} x {cfg.grad_accum})")
+                              f"be divisible by ppo.minibatches x ppo.grad_accum ({cfg.minibatches} x "
+                              f"{cfg.grad_accum})")
         k = f" x ppo.samples_per_prompt ({cfg.samples_per_prompt})" if cfg.algorithm != "ppo" else ""
         raise ConfigError(f"ppo.batch_size ({cfg.batch_size}){k} must be divisible by ppo.minibatches x "
                           f"ppo.grad_accum ({cfg.minibatches} x {cfg.grad_accum})")

@@ -180,7 +180,8 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
     if resumed is None:
         # pairs.json in the run's folder: a resume trains on the same comparisons.
         session = RunSession.start(store, workspace, hooks, "reward", {**cfg.to_dict(), "processes": ranks.world},
-                                   total_steps=total_steps, files=lambda folder: write_pairs_record(folder, pairs, identical),
+                                   total_steps=total_steps,
+                                   files=lambda folder: write_pairs_record(folder, pairs, identical),
                                    run_id=ranks.from_rank0(new_run_id("reward")), writes=ranks.writes)
     else:
         session = RunSession.resume(store, workspace, hooks, resumed, start_step, writes=ranks.writes)

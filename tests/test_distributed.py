@@ -317,7 +317,8 @@ def _runs(ranks, out: Path, dp_root: str, single_root: str) -> dict:
             steps.append(metrics)
         report[f"ppo_sums_{tag}"] = [p.detach().double().sum().item() for p in trainer.params]
         if on.writes:
-            save_file({f"p{i}": p.detach().contiguous() for i, p in enumerate(trainer.params)}, out / f"ppo-{tag}.safetensors")
+            save_file({f"p{i}": p.detach().contiguous() for i, p in enumerate(trainer.params)},
+                      out / f"ppo-{tag}.safetensors")
         return steps
 
     def timed(name: str, value):
