@@ -11,7 +11,7 @@ What each rank does:
 - after its backward pass each rank's gradient is weighted by its share of the loss's normaliser (pairs,
   tokens or responses) and the weighted gradients are summed (`Ranks.sum_gradients`): every rank then holds
   the gradient of the global batch's mean loss and takes the same optimizer step, so the parameters stay
-  identical without being sent again;
+  identical without being sent again (checked on checksums after every step: `Ranks.check_identical`);
 - what decides control flow is agreed on: a stop asked on any rank stops every rank after the same step
   (`Ranks.any`), metrics (and so the KL controller) are the global batch's (`Ranks.mean_metrics`);
 - only rank 0 writes: run rows, metrics, samples, checkpoints, the saved model (`Ranks.writes`).

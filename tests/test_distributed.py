@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.distributed import (SINGLE, launch_environment, loss_share, pooled_mean_var, share_bounds,
-                              threads_per_process)
+from rlhf.distributed import (SINGLE, launch_environment, loss_share, pooled_mean_var, rank_step_seed,
+                              share_bounds, threads_per_process)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +44,13 @@ def test_pooled_mean_var_matches_one_batch():
     mean, var = pooled_mean_var(16.0, 66.0, 5.0)
     assert mean == pytest.approx(3.2) and var == pytest.approx(3.7)
     assert pooled_mean_var(2.0, 4.0, 1.0) == (2.0, 0.0)
+
+
+def test_rank_step_seed_differs_by_rank_and_step_and_repeats():
+    seeds = {(step, rank): rank_step_seed(0, step, rank) for step in range(3) for rank in range(2)}
+    assert len(set(seeds.values())) == 6  # each rank and step its own stream
+    assert rank_step_seed(0, 2, 1) == seeds[2, 1]  # a resumed run draws what it would have
+    assert all(0 <= seed < 2**64 for seed in seeds.values())  # what torch.manual_seed takes
 
 
 def test_threads_per_process_and_environment(tmp_path):
