@@ -37,6 +37,7 @@ from .screens.train import TrainScreen
 QUIT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 ENGINE_POLL_INTERVAL_S = 0.05  # drains every waiting event at once: one redraw per batch, not per event
 NARROW_WIDTH = 100  # below this many columns the answers stack
+SHORT_HEIGHT = 30  # below this many rows the Train screen keeps every row for its charts
 DATABASE_CHECK_INTERVAL_S = 2.0  # how soon a deleted rlhf.db is noticed (it is also checked before each write)
 
 EngineListener = Callable[[list[protocol.Event]], None]
@@ -85,6 +86,7 @@ class RlhfApp(App):
     CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere find it too
     TITLE = "rlhf-tui"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (NARROW_WIDTH, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (SHORT_HEIGHT, "-tall")]
     MODES = {tab.name: tab.screen for tab in TABS}
     DEFAULT_MODE = TABS[0].name
     BINDINGS = [

@@ -140,6 +140,13 @@ async def test_launch_watch_stop_resume_and_hard_stop(rewarded):
         await wait_until(pilot, lambda: re.search(r"score -?\d", plain(reward.border_title)), what="a redraw")
         for pane in (reward, kl, entropy, samples):  # readable on 80x24
             assert pane.content_region.width >= READABLE[0] and pane.content_region.height >= READABLE[1], pane
+        # For that, the reward model's agreement figures give way on 80x24; its alarm would not.
+        agreement = screen.query_one("#agreement")
+        assert screen.has_class("-short") and not agreement.display
+        for falling in (True, False):  # applied here and now: the pane's own 2 s refresh cannot interleave
+            agreement.set_class(falling, "falling")
+            app.stylesheet.apply(agreement)
+            assert agreement.display == falling
 
         # Secondary metrics are one key away.
         await pilot.press("m")
