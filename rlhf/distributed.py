@@ -358,20 +358,23 @@ def launch(argv: list[str], processes: int) -> int:
         raise RlhfError(f"--processes {processes}: this machine has {gpus} GPU{'s' if gpus > 1 else ''}; run at "
                         "most one process per GPU")
     threads = threads_per_process(os.cpu_count() or 1, processes)
+    children: list[subprocess.Popen] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    # Installed before the first rank starts: from then on no stop signal can end the launcher without them.
+    stop_signals = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s]
+    previous = {signum: signal.signal(signum, forward) for signum in stop_signals}
     with tempfile.TemporaryDirectory(prefix="rlhf-tui-ranks-") as folder:
         rendezvous = Path(folder) / "rendezvous"
-        children = [subprocess.Popen([sys.executable, "-m", "rlhf.cli", *argv], start_new_session=True,
-                                     env={**os.environ, **launch_environment(rank, processes, rendezvous, threads)})
-                    for rank in range(processes)]
-
-        def forward(signum: int, frame: Any) -> None:
-            for child in children:
-                if child.poll() is None:
-                    child.send_signal(signum)
-
-        stop_signals = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s]
-        previous = {signum: signal.signal(signum, forward) for signum in stop_signals}
         try:
+            for rank in range(processes):
+                children.append(subprocess.Popen(
+                    [sys.executable, "-m", "rlhf.cli", *argv], start_new_session=True,
+                    env={**os.environ, **launch_environment(rank, processes, rendezvous, threads)}))
             return _wait_for_ranks(children)
         finally:
             for signum, handler in previous.items():

@@ -217,6 +217,26 @@ def test_reward_and_ppo_on_two_ranks_match_one_process(two_ranks):
     assert max((trained[0][k] - trained[1][k]).abs().max().item() for k in trained[0]) <= PARAM_TOL
 
 
+def test_train_reward_processes_matches_one_process(two_ranks, tmp_path):
+    """`rlhf-tui train-reward --processes 2` trains what one process trained on the same pairs, says so once."""
+    import shutil
+
+    from rlhf.store import Store
+
+    ws = tmp_path / "ws"
+    shutil.copytree(two_ranks[1] / "single", ws)  # rank 1 trained a reward model here in one process
+    done = subprocess.run([sys.executable, "-m", "rlhf.cli", "--workspace", str(ws), "train-reward", "--processes",
+                           "2", "--epochs", "1", "--batch-size", "13"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    with Store(ws / "rlhf.db") as store:
+        single, ranks = store.runs("reward")
+        losses = [row["value"] for row in store.metrics(ranks.id, "loss")]
+    assert ranks.status == "finished" and ranks.config["processes"] == 2 and single.config["processes"] == 1
+    assert done.stdout.count("reward run") == 1 and f"reward run {ranks.id}: finished 1 epoch (10 steps)" in done.stdout
+    assert losses == pytest.approx(two_ranks[0][1]["runs"]["reward_loss_single"], rel=REWARD_LOSS_TOL)
+
+
 def test_ppo_processes_stop_on_one_rank_and_resume(two_ranks, tmp_path):
     """`rlhf-tui ppo --processes 2` on the workspace the ranks trained a reward model in: SIGTERM to rank 1 alone
     stops both ranks after the same step, with a checkpoint; `--resume RUN --processes 2` finishes the run."""
