@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from .checkpoints import (CheckpointWriteError, config_of_run, load_training_state, resumable_run, resume_checkpoint,
                           save_training_state)
 from .config import Config, PPOConfig, Workspace
+from .distributed import SINGLE, Ranks
 from .errors import RlhfError
 from .hooks import RunHooks, RunResult
 from .locks import pid_lock
@@ -27,7 +28,7 @@ from .ppo_trainer import (POLICY_ADAPTER, REWARD_ADAPTER, NonFiniteError, PPOTra
 from .refit import current_reward_run
 from .run_rows import RunStatus
 from .runs import RunSession, error_line, open_store
-from .store import Store
+from .store import Store, new_run_id
 from .tokens import truncate_left
 
 LOCK_FILE = "ppo.lock"
@@ -115,14 +116,15 @@ def ppo_lock(workspace: Workspace) -> Iterator[None]:
 
 
 def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None, resume_run: str | None = None,
-            hooks: RunHooks | None = None, store: Store | None = None) -> RunResult:
-    """Run (or resume) PPO in `workspace`, writing runs/metrics/samples as it goes.
+            hooks: RunHooks | None = None, store: Store | None = None, ranks: Ranks = SINGLE) -> RunResult:
+    """Run (or resume) PPO in `workspace`, writing runs/metrics/samples as it goes (on data-parallel `ranks`, every
+    rank runs it on its share of each batch and rank 0 writes: rlhf/distributed.py).
 
     A fresh run uses `cfg` and `reward_run` (default: the latest finished reward run). `resume_run`
     continues that run from its last checkpoint with the config and reward run it was started with.
     """
     hooks = hooks or RunHooks()
-    with ppo_lock(workspace), open_store(workspace, store) as db:
+    with ppo_lock(workspace) if ranks.writes else nullcontext(), open_store(workspace, store) as db:
         resumed = resumable_run(db, resume_run, "ppo") if resume_run is not None else None
         if resumed is not None:
             cfg, reward = config_of_run(resumed, cfg), db.run(resumed.parent_run)
@@ -131,18 +133,20 @@ def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None,
                 tensor_files=(VALUE_HEAD_FILE,) if cfg.ppo.algorithm == "ppo" else ())
         else:
             cfg = cfg.override({"model.name": resolve_model_name(cfg)})
-            check_settings(cfg.ppo)
+            check_settings(cfg.ppo, ranks.world)
             reward, start_step, checkpoint = db.finished_reward_run(reward_run), 0, None
         if resume_run is not None:  # a refit the run switched to scores from the checkpoint it switched at on
             reward = db.run(current_reward_run(db, resume_run, start_step))
         prompt_rows = _prompt_rows(db, cfg.ppo.prompt_tag)
-        trainer = build_trainer(workspace, cfg, reward.id, checkpoint)
+        trainer = build_trainer(workspace, cfg, reward.id, checkpoint, ranks)
         prompts, cut = prepare_prompts(prompt_rows, trainer.tokenizer, cfg.model.max_prompt_tokens)
+        ranks.barrier()  # every rank has read the run's row before rank 0 starts or resumes it
         if resumed is None:
-            session = RunSession.start(db, workspace, hooks, "ppo", cfg.to_dict(), total_steps=cfg.ppo.steps,
-                                       parent_run=reward.id)
+            session = RunSession.start(db, workspace, hooks, "ppo", {**cfg.to_dict(), "processes": ranks.world},
+                                       total_steps=cfg.ppo.steps, parent_run=reward.id,
+                                       run_id=ranks.from_rank0(new_run_id("ppo")), writes=ranks.writes)
         else:
-            session = RunSession.resume(db, workspace, hooks, resumed, start_step)
+            session = RunSession.resume(db, workspace, hooks, resumed, start_step, writes=ranks.writes)
         with session:
             hooks.on_policy(session.run_id, trainer.model, trainer.tokenizer)
             if checkpoint is not None:
@@ -164,6 +168,8 @@ def _train_loop(trainer: PPOTrainer, session: RunSession, prompts: list[Prepared
                 session.stop(write)
                 return session.finish(RunStatus.STOPPED, f"stopped at step {session.step}/{cfg.steps}")
             batch = [prompts[i] for i in prompt_batch(len(prompts), cfg.batch_size, session.step + 1, cfg.seed)]
+            batch = trainer.ranks.share(batch)  # this rank's prompts (all of them in one process)
+            trainer.ranks.seed_step(cfg.seed, session.step)
             metrics, samples = trainer.step(batch)
             session.step_done(metrics, samples)
             if kl_negative_beyond_noise(metrics["kl_k1"], metrics["kl_k1_sem"]):

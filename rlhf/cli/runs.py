@@ -131,11 +131,11 @@ def _run_headless(args: argparse.Namespace, overrides: dict[str, Any], shown: tu
         with rank0_first(ranks):
             session = stack.enter_context(open_workspace(args, overrides))
         enter_demo_mode(session.config)
-        progress = ConsoleProgress(shown) if ranks.writes else RunHooks()
+        progress = ConsoleProgress(shown)  # on ranks > 0 the run reports nothing to it
         with stop_on_ctrl_c(progress) as received:
             try:
                 result = run_request(session.workspace, request_for(session.config),
-                                     agreed_hooks(progress, ranks), session.store)
+                                     agreed_hooks(progress, ranks), session.store, ranks=ranks)
             except RunCancelled as exc:
                 exc.exit_code = stopped_exit_code(received)
                 raise
@@ -279,11 +279,14 @@ def _cmd_runs_show(args: argparse.Namespace) -> int:
     with open_workspace(args) as session:
         run = session.store.run(args.run)
         by_step = session.store.metrics_by_step(args.run)
+        rewards = session.store.reward_history(args.run)
     steps = [{"step": step, **values} for step, values in sorted(by_step.items())]
     if args.json:
         print_json({"run": run.to_dict(), "steps": steps})
         return 0
     print(f"{run.id}: {run.kind} run, {run.status}, step {run.step}/{run.total_steps or '?'}")
+    if len(rewards) > 1:  # a PPO run that switched to a refit's reward run
+        print("scored by: " + ", ".join(f"{row['reward_run']} from step {row['from_step'] + 1}" for row in rewards))
     names = list(dict.fromkeys(name for values in by_step.values() for name in values))
     print("\t".join(["step", *names]))
     for row in steps:
