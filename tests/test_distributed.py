@@ -106,6 +106,7 @@ def two_ranks(tmp_path_factory, tiny_model_dir) -> tuple[list[dict], Path]:
     return run_ranks(root / "out", str(root / "dp"), str(root / "single")), root
 
 
+@pytest.mark.slow  # starts processes that train the tiny model
 def test_collectives_on_two_ranks(two_ranks):
     for rank, report in enumerate(report["collectives"] for report in two_ranks[0]):
         assert report["rank"] == rank and report["world"] == 2 and report["writes"] == (rank == 0)
@@ -188,6 +189,7 @@ PPO_METRIC_TOL = 1e-4
 PARAM_TOL = 1e-6
 
 
+@pytest.mark.slow  # starts processes that train the tiny model
 def test_reward_and_ppo_on_two_ranks_match_one_process(two_ranks):
     from safetensors.torch import load_file
 
@@ -217,6 +219,7 @@ def test_reward_and_ppo_on_two_ranks_match_one_process(two_ranks):
     assert max((trained[0][k] - trained[1][k]).abs().max().item() for k in trained[0]) <= PARAM_TOL
 
 
+@pytest.mark.slow  # starts processes that train the tiny model
 def test_train_reward_processes_matches_one_process(two_ranks, tmp_path):
     """`rlhf-tui train-reward --processes 2` trains what one process trained on the same pairs, says so once."""
     import shutil
@@ -237,6 +240,7 @@ def test_train_reward_processes_matches_one_process(two_ranks, tmp_path):
     assert losses == pytest.approx(two_ranks[0][1]["runs"]["reward_loss_single"], rel=REWARD_LOSS_TOL)
 
 
+@pytest.mark.slow  # starts processes that train the tiny model
 def test_ppo_processes_stop_on_one_rank_and_resume(two_ranks, tmp_path):
     """`rlhf-tui ppo --processes 2` on the workspace the ranks trained a reward model in: SIGTERM to rank 1 alone
     stops both ranks after the same step, with a checkpoint; `--resume RUN --processes 2` finishes the run."""
