@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import store as store_module
+from rlhf.store import schema as store_module
 from rlhf.errors import StoreError
 from rlhf.run_rows import Run, RunStatus, run_seconds
 from rlhf.store import SCHEMA_VERSION, PromptItem, Store
