@@ -211,9 +211,6 @@ class Responding:
     message: str = ""
 
 
-REFIT_STAGES = ("training", "ready", "switched", "failed")
-
-
 @dataclass(frozen=True)
 class RefitStatus:
     """How a Refit goes: "training" (PPO paused), "ready" (trained: the run switches at its next checkpoint),
