@@ -50,13 +50,9 @@ def preserved_rng() -> Iterator[None]:
         random.setstate(python_state)
 
 
-def train_refit(workspace: Workspace, store: Store, ppo_run: str, step: int, user_cfg: Config,
-                hooks: RunHooks) -> tuple[str, RunResult]:
-    """Train a reward run on every label in the store with the settings of the reward run now scoring `ppo_run`
-    (same base, quantization and recipe: it loads onto the run's base as that one did). Returns (that reward
-    run's id, how the refit ended)."""
+def train_refit(workspace: Workspace, store: Store, reward_run: str, user_cfg: Config, hooks: RunHooks) -> RunResult:
+    """Train a reward run on every label in the store with the settings of `reward_run`, the one now scoring the PPO
+    run (same base, quantization and recipe: it loads onto the run's base as that one did)."""
     from .run_requests import StartReward, run_request
 
-    current = current_reward_run(store, ppo_run, step)
-    cfg = config_of_run(store.run(current), user_cfg)
-    return current, run_request(workspace, StartReward(config=cfg), hooks, store)
+    return run_request(workspace, StartReward(config=config_of_run(store.run(reward_run), user_cfg)), hooks, store)

@@ -115,8 +115,7 @@ class DuringRunHooks(PipeHooks):
         self._refit_status(run_id, "training", f"training a reward model on {labels} labels after step {step} "
                                                "(PPO waits)")
         try:
-            _, result = train_refit(self.engine.workspace, store, run_id, step, self.engine.cfg,
-                                    RefitHooks(self, run_id))
+            result = train_refit(self.engine.workspace, store, current, self.engine.cfg, RefitHooks(self, run_id))
         except FATAL_ERRORS:
             raise
         except Exception as exc:  # noqa: BLE001 - a failed refit leaves the run as it was
