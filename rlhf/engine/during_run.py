@@ -21,9 +21,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ..errors import RlhfError
 from ..hooks import RunHooks
 from ..refit import current_reward_run, preserved_rng, train_refit
+from ..runs import error_line
 from ..sampling import PairSampler
 from . import protocol
 from .worker import FATAL_ERRORS, Engine, PairSource, PipeHooks
@@ -116,11 +116,8 @@ class DuringRunHooks(PipeHooks):
                                                "(PPO waits)")
         try:
             result = train_refit(self.engine.workspace, store, current, self.engine.cfg, RefitHooks(self, run_id))
-        except FATAL_ERRORS:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a failed refit leaves the run as it was
-            result_line = str(exc) if isinstance(exc, RlhfError) else f"{type(exc).__name__}: {exc}"
-            self._refit_status(run_id, "failed", f"{result_line}; PPO keeps scoring with reward run {current}")
+        except Exception as exc:  # noqa: BLE001 - out of memory included: the refit's tensors go, the run's stay
+            self._refit_status(run_id, "failed", f"{error_line(exc)}; PPO keeps scoring with reward run {current}")
             return
         if result.status != "finished":
             self._refit_status(run_id, "failed", f"the refit {result.run_id} {result.status} ({result.message}); PPO "
