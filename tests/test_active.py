@@ -174,3 +174,17 @@ def test_a_reward_run_that_cannot_load_judges_nothing_and_labeling_goes_on(rewar
     (pair,) = events.pairs()
     assert pair.reward_run == reward_run  # the older run still judges
     engine.store.update_run(broken, status="failed")  # the module's workspace stays as the other tests know it
+
+
+def test_a_repeat_due_before_anything_is_labeled_comes_with_the_next_pair_after_a_decision(workspace, store):
+    """Prefetched pairs are made before the person labels the ones ahead of them: a repeat whose turn finds no
+    decision to repeat is served as soon as there is one."""
+    store.add_prompts([PromptItem(f"Tell me about cakes ({i}).") for i in range(4)], source="test")
+    engine, events = engine_on(workspace, {"repeat_every": 2})
+    ask_pairs(engine, 2)  # the app's first request: the pair shown and one prefetched; the 2nd is due, nothing labeled
+    first, second = events.pairs()
+    assert second.repeat_of is None
+    comparison = engine.store.add_comparison(first.prompt_id, first.a.id, first.b.id, "a")
+    ask_pairs(engine, 2)
+    repeat, fresh = events.pairs()[2:]
+    assert (repeat.repeat_of, repeat.a.id, repeat.b.id, fresh.repeat_of) == (comparison, first.b.id, first.a.id, None)

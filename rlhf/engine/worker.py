@@ -185,6 +185,8 @@ class Engine:
         self.adapter: Path | None = None
         self.judge: PairJudge
         self.pairs_served = 0  # this session's, for [label] repeat_every
+        self.repeat_due = False  # a repeat's turn came while there was no decision to repeat
+        self.repeats_served: set[int] = set()  # decisions served again this session (each only once)
         self._last_margins: list[float] = []  # each judge's margin (score a - b) on the latest pair made
 
     # -- reader thread ---------------------------------------------------------------------------
@@ -364,13 +366,18 @@ class Engine:
         return protocol.NeedPairs(request.count - 1, (*request.exclude_prompt_ids, pair.prompt_id))
 
     def _next_pair(self, held: tuple[int, ...], source: PairSource) -> protocol.PairReady:
-        """The next pair to serve ([label] settings): a repeat of a labeled pair on its turn, else the least sure
-        of `candidates` fresh pairs with selection = uncertain (and a reward run to judge), else a fresh one."""
+        """The next pair to serve ([label] settings): a repeat of a labeled pair on its turn (or as soon after it
+        as there is a decision to repeat: prefetched pairs are made before the person labels the ones ahead of
+        them), else the least sure of `candidates` fresh pairs with selection = uncertain (and a reward run to
+        judge), else a fresh one."""
         label = self.cfg.label
-        repeat_turn = is_repeat_turn(self.pairs_served, label.repeat_every)
+        self.repeat_due = self.repeat_due or is_repeat_turn(self.pairs_served, label.repeat_every)
         self.pairs_served += 1
-        repeated = self.store.repeat_candidate(seed=self.cfg.sampling.seed + self.pairs_served) if repeat_turn else None
+        repeated = self.store.repeat_candidate(self.cfg.sampling.seed + self.pairs_served, self.repeats_served) \
+            if self.repeat_due else None
         if repeated is not None:
+            self.repeat_due = False
+            self.repeats_served.add(repeated["id"])
             return self._repeat_pair(repeated)
         if label.selection != "uncertain" or source.judge is None or not source.judge.judges:
             return self._make_pair(self._next_prompt(held), regenerated=False, source=source)

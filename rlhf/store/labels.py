@@ -231,13 +231,16 @@ class LabelQueries(Connection):
             WHERE source = 'label' AND reward_margin IS NOT NULL {run_filter} ORDER BY id DESC LIMIT ?""",
                            [*([reward_run] if reward_run else []), limit])
 
-    def repeat_candidate(self, seed: int) -> dict[str, Any] | None:
+    def repeat_candidate(self, seed: int, exclude: Iterable[int] = ()) -> dict[str, Any] | None:
         """A labeled decision to show again for self-consistency: a judged one (not a skip) that is neither a
-        repeat nor repeated yet, drawn by `seed`; with its prompt and both answers' texts and lengths."""
-        rows = self._query("""
+        repeat nor repeated yet nor in `exclude` (repeats served but not decided yet), drawn by `seed`; with its
+        prompt and both answers' texts and lengths."""
+        excluded = set(exclude)
+        rows = [row for row in self._query("""
             SELECT c.id, c.prompt_id, c.response_a_id, c.response_b_id FROM comparisons c
             WHERE c.source = 'label' AND c.choice != 'skip' AND c.repeat_of IS NULL
               AND NOT EXISTS (SELECT 1 FROM comparisons r WHERE r.repeat_of = c.id) ORDER BY c.id""")
+                if row["id"] not in excluded]
         if not rows:
             return None
         row = random.Random(seed).choice(rows)
