@@ -40,6 +40,19 @@ def assert_footer_fits(screen: LabelScreen, *extra: str) -> None:
     assert max(right for _, right in shown.values()) <= WIDTH, shown
 
 
+async def test_with_no_prefetch_each_pair_becomes_decidable(workspace):
+    """One pair at a time: each becomes decidable once painted, though no further event redraws the screen."""
+    cfg = make_workspace(workspace, prompts=4, prefetch=0)
+    app = RlhfApp(workspace, cfg, annotator="ann")
+    async with app.run_test(size=(WIDTH, HEIGHT)) as pilot:
+        screen = app.screen
+        for decided in range(2):
+            await wait_until(pilot, lambda: screen.visible_ms() is not None and screen.visible_ms() > 300,
+                             ENGINE_TIMEOUT_S, "a decidable pair")
+            await pilot.press("a")
+            assert screen.labeled_session == decided + 1
+
+
 async def test_label_screen_at_120_columns(workspace):
     cfg = make_workspace(workspace, prompts=4, prefetch=1)  # 4 new tokens: short answers
     app = RlhfApp(workspace, cfg, annotator="ann")

@@ -403,6 +403,9 @@ class LabelScreen(RlhfScreen):
         height = None if self.has_class("-narrow") else max(pane.text_height() for pane in panes)
         for pane in panes:
             pane.styles.height = height
+        # Before these heights the panes may not have been readable: look again once they are laid out (nothing
+        # else would, with no more pairs coming, and every key would count as typed before the pair was shown).
+        self.call_after_refresh(self._note_visibility)
 
     def _show(self, pair: protocol.PairReady | None, note: str | None = None) -> None:
         self.current = pair
