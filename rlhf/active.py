@@ -8,7 +8,8 @@ scoring is one forward pass per answer. With `[label] repeat_every = N`, every N
 person already labeled, sides swapped (`is_repeat_turn`), for self-consistency.
 
 `PairJudge` scores served pairs with finished reward runs, on the labeling model's own base (the reward
-LoRA as a second adapter, as PPO does) when the run was trained on it, else on a base of its own.
+LoRA as a second adapter, as PPO does) when the run was trained on it, else on a base of its own. Pairs sampled
+from a PPO run's live policy are judged by the run's own reward instead (`run_reward_judge`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .config import Config, Workspace
 from .errors import RlhfError
 from .lora import lora_config
+from .ppo_trainer import SeparateReward, SharedBaseReward
 from .reward_model import (RewardHead, RewardScorer, encode_response, load_reward_onto, read_reward_meta,
                            reward_tokenizer_matches)
 from .store import Store
@@ -72,7 +74,47 @@ class _Judge:
     scorer: RewardScorer | None = None
 
 
-class PairJudge:
+class Judges:
+    """Reward runs that score labeling pairs (`judges`, newest first; the `head` ones on `model`'s base), on the
+    standardised scale PPO reads them on. Pairs are sampled with `sampling()` around the generation."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, judges: list[_Judge] | None = None,
+                 model: Any = None) -> None:
+        self.tokenizer, self.judges, self._model = tokenizer, judges or [], model
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [judge.run_id for judge in self.judges]
+
+    def sampling(self) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    @torch.no_grad()
+    def score(self, prompt: str, messages: list[dict[str, str]] | None, answers: list[str]) -> list[list[float]]:
+        """Each judge's standardised scores of the answers, newest run first."""
+        scores = []
+        for judge in self.judges:
+            if judge.scorer is not None:
+                scores.append(judge.scorer.score_many([(prompt, a) for a in answers], [messages] * len(answers)))
+                continue
+            seqs = [encode_response(self.tokenizer, prompt, a, judge.max_length, messages)[0] for a in answers]
+            ids, mask = pad_left(seqs, self.tokenizer.pad_token_id, self._model.device)
+            scores.append(judge.head.score(self._model, ids, mask).tolist())
+        return scores
+
+
+def run_reward_judge(workspace: Workspace, reward_run: str, reward: SharedBaseReward | SeparateReward,
+                     tokenizer: PreTrainedTokenizerBase) -> Judges:
+    """The judge of pairs sampled from a PPO run's live policy: the reward scoring the run's steps (`reward_run`,
+    PPO's scorer `reward`), on the policy's own model when it shares its base, so no second copy is loaded.
+    `RewardHead.score` runs without grads and puts the active adapter and train modes back: the run is untouched."""
+    max_length = read_reward_meta(workspace.run_dir(reward_run))["max_length"]
+    if isinstance(reward, SharedBaseReward):
+        return Judges(tokenizer, [_Judge(reward_run, max_length, head=reward.head)], reward.model)
+    return Judges(tokenizer, [_Judge(reward_run, max_length, scorer=reward.scorer)])
+
+
+class PairJudge(Judges):
     """Scores labeling pairs with the newest finished reward runs (up to `count`), newest first.
 
     `attach(model)` returns the model the labeling sampler should use from then on: the same PeftModel with
@@ -84,17 +126,12 @@ class PairJudge:
 
     def __init__(self, workspace: Workspace, cfg: Config, tokenizer: PreTrainedTokenizerBase, model_name: str,
                  count: int) -> None:
-        self.workspace, self.cfg, self.tokenizer = workspace, cfg, tokenizer
+        super().__init__(tokenizer)
+        self.workspace, self.cfg = workspace, cfg
         self.model_name, self.count = model_name, count
-        self.judges: list[_Judge] = []
         self.problems: list[str] = []
         self._runs: list[str] = []
-        self._model: Any = None
         self._wrapped_base = False
-
-    @property
-    def run_ids(self) -> list[str]:
-        return [judge.run_id for judge in self.judges]
 
     def newest_runs(self, store: Store) -> list[str]:
         return [run.id for run in store.finished_reward_runs()][:self.count]
@@ -141,16 +178,3 @@ class PairJudge:
     def sampling(self) -> AbstractContextManager[Any]:
         """Wrap labeling generation: turns the reward adapters off when the labeling model is the plain base."""
         return self._model.disable_adapter() if self._wrapped_base else nullcontext()
-
-    @torch.no_grad()
-    def score(self, prompt: str, messages: list[dict[str, str]] | None, answers: list[str]) -> list[list[float]]:
-        """Each judge's standardised scores of the answers, newest run first."""
-        scores = []
-        for judge in self.judges:
-            if judge.scorer is not None:
-                scores.append(judge.scorer.score_many([(prompt, a) for a in answers], [messages] * len(answers)))
-                continue
-            seqs = [encode_response(self.tokenizer, prompt, a, judge.max_length, messages)[0] for a in answers]
-            ids, mask = pad_left(seqs, self.tokenizer.pad_token_id, self._model.device)
-            scores.append(judge.head.score(self._model, ids, mask).tolist())
-        return scores

@@ -56,6 +56,11 @@ class RunHooks:
         """A PPO run's live policy (its PeftModel, the policy adapter active) and tokenizer, once built: the engine
         samples labeling pairs from it between steps."""
 
+    def on_reward(self, run_id: str, reward_run: str, reward: Any) -> None:
+        """The reward scoring a PPO run's steps from now on (reward run `reward_run`, PPO's `RolloutScorer`): after
+        `on_policy`, and again after each switch to a refit. The engine judges the pairs it samples between steps
+        with it."""
+
     def take_reward_switch(self, run_id: str, step: int) -> str | None:
         """Polled after each PPO checkpoint: a finished reward run (a refit) to score the steps after `step` with,
         or None to keep the reward."""

@@ -149,6 +149,7 @@ def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None,
             session = RunSession.resume(db, workspace, hooks, resumed, start_step, writes=ranks.writes)
         with session:
             hooks.on_policy(session.run_id, trainer.model, trainer.tokenizer)
+            hooks.on_reward(session.run_id, reward.id, trainer.reward)
             if checkpoint is not None:
                 load_checkpoint(trainer, checkpoint)
             if cut:
@@ -208,6 +209,7 @@ def switch_reward(trainer: PPOTrainer, session: RunSession, load: Callable[[str,
     if isinstance(trainer.reward, SharedBaseReward):
         trainer.model.delete_adapter(trainer.reward.head.adapter_name)
     trainer.reward = scorer
+    session.hooks.on_reward(run_id, reward_run, scorer)
     if session.writes:
         session.store.add_reward_switch(run_id, reward_run, step)
         session.store.log_metrics(run_id, step, {"reward_switch": 1.0})

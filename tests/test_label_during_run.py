@@ -5,6 +5,7 @@ keeps its reward (and says so) when the refit fails."""
 
 from __future__ import annotations
 
+import json
 import random
 from contextlib import nullcontext
 
@@ -12,11 +13,14 @@ import pytest
 import torch
 
 from rlhf import cli
+from rlhf.active import run_reward_judge
+from rlhf.agreement import reward_model_check
 from rlhf.config import Config, Workspace
 from rlhf.hooks import RunHooks
 from rlhf.sampling import PairSampler
 from rlhf.engine import protocol
 from rlhf.refit import preserved_rng, reward_run_at
+from rlhf.reward_model import RewardScorer
 from rlhf.store import Store
 from rlhf_tui.app.main import RlhfApp
 from rlhf_tui.app.screens.label import LabelScreen
@@ -27,6 +31,7 @@ from test_reward_screen import ENGINE_TIMEOUT_S, db_metric, db_run, make_workspa
 # Tiny PPO: 4 prompts a step, 8 new tokens, one epoch, a checkpoint every 2 steps; long enough to label during.
 PPO_TOML = ("[ppo]\nsteps = 300\nbatch_size = 4\nminibatches = 2\nppo_epochs = 1\nmax_new_tokens = 8\n"
             "checkpoint_every = 2\n")
+PROMPT = "How do I boil eggs?"
 
 
 def test_reward_run_at_takes_the_latest_reward_from_at_or_before_that_step():
@@ -54,19 +59,25 @@ def test_preserved_rng_puts_torch_and_python_streams_back():
 
 
 class PairsBetweenSteps(RunHooks):
-    """Samples a labeling pair from the run's live policy after every step, as the engine's hooks do."""
+    """Samples a labeling pair from the run's live policy after every step and judges it with the run's reward, as
+    the engine's hooks do; keeps each pair's answers and scores."""
 
-    def __init__(self, cfg: Config, keep_rng: bool) -> None:
+    def __init__(self, ws: Workspace, cfg: Config, keep_rng: bool) -> None:
         super().__init__()
-        self.cfg, self.keep_rng, self.sampler, self.pairs = cfg, keep_rng, None, 0
+        self.ws, self.cfg, self.keep_rng, self.sampler, self.judge = ws, cfg, keep_rng, None, None
+        self.judged: list[tuple[list[str], list[float]]] = []
 
     def on_policy(self, run_id, model, tokenizer) -> None:
         self.sampler = PairSampler(model, tokenizer, self.cfg.sampling, self.cfg.model.max_prompt_tokens)
 
+    def on_reward(self, run_id, reward_run, reward) -> None:
+        self.judge = run_reward_judge(self.ws, reward_run, reward, self.sampler.tokenizer)
+
     def on_step(self, run_id, step, metrics) -> None:
         with preserved_rng() if self.keep_rng else nullcontext():
-            self.sampler.sample("How do I boil eggs?", None, prompt_id=1, draw=step)
-        self.pairs += 1
+            answers = [answer.text for answer in self.sampler.sample(PROMPT, None, prompt_id=1, draw=step).answers]
+            (scores,) = self.judge.score(PROMPT, None, answers)
+        self.judged.append((answers, scores))
 
 
 def run_metrics(ws: Workspace, cfg: Config, reward_run: str, hooks: RunHooks | None = None) -> dict:
@@ -87,10 +98,16 @@ def test_labeling_between_steps_leaves_the_run_as_it_would_have_been(rewarded):
     ws, reward_run = rewarded
     cfg = ws.load_config().override({"ppo.steps": 3, "ppo.checkpoint_every": 3})
     plain = run_metrics(ws, cfg, reward_run)
-    labeled = PairsBetweenSteps(cfg, keep_rng=True)
-    assert run_metrics(ws, cfg, reward_run, labeled) == plain and labeled.pairs == 3
+    labeled = PairsBetweenSteps(ws, cfg, keep_rng=True)
+    assert run_metrics(ws, cfg, reward_run, labeled) == plain and len(labeled.judged) == 3
+    # Judged by the run's reward on the policy's own base (its adapter, switched to and back), on the scale the
+    # reward run scores on alone.
+    assert labeled.judge.run_ids == [reward_run] and labeled.judge.judges[0].head is not None
+    alone = RewardScorer.from_run(ws, reward_run, cfg)
+    for answers, scores in labeled.judged:
+        assert scores == pytest.approx(alone.score_many([(PROMPT, answer) for answer in answers]), abs=1e-4)
     # Without preserved_rng, the pairs' seeds would steer the run's sampling.
-    assert run_metrics(ws, cfg, reward_run, PairsBetweenSteps(cfg, keep_rng=False)) != plain
+    assert run_metrics(ws, cfg, reward_run, PairsBetweenSteps(ws, cfg, keep_rng=False)) != plain
 
 
 @pytest.fixture(scope="module")
@@ -109,17 +126,24 @@ def db_rows(ws, sql: str, params=()) -> list[dict]:
         return list(store.db.query(sql, params))
 
 
-async def label_one_run_pair(pilot, screen: LabelScreen, run_id: str) -> None:
-    """Decide pairs until one sampled by the run has been decided (the first may be the labeling model's)."""
+async def label_one_run_pair(pilot, screen: LabelScreen, run_id: str) -> int:
+    """Decide pairs until one sampled by the run has been decided (the first may be the labeling model's); the
+    step it was sampled after."""
     while True:
         await wait_ready_to_decide(pilot, screen, ENGINE_TIMEOUT_S, "a pair during the run")
-        from_run = screen.current.run_id == run_id
+        from_run, step = screen.current.run_id == run_id, screen.current.run_step
         if from_run:  # the status line names the policy that sampled the pair on screen
             status = str(screen.query_one("#status").content)
-            assert f"model {screen.engine_info.model_label} ({run_id} after step {screen.current.run_step})" in status
+            assert f"model {screen.engine_info.model_label} ({run_id} after step {step})" in status
         await pilot.press("a")
         if from_run:
-            return
+            return step
+
+
+def run_decisions(ws: Workspace) -> list[dict]:
+    return db_rows(ws, "SELECT c.id, c.run_id, c.run_step, c.reward_run, c.reward_margin, r.run_checkpoint, "
+                       "r.adapter FROM comparisons c JOIN responses r ON r.id = c.response_a_id "
+                       "WHERE c.run_id IS NOT NULL")
 
 
 async def test_labeling_continues_during_ppo_and_a_refit_switches_its_reward(rewarded, capsys):
@@ -138,10 +162,15 @@ async def test_labeling_continues_during_ppo_and_a_refit_switches_its_reward(rew
         # Labeling goes on: pairs from the run's policy, each decision stored with the run and step.
         for _ in range(2):
             await label_one_run_pair(pilot, screen, run_id)
-        decided = db_rows(ws, "SELECT c.run_id, c.run_step, r.run_checkpoint, r.adapter FROM comparisons c "
-                              "JOIN responses r ON r.id = c.response_a_id WHERE c.run_id IS NOT NULL")
+        decided = run_decisions(ws)
         assert len(decided) >= 2 and {row["run_id"] for row in decided} == {run_id}
         assert all(row["run_step"] >= 1 and row["adapter"] is None for row in decided)
+        # Each judged by the reward the run optimises, and counted in the agreement figures.
+        assert all(row["reward_run"] == reward_run and row["reward_margin"] is not None for row in decided)
+        with Store(ws.db_path) as store:
+            judged = {row["id"] for row in store.reward_margins(1000)}
+            check = reward_model_check(store, 1000)
+        assert {row["id"] for row in decided} <= judged and check["n"] == len(judged)
 
         # A refit that fails (no labels to train on) leaves the run with its reward, and says so.
         kept = db_rows(ws, "SELECT * FROM comparisons")
@@ -167,6 +196,13 @@ async def test_labeling_continues_during_ppo_and_a_refit_switches_its_reward(rew
         assert db_metric(ws, run_id, "reward_switch") == {switch["from_step"]: 1.0}
         await wait_until(pilot, lambda: db_run(ws, run_id).step > switch["from_step"], ENGINE_TIMEOUT_S,
                          "a step scored by the refit")
+        # A pair sampled after a step the refit scored is judged by the refit: each by the reward of its step.
+        while await label_one_run_pair(pilot, screen, run_id) <= switch["from_step"]:
+            pass
+        history = [{"from_step": 0, "reward_run": reward_run}, switch]
+        decided = run_decisions(ws)
+        assert {row["reward_run"] for row in decided} == {reward_run, refit_run}
+        assert all(row["reward_run"] == reward_run_at(history, row["run_step"] - 1) for row in decided)
 
         app.engine.send(protocol.StopRun(run_id))
         await wait_until(pilot, lambda: screen.ppo_run is None, ENGINE_TIMEOUT_S, "the stop")
@@ -176,3 +212,6 @@ async def test_labeling_continues_during_ppo_and_a_refit_switches_its_reward(rew
     assert cli.main(["runs", "show", run_id, "--workspace", str(ws.root)]) == 0
     assert (f"scored by: {reward_run} from step 1, {refit_run} from step {switch['from_step'] + 1}"
             in capsys.readouterr().out)
+    assert cli.main(["runs", "show", run_id, "--workspace", str(ws.root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["scored_by"] == [
+        {"reward_run": reward_run, "first_step": 1}, {"reward_run": refit_run, "first_step": switch["from_step"] + 1}]

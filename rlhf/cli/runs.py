@@ -281,12 +281,15 @@ def _cmd_runs_show(args: argparse.Namespace) -> int:
         by_step = session.store.metrics_by_step(args.run)
         rewards = session.store.reward_history(args.run)
     steps = [{"step": step, **values} for step, values in sorted(by_step.items())]
+    # A PPO run's reward runs and the first step each scored (a refit's from the step after its checkpoint).
+    scored_by = [{"reward_run": row["reward_run"], "first_step": row["from_step"] + 1}
+                 for row in rewards] if run.kind == "ppo" else []
     if args.json:
-        print_json({"run": run.to_dict(), "steps": steps})
+        print_json({"run": run.to_dict(), "steps": steps, "scored_by": scored_by})
         return 0
     print(f"{run.id}: {run.kind} run, {run.status}, step {run.step}/{run.total_steps or '?'}")
-    if len(rewards) > 1:  # a PPO run that switched to a refit's reward run
-        print("scored by: " + ", ".join(f"{row['reward_run']} from step {row['from_step'] + 1}" for row in rewards))
+    if len(scored_by) > 1:  # a PPO run that switched to a refit's reward run
+        print("scored by: " + ", ".join(f"{row['reward_run']} from step {row['first_step']}" for row in scored_by))
     names = list(dict.fromkeys(name for values in by_step.values() for name in values))
     print("\t".join(["step", *names]))
     for row in steps:
@@ -395,4 +398,5 @@ def register_runs(commands: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     show = add_command(actions, "show", _cmd_runs_show, "print one run's metrics, one row per step")
     show.add_argument("run", metavar="RUN")
-    show.add_argument("--json", action="store_true", help="print JSON: the run and its steps")
+    show.add_argument("--json", action="store_true",
+                      help="print JSON: the run, its steps and (PPO) the reward runs that scored them")

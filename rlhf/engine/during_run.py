@@ -8,7 +8,8 @@ run's hooks answer them after each step, in the run's own thread, before the nex
   step and latest checkpoint stored with each answer. No second copy of the model (it may not fit beside the
   run on a GPU) and no second thread: torch's random streams are global, and sampling beside the run would
   change what the run draws. Between steps, inside `preserved_rng`, a run with labeling draws exactly what it
-  draws without;
+  draws without. Each pair is judged by the reward that scores the run's steps then (its scores stored under that
+  reward run, so a decision records whether the reward PPO optimises agrees with the person);
 - during a reward run, from the labeling model when it is still loaded ([model] free_during_runs);
 - a Refit request trains a reward model on every label so far (the PPO run waits) and the run switches to it at
   its next checkpoint (`rlhf.refit`).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from ..active import Judges, run_reward_judge
 from ..hooks import RunHooks
 from ..refit import current_reward_run, preserved_rng, train_refit
 from ..runs import error_line
@@ -45,6 +47,7 @@ class DuringRunHooks(PipeHooks):
         self.engine = engine
         self.kind = ""
         self.policy: PairSampler | None = None  # a PPO run's live policy, once it is built
+        self.run_judge: Judges | None = None  # the reward scoring the PPO run's steps, judging its pairs
         self.refit_reward: str | None = None  # a finished refit the PPO run switches to at its next checkpoint
 
     def on_start(self, run_id: str, kind: str, total_steps: int, start_step: int = 0) -> None:
@@ -54,6 +57,9 @@ class DuringRunHooks(PipeHooks):
     def on_policy(self, run_id: str, model: Any, tokenizer: Any) -> None:
         cfg = self.engine.cfg
         self.policy = PairSampler(model, tokenizer, cfg.sampling, cfg.model.max_prompt_tokens)
+
+    def on_reward(self, run_id: str, reward_run: str, reward: Any) -> None:
+        self.run_judge = run_reward_judge(self.engine.workspace, reward_run, reward, self.policy.tokenizer)
 
     def on_step(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
         super().on_step(run_id, step, metrics)
@@ -77,7 +83,8 @@ class DuringRunHooks(PipeHooks):
 
     def _pair_source(self, run_id: str, step: int) -> PairSource | None:
         if self.policy is not None:
-            return PairSource(self.policy, run_id=run_id, run_step=step, run_checkpoint=self.last_checkpoint)
+            return PairSource(self.policy, run_id=run_id, run_step=step, run_checkpoint=self.last_checkpoint,
+                              judge=self.run_judge)
         if self.kind == "reward" and self.engine.sampler.model is not None:
             return self.engine.labeling_source()
         return None  # the labeling model was freed for this run: pairs wait for its end

@@ -28,7 +28,7 @@ from ..demo_mode import is_demo, use_demo_threads
 from ..errors import RlhfError
 from ..hooks import RunHooks, RunResult
 from ..models import load_causal_lm, load_tokenizer, pick_device, resolve_model_name, safetensors_adapter
-from ..active import PairJudge, is_repeat_turn, least_sure, selection_provenance
+from ..active import Judges, PairJudge, is_repeat_turn, least_sure, selection_provenance
 from ..run_requests import RunRequest, run_request
 from ..sampling import PairSampler, a_side_first, sampling_params
 from ..store import Store
@@ -168,7 +168,7 @@ class PairSource:
     run_id: str | None = None
     run_step: int | None = None
     run_checkpoint: str | None = None
-    judge: PairJudge | None = None  # scores the pair with the newest reward runs (rlhf.active)
+    judge: Judges | None = None  # scores the pair: the newest reward runs, or a PPO run's own reward (rlhf.active)
 
 
 class Engine:
