@@ -216,7 +216,7 @@ def export_bundle(workspace: Workspace, store: Store, engine: str, out_dir: str 
         raise RlhfError(f"{out} already exists and is not an empty folder: name a new one")
     if workspace.owns(out):
         raise RlhfError(f"{out}: is this workspace's own state (rlhf.db, rlhf.toml, runs/): name a new folder")
-    run_id = store.finished_reward_run(reward_run)["id"]
+    run_id = store.finished_reward_run(reward_run).id
     reward_dir = reward_dir_of(workspace.run_dir(run_id))
     meta = read_reward_meta(reward_dir)
     policy = ppo_policy_adapter(workspace, store, ppo_run)
