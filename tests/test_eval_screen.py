@@ -105,7 +105,7 @@ async def test_prepare_through_the_engine_label_blind_and_reveal(workspace, stor
         assert screen.stage == "revealed"
         text = screen.reveal_text()
         assert "identities revealed" in text and f"{tiny_ppo_run}@1 vs reference: win rate" in text
-        assert "on 2 of 3 pairs" in text and text.count(f"A = ") == 2
+        assert "on 2 of 3 pairs" in text and text.count("A = ") == 2
         await pilot.press("n")
         assert screen.stage == "setup"
 
