@@ -257,9 +257,10 @@ def test_ppo_processes_stop_on_one_rank_and_resume(two_ranks, tmp_path):
         toml.write("[ppo]\nmax_new_tokens = 8\ncheckpoint_every = 1\n")
     command = [sys.executable, "-m", "rlhf.cli", "--workspace", str(ws), "ppo"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    launcher = subprocess.Popen([*command, "--processes", "2", "--steps", "3", "--batch-size", "4", "--epochs", "1",
-                                 "--minibatches", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+    steps = 30  # a stop seen during the last step would let the run finish: leave room after the signal
+    launcher = subprocess.Popen([*command, "--processes", "2", "--steps", str(steps), "--batch-size", "4",
+                                 "--epochs", "1", "--minibatches", "1"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
     def ppo_run():
         with Store(ws / "rlhf.db") as store:
@@ -274,9 +275,9 @@ def test_ppo_processes_stop_on_one_rank_and_resume(two_ranks, tmp_path):
     out, err = launcher.communicate(timeout=240)
     assert launcher.returncode in (130, 143), err
     run = ppo_run()
-    assert run.status == "stopped" and 1 <= run.checkpoint_step == run.step < 3, err
+    assert run.status == "stopped" and 1 <= run.checkpoint_step == run.step < steps, err
     assert run.config["processes"] == 2 and run.pid != rank1.pid
-    assert f"ppo run {run.id}: stopped at step {run.step}/3" in out  # said once, by rank 0
+    assert f"ppo run {run.id}: stopped at step {run.step}/{steps}" in out  # said once, by rank 0
     assert out.count("ppo run") == 1
 
     resumed = subprocess.run([*command, "--resume", run.id, "--processes", "2"], env=env, capture_output=True,
@@ -285,8 +286,8 @@ def test_ppo_processes_stop_on_one_rank_and_resume(two_ranks, tmp_path):
     with Store(ws / "rlhf.db") as store:
         run = store.run(run.id)
         kl_rows = store.metrics(run.id, "kl_k1")
-    assert run.status == "finished" and run.step == 3
-    assert [row["step"] for row in kl_rows] == [1, 2, 3]  # one writer: one row per step
+    assert run.status == "finished" and run.step == steps
+    assert [row["step"] for row in kl_rows] == list(range(1, steps + 1))  # one writer: one row per step
 
 
 def _worker(out: Path, dp_root: str, single_root: str) -> None:
