@@ -53,6 +53,27 @@ async def test_with_no_prefetch_each_pair_becomes_decidable(workspace):
             assert screen.labeled_session == decided + 1
 
 
+async def test_answer_panes_sized_before_their_text_was_laid_out_recover(workspace):
+    """Textual may run a screen's after-refresh callbacks before a newly shown text is laid out (a race seen under
+    load in CI): panes measured then are a border tall and show no line, so the pair cannot be decided. Here that
+    state is set by hand; layout itself must bring the panes to their text and make the pair decidable."""
+    cfg = make_workspace(workspace, prompts=4, prefetch=0)
+    app = RlhfApp(workspace, cfg, annotator="ann")
+    async with app.run_test(size=(WIDTH, HEIGHT)) as pilot:
+        screen = app.screen
+        two_lines = protocol.ResponseView(2, "Ten minutes\nin boiling water.", 6)
+        screen.handle_engine_events([protocol.PairReady(1, "Question 0: how do I boil eggs?",
+                                                        protocol.ResponseView(1, "Boil them.", 3), two_lines)])
+        await wait_until(pilot, lambda: screen.visible_ms() is not None, 30, "the pair readable")
+        panes = [screen.query_one("#answer-a", TextPane), screen.query_one("#answer-b", TextPane)]
+        for pane in panes:
+            pane.styles.height = pane.styles.gutter.height  # what a measurement before layout gives
+        screen.visible_since = None
+        await wait_until(pilot, lambda: screen.visible_ms() is not None and screen.visible_ms() > 300, 30,
+                         "the pair readable again")
+        assert [pane.region.height for pane in panes] == [2 + 2, 2 + 2]  # the longer text and the border
+
+
 async def test_label_screen_at_120_columns(workspace):
     cfg = make_workspace(workspace, prompts=4, prefetch=1)  # 4 new tokens: short answers
     app = RlhfApp(workspace, cfg, annotator="ann")

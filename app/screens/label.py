@@ -393,8 +393,15 @@ class LabelScreen(RlhfScreen):
         return None if self.visible_since is None else decision_ms(self.visible_since, event_clock())
 
     def on_resize(self) -> None:
-        self.call_after_refresh(self._match_answer_heights)
-        self.call_after_refresh(self._note_visibility)
+        self.call_after_refresh(self._note_visibility)  # panes may have moved without a new size
+
+    def on_text_pane_resized(self) -> None:
+        """A pane or its text was laid out at a new size: the answer heights follow it, and the pair may have
+        become readable (or no longer be). Driven by layout, not by after-refresh callbacks: Textual may run
+        those before a newly shown text is laid out, and a pane sized then shows no line of its text, with
+        nothing else coming to look again (the pair would stay undecidable)."""
+        self._match_answer_heights()
+        self._note_visibility()
 
     def _match_answer_heights(self) -> None:
         """Side by side, both answer panes as tall as the longer answer, so their borders line up (each alone is
@@ -403,9 +410,6 @@ class LabelScreen(RlhfScreen):
         height = None if self.has_class("-narrow") else max(pane.text_height() for pane in panes)
         for pane in panes:
             pane.styles.height = height
-        # Before these heights the panes may not have been readable: look again once they are laid out (nothing
-        # else would, with no more pairs coming, and every key would count as typed before the pair was shown).
-        self.call_after_refresh(self._note_visibility)
 
     def _show(self, pair: protocol.PairReady | None, note: str | None = None) -> None:
         self.current = pair
@@ -415,7 +419,6 @@ class LabelScreen(RlhfScreen):
             self.query_one("#prompt", TextPane).show(pair.prompt_text)
             self.query_one("#answer-a", TextPane).show(pair.a.text, f"{pair.a.tokens} tokens")
             self.query_one("#answer-b", TextPane).show(pair.b.text, f"{pair.b.tokens} tokens")
-            self.call_after_refresh(self._match_answer_heights)  # once the texts are laid out at this width
         self._render_pair()
 
     def _render_pair(self) -> None:
