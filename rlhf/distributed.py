@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 RENDEZVOUS_ENV = "RLHF_TUI_RENDEZVOUS"  # set by `launch`: the file the ranks meet through (no TCP store)
+LAUNCHER_ENV = "RLHF_TUI_LAUNCHER_PID"  # set by `launch`: its process id (a rank stops when it dies)
 # Metrics that add up over ranks (each rank's throughput); every other metric is averaged.
 SUMMED_METRICS = frozenset({"tokens_per_s"})
 # How long a rank waits for the others at a collective before failing (rank 0 alone evaluates held-out pairs
@@ -82,13 +83,14 @@ def rank_step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()[:8], "big")
 
 
-def launch_environment(rank: int, world: int, rendezvous: Path, threads: int) -> dict[str, str]:
-    """The environment variables of rank `rank` of `world` local processes started by `launch`: ranks, the
-    rendezvous file, the loopback interface for gloo and NCCL sockets, CPU threads per process."""
+def launch_environment(rank: int, world: int, rendezvous: Path, threads: int, launcher_pid: int) -> dict[str, str]:
+    """The environment variables of rank `rank` of `world` local processes started by `launch` (process
+    `launcher_pid`): ranks, the rendezvous file, the loopback interface for gloo and NCCL sockets, CPU threads
+    per process."""
     loopback = loopback_interface()
     return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-            RENDEZVOUS_ENV: str(rendezvous), "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": loopback,
-            "NCCL_SOCKET_IFNAME": loopback, "OMP_NUM_THREADS": str(threads)}
+            RENDEZVOUS_ENV: str(rendezvous), LAUNCHER_ENV: str(launcher_pid), "MASTER_ADDR": "127.0.0.1",
+            "GLOO_SOCKET_IFNAME": loopback, "NCCL_SOCKET_IFNAME": loopback, "OMP_NUM_THREADS": str(threads)}
 
 
 def threads_per_process(cpus: int, processes: int) -> int:
@@ -330,6 +332,8 @@ def current_ranks() -> Ranks:
     import torch.distributed as dist
     from accelerate import PartialState
 
+    if LAUNCHER_ENV in os.environ:
+        stop_when_launcher_dies(int(os.environ[LAUNCHER_ENV]))
     rank, gpu = int(os.environ["RANK"]), torch.cuda.is_available()
     rendezvous = os.environ.get(RENDEZVOUS_ENV)
     if rendezvous and not dist.is_initialized():
@@ -339,6 +343,21 @@ def current_ranks() -> Ranks:
                                 world_size=world, timeout=COLLECTIVE_TIMEOUT)
     state = PartialState(cpu=not gpu, timeout=COLLECTIVE_TIMEOUT)
     return Ranks(state.process_index, state.num_processes)
+
+
+def stop_when_launcher_dies(launcher_pid: int) -> None:
+    """On Linux, have the kernel send this rank SIGTERM when the `launch` process that started it dies: a
+    launcher killed with SIGKILL (or by the OOM killer) can pass nothing on, and its ranks, in sessions of their
+    own, would train on unwatched. SIGTERM stops each after its step with a checkpoint, as a forwarded one does.
+    Elsewhere the ranks outlive such a launcher (docs/scale-out.md)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != launcher_pid:  # it died before the kernel was told
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # -- launcher ----------------------------------------------------------------------------------
@@ -374,7 +393,7 @@ def launch(argv: list[str], processes: int) -> int:
             for rank in range(processes):
                 children.append(subprocess.Popen(
                     [sys.executable, "-m", "rlhf.cli", *argv], start_new_session=True,
-                    env={**os.environ, **launch_environment(rank, processes, rendezvous, threads)}))
+                    env={**os.environ, **launch_environment(rank, processes, rendezvous, threads, os.getpid())}))
             return _wait_for_ranks(children)
         finally:
             for signum, handler in previous.items():

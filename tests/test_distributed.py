@@ -55,8 +55,9 @@ def test_rank_step_seed_differs_by_rank_and_step_and_repeats():
 
 def test_threads_per_process_and_environment(tmp_path):
     assert threads_per_process(16, 4) == 4 and threads_per_process(2, 4) == 1
-    env = launch_environment(1, 2, tmp_path / "rendezvous", 1)
+    env = launch_environment(1, 2, tmp_path / "rendezvous", 1, 4242)
     assert env["RANK"] == "1" and env["WORLD_SIZE"] == "2" and env["MASTER_ADDR"] == "127.0.0.1"
+    assert env["RLHF_TUI_LAUNCHER_PID"] == "4242"
     assert env["GLOO_SOCKET_IFNAME"] in ("lo", "lo0") and env["OMP_NUM_THREADS"] == "1"
 
 
@@ -86,7 +87,7 @@ def run_ranks(out: Path, *args: str, timeout: float = 300) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, __file__, str(out), *args],
-                              env={**env, **launch_environment(rank, 2, out / "rendezvous", 1)},
+                              env={**env, **launch_environment(rank, 2, out / "rendezvous", 1, os.getpid())},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in range(2)]
     logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
@@ -243,7 +244,8 @@ def test_train_reward_processes_matches_one_process(two_ranks, tmp_path):
 @pytest.mark.slow  # starts processes that train the tiny model
 def test_ppo_processes_stop_on_one_rank_and_resume(two_ranks, tmp_path):
     """`rlhf-tui ppo --processes 2` on the workspace the ranks trained a reward model in: SIGTERM to rank 1 alone
-    stops both ranks after the same step, with a checkpoint; `--resume RUN --processes 2` finishes the run."""
+    stops both ranks after the same step, with a checkpoint; so does killing the launcher outright (SIGKILL: it
+    can pass nothing on); `--resume RUN --processes 2` finishes the run."""
     import shutil
     import signal
 
@@ -266,10 +268,13 @@ def test_ppo_processes_stop_on_one_rank_and_resume(two_ranks, tmp_path):
         with Store(ws / "rlhf.db") as store:
             return next(iter(store.runs("ppo")), None)
 
-    deadline = time.monotonic() + 240
-    while (run := ppo_run()) is None or run.step < 1:
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
-        time.sleep(0.2)
+    def wait_for_step(launched: subprocess.Popen, step: int) -> None:
+        deadline = time.monotonic() + 240
+        while (run := ppo_run()) is None or run.step < step:
+            assert launched.poll() is None and time.monotonic() < deadline, launched.communicate()
+            time.sleep(0.2)
+
+    wait_for_step(launcher, 1)
     rank1 = next(p for p in psutil.Process(launcher.pid).children() if p.environ().get("RANK") == "1")
     rank1.send_signal(signal.SIGTERM)
     out, err = launcher.communicate(timeout=240)
@@ -280,8 +285,18 @@ def test_ppo_processes_stop_on_one_rank_and_resume(two_ranks, tmp_path):
     assert f"ppo run {run.id}: stopped at step {run.step}/{steps}" in out  # said once, by rank 0
     assert out.count("ppo run") == 1
 
-    resumed = subprocess.run([*command, "--resume", run.id, "--processes", "2"], env=env, capture_output=True,
-                             text=True, timeout=240)
+    resume = [*command, "--resume", run.id, "--processes", "2"]
+    launcher = subprocess.Popen(resume, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(launcher, run.step + 1)
+    ranks = psutil.Process(launcher.pid).children()
+    launcher.kill()
+    out, err = launcher.communicate(timeout=240)  # the ranks hold its pipes until they end
+    assert not [rank for rank in ranks if rank.is_running() and rank.status() != psutil.STATUS_ZOMBIE]
+    killed_at = ppo_run()
+    assert killed_at.status == "stopped" and run.step < killed_at.checkpoint_step == killed_at.step < steps, err
+    assert f"ppo run {run.id}: stopped at step {killed_at.step}/{steps}" in out
+
+    resumed = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
     with Store(ws / "rlhf.db") as store:
         run = store.run(run.id)

@@ -71,9 +71,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
-def stop_on_ctrl_c(hooks: RunHooks) -> Iterator[list[int]]:
+def stop_on_ctrl_c(hooks: RunHooks, announce: bool = True) -> Iterator[list[int]]:
     """The first Ctrl+C, SIGTERM or SIGHUP asks the run to stop after its current step (keeping a checkpoint);
     a second of the same aborts. Yields the signals received, so a command can exit 128 + signal (130, 143, 129).
+    `announce`: say so on stderr (rank 0 of a data-parallel run speaks for all).
 
     After a SIGHUP the terminal is gone: a write to it would raise (EIO) and kill the run before its checkpoint,
     so stdout and stderr are sent to /dev/null from then on; the run's outcome is in `rlhf-tui runs`."""
@@ -84,7 +85,7 @@ def stop_on_ctrl_c(hooks: RunHooks) -> Iterator[list[int]]:
         hooks.stop_requested.set()
         if signum == signal.SIGHUP:
             _detach_from_terminal()
-        else:
+        elif announce:
             print("\nstopping after this step (Ctrl+C again to abort)", file=sys.stderr)
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
@@ -132,7 +133,7 @@ def _run_headless(args: argparse.Namespace, overrides: dict[str, Any], shown: tu
             session = stack.enter_context(open_workspace(args, overrides))
         enter_demo_mode(session.config)
         progress = ConsoleProgress(shown)  # on ranks > 0 the run reports nothing to it
-        with stop_on_ctrl_c(progress) as received:
+        with stop_on_ctrl_c(progress, announce=ranks.writes) as received:
             try:
                 result = run_request(session.workspace, request_for(session.config),
                                      agreed_hooks(progress, ranks), session.store, ranks=ranks)
