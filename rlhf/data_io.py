@@ -40,6 +40,8 @@ LINE_BREAK = re.compile(r"\r\n|\r|\n")  # universal newlines: Unix, Windows and 
 # What a terminal acts on instead of showing: C0/C1 controls (ESC starts colour, cursor and title sequences),
 # DEL, line separators and the bidirectional overrides that make text display in another order than it reads.
 TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# The part of those that json.dumps writes as it is (it escapes every character below 0x20 itself).
+JSON_RAW_CONTROLS = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass
@@ -66,6 +68,14 @@ def printable(text: str) -> str:
     """`text` safe to print on one terminal line: each control character written as its Python escape
     (`\\n`, `\\t`, `\\x1b`, `\\u202e`), so a prompt cannot move the cursor, recolour or retitle the terminal."""
     return TERMINAL_CONTROLS.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def terminal_json(value: Any) -> str:
+    """`value` as indented JSON that is safe to print: what json.dumps leaves as it is and a terminal acts on
+    (DEL, C1 controls such as the one-byte CSI, line separators, bidirectional overrides) is written as a
+    `\\uXXXX` escape, so the output reads back as the very same value."""
+    text = json.dumps(value, ensure_ascii=False, indent=2)
+    return JSON_RAW_CONTROLS.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 # -- reading files ---------------------------------------------------------------------------

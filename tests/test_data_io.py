@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.data_io import export_pairs, import_pairs, import_prompts, printable, read_pairs, read_prompts
+from rlhf.data_io import (export_pairs, import_pairs, import_prompts, printable, read_pairs, read_prompts,
+                          terminal_json)
 from rlhf.errors import InputFileError, RlhfError, StoreError
 from rlhf.store import PromptItem, Store
 
@@ -183,6 +184,14 @@ def test_printable_escapes_what_a_terminal_would_act_on():
     assert printable("a\nb\tc\x1b]0;title\x07\x1b[2J\x9b\x7f\u202eevil") == \
         "a\\nb\\tc\\x1b]0;title\\x07\\x1b[2J\\x9b\\x7f\\u202eevil"
     assert printable("caf\u00e9 \u2713 \u4e2d") == "caf\u00e9 \u2713 \u4e2d"
+
+
+def test_terminal_json_escapes_what_json_leaves_raw_and_reads_back_the_same():
+    value = {"text": "a\x1b[2J\x9b31m\x7f\u202eevil\u2028caf\u00e9", "n": 1}
+    text = terminal_json(value)
+    assert "\\u009b31m\\u007f\\u202eevil\\u2028caf\u00e9" in text and "\\u001b[2J" in text  # json.dumps's own
+    assert not set(text) & {"\x1b", "\x9b", "\x7f", "\u202e", "\u2028"}
+    assert json.loads(text) == value
 
 
 def test_bad_prompt_file_imports_nothing(tmp_path: Path, empty_store: Store):

@@ -5,7 +5,6 @@ printing helpers."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import QUANTIZATION, Config, Workspace, keys_set_in
+from ..data_io import terminal_json
 from ..demo_mode import DEMO_NOTICE, is_demo, use_demo_threads, with_demo_defaults
 from ..errors import RlhfError
 from ..store import Store
@@ -68,7 +68,7 @@ def plural(count: int, noun: str) -> str:
 
 
 def print_json(value: Any) -> None:
-    print(json.dumps(value, ensure_ascii=False, indent=2))
+    print(terminal_json(value))
 
 
 def enter_demo_mode(config: Config) -> None:

@@ -22,6 +22,7 @@ from fault_kit import StopAfter, assert_one_line_error, make_labeled_workspace, 
 from rlhf import cli
 from rlhf.checkpoints import CHECKPOINTS_DIR
 from rlhf.config import SECTIONS, Workspace
+from rlhf.data_io import TERMINAL_CONTROLS
 from rlhf.errors import StoreError
 from rlhf.store import Store
 
@@ -81,12 +82,15 @@ def test_importing_pairs_twice_or_an_export_adds_nothing(tmp_path: Path):
 
 def test_prompts_list_escapes_terminal_control_sequences(tmp_path: Path):
     (tmp_path / "ws").mkdir()
-    hostile = "Clear\x1b[2J\x1b]0;pwned\x07 me\u202eevil\rover\nnext"
+    hostile = "Clear\x1b[2J\x1b]0;pwned\x07 me\u202eevil\rover\nnext\x9b2J"  # \x9b: CSI in one byte (C1)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": hostile, "tags": ["t\x1b[31m"]}) + "\n", encoding="utf-8")
     assert rlhf_tui("--workspace", tmp_path / "ws", "prompts", "import", prompts).returncode == 0
     done = rlhf_tui("--workspace", tmp_path / "ws", "prompts", "list")
-    assert done.stdout == ("1\tt\\x1b[31m\tClear\\x1b[2J\\x1b]0;pwned\\x07 me\\u202eevil\\rover\\nnext\n")
+    assert done.stdout == ("1\tt\\x1b[31m\tClear\\x1b[2J\\x1b]0;pwned\\x07 me\\u202eevil\\rover\\nnext\\x9b2J\n")
+    as_json = rlhf_tui("--workspace", tmp_path / "ws", "prompts", "list", "--json").stdout
+    assert not TERMINAL_CONTROLS.search(as_json.replace("\n", ""))  # its own line breaks aside
+    assert json.loads(as_json)[0]["text"] == hostile
 
 
 def test_every_int_setting_has_an_upper_bound():
