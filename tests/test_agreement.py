@@ -336,3 +336,34 @@ async def test_train_screen_shows_the_agreement_pane(tmp_path: Path, tiny_model_
         pane, footer = train.query_one(AgreementPane), train.query_one(Footer)
         assert pane.region.height >= 1 and pane.region.bottom <= footer.region.y  # on screen, above the footer
         assert "agrees on 3/4 newest labels (75%" in str(pane.render())
+
+
+async def test_the_length_correlation_is_of_the_ppo_run_on_screen(tmp_path: Path, tiny_model_dir: Path):
+    """Two PPO runs: the older one's samples buy score with length, the newer one's do not. A run opened from the
+    Runs screen shows its own correlation; the Train screen's pane follows the run it shows (the latest while it
+    shows none)."""
+    from rlhf_tui.app.main import RlhfApp
+    from rlhf_tui.app.screens.runs import RunScreen
+    from rlhf_tui.app.screens.train import TrainScreen
+    from rlhf_tui.app.widgets.agreement import AgreementPane
+
+    from rlhf.config import Workspace
+
+    ws, _ = judged_workspace(tmp_path / "ws", [1.0, 1.0])
+    (ws / "rlhf.toml").write_text(f'[model]\nname = "{tiny_model_dir.as_posix()}"\n', encoding="utf-8")
+    with Store(ws / "rlhf.db") as store:
+        older, newer = store.create_run("ppo", {}), store.create_run("ppo", {})
+        store.add_samples(older, 1, [{"prompt": "q", "response": "x" * n, "score": float(n)} for n in (1, 2, 4)])
+        store.add_samples(newer, 1, [{"prompt": "q", "response": "x" * n, "score": float(-n)} for n in (1, 2, 4)])
+    workspace = Workspace(ws)
+    app = RlhfApp(workspace, workspace.load_config())
+    async with app.run_test(size=(120, 30)) as pilot:
+        train = await app.show_screen("train", TrainScreen)
+        await pilot.pause()
+        assert "length~score r -1.00 (3 samples)" in str(train.query_one(AgreementPane).render())  # the latest
+        train.query_one(AgreementPane).follow(older)  # what the screen does once it shows a run
+        assert "length~score r +1.00 (3 samples)" in str(train.query_one(AgreementPane).render())
+
+        await app.push_screen(RunScreen(app.store.run(older)))
+        await pilot.pause()
+        assert "length~score r +1.00 (3 samples)" in str(app.screen.query_one(AgreementPane).render())

@@ -16,6 +16,7 @@ from textual.widgets import DataTable, Footer, Header
 from rlhf.run_rows import RESUMABLE_STATUSES, Run
 from rlhf.store import Store
 
+from ..widgets.agreement import AgreementPane
 from ..widgets.run_feed import format_number
 from ..widgets.run_view import SCROLL_SAMPLES_BINDINGS, RunView
 from .base import RlhfScreen
@@ -143,6 +144,9 @@ class RunScreen(RlhfScreen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield RunView(self.run_row.kind, id="panes")
+        if self.run_row.kind == "ppo":  # is the reward model it trains against still the person's judge?
+            yield AgreementPane(self.app.store, self.app.config.label.agreement_window, self.run_row.id,
+                                id="agreement")
         yield Footer(compact=True)
 
     @property

@@ -124,6 +124,7 @@ class TrainScreen(LiveRunScreen):
 
     def on_run_started(self) -> None:
         self.show_setup(False)
+        self.query_one("#agreement", AgreementPane).follow(self.run_id)
 
     # -- actions ---------------------------------------------------------------------------------
 

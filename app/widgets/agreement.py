@@ -1,6 +1,7 @@
 """The reward model against the person, on the Train screen: how often it agreed with the newest labels on
 pairs it scored as they were served (a 95% Wilson interval), the alarm when that falls (the reward-hacking
-signal: `rlhf.agreement.agreement_falls`), and the length-vs-score correlation of the latest PPO run's samples.
+signal: `rlhf.agreement.agreement_falls`), and the length-vs-score correlation of the samples of the PPO run on
+screen (`ppo_run`; the latest PPO run while none is).
 
 It reads the store itself every `REFRESH_S` seconds (three small queries), so it follows labels made on the
 Label screen, during a run or in another session on the same workspace.
@@ -45,15 +46,21 @@ class AgreementPane(Static):
     AgreementPane.falling { color: $warning; text-style: bold; }
     """
 
-    def __init__(self, store: Store, window: int, **kwargs: Any) -> None:
+    def __init__(self, store: Store, window: int, ppo_run: str | None = None, **kwargs: Any) -> None:
         super().__init__("", markup=False, **kwargs)
         self.store, self.window = store, window
+        self.ppo_run = ppo_run  # whose samples the length correlation reads; None: the latest PPO run
 
     def on_mount(self) -> None:
         self.refresh_check()
         self.set_interval(REFRESH_S, self.refresh_check)
 
+    def follow(self, ppo_run: str) -> None:
+        """Measure the length correlation on this PPO run's samples from now on."""
+        self.ppo_run = ppo_run
+        self.refresh_check()
+
     def refresh_check(self) -> None:
-        check = reward_model_check(self.store, self.window)
+        check = reward_model_check(self.store, self.window, self.ppo_run)
         self.update("\n".join(agreement_lines(check)))
         self.set_class(check["warning"] is not None, "falling")

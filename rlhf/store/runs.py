@@ -74,17 +74,17 @@ class RunQueries(Connection):
         if kind:
             sql += " WHERE kind = ?"
             params.append(kind)
-        return [Run.from_row(r) for r in self._query(sql + " ORDER BY started_at, id", params)]
+        return [Run.from_row(r) for r in self._query(sql + " ORDER BY started_at, rowid", params)]
 
     def latest_run(self, kind: str, status: RunStatus = RunStatus.FINISHED) -> Run | None:
-        rows = self._query("SELECT * FROM runs WHERE kind = ? AND status = ? ORDER BY started_at DESC, id DESC "
+        rows = self._query("SELECT * FROM runs WHERE kind = ? AND status = ? ORDER BY started_at DESC, rowid DESC "
                            "LIMIT 1", [kind, status])
         return Run.from_row(rows[0]) if rows else None
 
     def finished_reward_runs(self) -> list[Run]:
         """The reward runs PPO may use, newest first: the first is the default of `finished_reward_run`."""
         return [Run.from_row(r) for r in self._query(
-            "SELECT * FROM runs WHERE kind = 'reward' AND status = ? ORDER BY started_at DESC, id DESC",
+            "SELECT * FROM runs WHERE kind = 'reward' AND status = ? ORDER BY started_at DESC, rowid DESC",
             [RunStatus.FINISHED])]
 
     def finished_reward_run(self, run_id: str | None = None) -> Run:
