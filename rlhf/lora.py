@@ -3,7 +3,10 @@
 peft's "all-linear" picks every linear layer of the decoder: separate q/k/v/o and gate/up/down
 projections (Llama, Qwen, Gemma, Mistral), fused ones (Phi-3's `qkv_proj` and `gate_up_proj`, GPT-NeoX's
 `query_key_value`), GPT-2's Conv1D layers, and their 4-bit replacements; it leaves out the LM head, tied
-to the input embeddings or not. Of an image-text model only the text decoder is adapted.
+to the input embeddings or not. Of an image-text model only the text decoder is adapted. A mixture of
+experts (Qwen3-MoE, Mixtral) keeps its experts and router weights as parameters, not linear layers, in
+transformers 5: peft adapts them as parameters (`target_parameters`), the router included, as "all-linear" did
+when the router was a linear layer.
 tests/test_architectures.py checks this for every family.
 """
 

@@ -25,6 +25,7 @@ from .models import encode_prompt, format_prompt, resolve_model_name
 from .ppo_math import kl_negative_beyond_noise, score_dropped
 from .ppo_trainer import (POLICY_ADAPTER, REWARD_ADAPTER, NonFiniteError, PPOTrainer, PreparedPrompt, RolloutScorer,
                           SharedBaseReward, build_trainer, check_settings, load_reward)
+from .quantization import unquantized_warning
 from .refit import current_reward_run
 from .run_rows import RunStatus
 from .runs import RunSession, error_line, open_store
@@ -155,6 +156,8 @@ def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None,
             if cut:
                 session.warn(f"{cut} prompts were cut to their last {cfg.model.max_prompt_tokens} tokens "
                              "(model.max_prompt_tokens)")
+            if cfg.model.quantization == "4bit" and (gap := unquantized_warning(trainer.model.get_base_model())):
+                session.warn(gap)
             return _train_loop(trainer, session, prompts, partial(load_reward, workspace, cfg, trainer.model,
                                                                   trainer.tokenizer))
 

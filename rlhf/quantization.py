@@ -63,3 +63,37 @@ def keep_4bit_weights_unpacked(model: nn.Module) -> int:
     for layer in layers:
         layer.support_avx512bf16_for_cpu = False
     return len(layers)
+
+
+# Above this share of unquantized weights a "4-bit" model is mostly full precision: say so before a run.
+UNQUANTIZED_WARNING_SHARE = 0.2
+
+
+def unquantized_weight_share(model: nn.Module) -> float:
+    """Of the text decoder's weights (its matrices and expert tensors; embeddings, norms and LoRA adapters
+    aside), the share a 4-bit load left unquantized, by element count.
+
+    bitsandbytes replaces linear layers only: a dense model's share is 0. transformers keeps a mixture of
+    experts' experts as 3D tensors (Qwen3-MoE, Mixtral, OLMoE...), which it leaves in the compute dtype, and
+    they are most of such a model's weights."""
+    from bitsandbytes.nn import Linear4bit
+    from torch import nn
+
+    quantized = unquantized = 0
+    for name, module in model.get_decoder().named_modules():
+        if isinstance(module, Linear4bit):
+            quantized += module.in_features * module.out_features
+        elif not isinstance(module, nn.Embedding) and "lora_" not in name:
+            unquantized += sum(p.numel() for p in module.parameters(recurse=False) if p.dim() >= 2)
+    total = quantized + unquantized
+    return unquantized / total if total else 0.0
+
+
+def unquantized_warning(model: nn.Module) -> str | None:
+    """The warning for a 4-bit model that stays mostly in full precision (`unquantized_weight_share`), or None."""
+    share = unquantized_weight_share(model)
+    if share <= UNQUANTIZED_WARNING_SHARE:
+        return None
+    return (f"4-bit quantized only {1 - share:.0%} of this model's weights: {share:.0%} (a mixture of experts' "
+            "expert tensors: bitsandbytes quantizes linear layers only) stay in the compute dtype, so it needs "
+            "about that much more memory than a 4-bit model of its size")

@@ -30,6 +30,7 @@ from .hooks import RunHooks, RunResult
 from .locks import run_lock
 from .lora import lora_config
 from .models import load_causal_lm, load_tokenizer, resolve_model_name, safetensors_adapter, tokenizer_fingerprint
+from .quantization import unquantized_warning
 from .reward_model import (ADAPTER_SUBDIR, META_FORMAT, REWARD_SUBDIR, SCORE_HEAD_FILE, raw_scores,
                            save_reward_model)
 from .reward_pairs import (EncodedPair, data_hash, encode_pairs, pairs_of_run, split_heldout, usable_pairs,
@@ -196,6 +197,8 @@ def _train(workspace: Workspace, cfg: Config, hooks: RunHooks, store: Store, res
                      "and were cut from the left of the prompt")
     if not heldout:
         session.warn("no held-out pairs (too few prompts or heldout_fraction 0): held-out accuracy is not measured")
+    if cfg.reward_quantization == "4bit" and (gap := unquantized_warning(base)):
+        session.warn(gap)
     with session:
         model = _lora_model(base, cfg, checkpoint / ADAPTER_SUBDIR if checkpoint else None)
         device = model_device(model)

@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from rlhf.checkpoints import checkpoint_path
 from rlhf.cli import main
+from rlhf.hooks import RunHooks
 from rlhf.lora import lora_config
 from rlhf.models import load_causal_lm, load_sequence_classifier, load_tokenizer
 from rlhf.ppo import run_ppo
@@ -63,10 +64,16 @@ def test_lora_covers_every_decoder_linear_layer_and_never_the_lm_head(family_dir
     in_decoder = {id(m) for m in base.get_decoder().modules()}
     layers = {name: m for name, m in _linear_layers(base).items() if id(m) in in_decoder}
     assert layers, "the decoder has linear layers to adapt"
+    # A mixture of experts: its experts (3D tensors) and routers are parameters, not layers; adapted as such.
+    experts = {name for name, m in base.named_modules() if name.endswith((".mlp.experts", ".mlp.gate"))
+               and not isinstance(m, nn.Linear)}
+    assert bool(experts) == (family == "qwen3_moe")
     lm_head = base.get_output_embeddings()
     model = get_peft_model(base, lora_config(base, r=4, alpha=8, dropout=0.0))
-    adapted = {name for name, m in model.get_base_model().named_modules() if hasattr(m, "lora_A")}
-    assert adapted == set(layers)  # and nothing outside the text decoder (a vision tower)
+    # peft wraps each adapted tensor in a layer of its own (`experts`, `experts.base_layer`): name the module once
+    adapted = {name.replace(".base_layer", "") for name, m in model.get_base_model().named_modules()
+               if hasattr(m, "lora_A")}
+    assert adapted == set(layers) | experts  # and nothing outside the text decoder (a vision tower)
     assert not hasattr(model.get_base_model().get_output_embeddings(), "lora_A")
     assert model.get_base_model().get_output_embeddings() is lm_head
     # GPT-2 keeps Conv1D (weights stored [in, out]) in full precision only: LoRA must know, or its update is
@@ -133,7 +140,8 @@ def test_the_whole_loop_runs_on_every_family(family_dirs, family, quantization, 
     assert len(pair.answers) == 2 and all(0 < a.tokens <= 8 for a in pair.answers)
 
     # Reward model: trains, and its export scores the same in plain transformers + peft.
-    reward = train_reward(ws, cfg)
+    warned = WarningsKept()
+    reward = train_reward(ws, cfg, hooks=warned)
     assert reward.status == "finished", reward.message
     items = [("Hi", " A dog likes a good cake."), ("Tell me", " A cold boat and a red tree.")]
     ours = torch.tensor(RewardScorer.from_run(ws, reward.run_id, cfg).score_many(items))
@@ -141,11 +149,26 @@ def test_the_whole_loop_runs_on_every_family(family_dirs, family, quantization, 
     assert torch.allclose(_scores_of_export(exported, model_dir, quantization, items), ours, atol=1e-4)
 
     # PPO: two steps on one shared base; the value head sits on the model's hidden size.
-    result = run_ppo(ws, cfg)
+    result = run_ppo(ws, cfg, hooks=warned)
     assert result.status == "finished", result.message
     value_head = load_file(checkpoint_path(ws.run_dir(result.run_id), 2) / "value_head.safetensors")
     hidden = load_causal_lm(str(model_dir)).config.get_text_config().hidden_size
     assert value_head["linear.weight"].shape == (1, hidden)
+
+    # A "4-bit" mixture of experts is mostly full precision (its experts are not linear layers): both runs say so.
+    unquantized = [m for m in warned.messages if m.startswith("4-bit quantized only 33% of this model's weights")]
+    assert len(unquantized) == (2 if family == "qwen3_moe" and quantization == "4bit" else 0), warned.messages
+
+
+class WarningsKept(RunHooks):
+    """Run hooks that keep every warning a run gives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def on_warning(self, run_id: str, message: str) -> None:
+        self.messages.append(message)
 
 
 def test_an_encoder_decoder_model_is_one_line_that_names_it(tmp_path, capsys):

@@ -120,3 +120,17 @@ def test_importing_bitsandbytes_never_fetches_hub_kernels(tmp_path):
                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
     assert "ModuleNotFoundError" in result.stderr or "ImportError" in result.stderr, result.stderr
     assert not marker.exists()
+
+
+def test_unquantized_share_of_a_4bit_mixture_of_experts_by_hand(family_dirs):
+    """Per layer of the tiny Qwen3-MoE (hidden 64, 4 heads of 32, 2 KV heads, 4 experts of 64): 4-bit
+    q, k, v, o = 64x128 + 64x64 + 64x64 + 128x64 = 24576 elements; kept as they are: the experts' gate_up
+    4x128x64 + down 4x64x64 = 49152 and the router 4x64 = 256. A dense model keeps none."""
+    from rlhf.models import load_causal_lm
+    from rlhf.quantization import unquantized_warning, unquantized_weight_share
+
+    moe = load_causal_lm(str(family_dirs("qwen3_moe")), "4bit")
+    assert unquantized_weight_share(moe) == pytest.approx(49408 / (49408 + 24576))
+    assert unquantized_warning(moe).startswith("4-bit quantized only 33% of this model's weights: 67% (a mixture")
+    dense = load_causal_lm(str(family_dirs("qwen3")), "4bit")
+    assert unquantized_weight_share(dense) == 0.0 and unquantized_warning(dense) is None

@@ -134,6 +134,11 @@ FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
                                     "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
                                     "tie_word_embeddings": True}),
     "mistral": ("MistralConfig", {"num_key_value_heads": 2, "tie_word_embeddings": False}),
+    # Mixture of experts: transformers keeps each layer's experts as 3D parameters, not nn.Linear layers (peft
+    # adapts them as parameters); a linear router picks 2 of 4 experts per token.
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_key_value_heads": 2, "head_dim": 32, "num_experts": 4,
+                                     "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                     "tie_word_embeddings": False}),
     "phi3": ("Phi3Config", {"tie_word_embeddings": False}),  # fused qkv_proj and gate_up_proj
     "gpt_neox": ("GPTNeoXConfig", {"tie_word_embeddings": False}),  # fused query_key_value, parallel residual
     "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128, "n_positions": 512}),  # Conv1D
