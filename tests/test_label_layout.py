@@ -1,5 +1,6 @@
-"""The Label screen at 120 columns (issue 14, item 6): the footer holds every key in each state of the screen,
-and the answer panes are as tall as their text, within the room there is. Pilot against a real engine."""
+"""The Label screen's layout (issue 14, item 6): the footer shows whole keys only, the decisions, undo and help
+always (from 80 columns), every key at 120, in each state of the screen; keys it leaves out still work. The answer
+panes are as tall as their text, within the room there is. Pilot against a real engine."""
 
 from __future__ import annotations
 
@@ -7,37 +8,58 @@ import os
 import signal
 from dataclasses import replace
 
-from textual.widgets import Footer
-
 from rlhf.engine import protocol
 from rlhf_tui.app.main import RlhfApp
-from rlhf_tui.app.screens.dialogs import HelpScreen
+from rlhf_tui.app.screens.dialogs import HelpScreen, NoteModal
 from rlhf_tui.app.screens.label import LabelScreen
 from rlhf_tui.app.widgets.answer import TextPane
+from rlhf_tui.app.widgets.footer import FittingFooter
 from test_label_screen import ENGINE_TIMEOUT_S, make_workspace, wait_until  # tests/ is on sys.path
 
 WIDTH, HEIGHT = 120, 30
 LONG_ANSWER = "\n".join(f"line {i} of a long answer" for i in range(80))
 
 
+MUST_SHOW = ["a", "b", "t", "x", "s", "u", "question_mark"]  # the decisions, undo and help, in this order
+
+
 def shown_keys(screen: LabelScreen) -> dict[str, tuple[int, int]]:
-    """The footer's keys and the columns each one spans."""
-    footer = screen.query_one(Footer)
-    return {key.key: (key.region.x, key.region.right) for key in footer.query("FooterKey")}
+    """The keys the footer shows (not those it leaves out for want of room) and the columns each one spans."""
+    footer = screen.query_one(FittingFooter)
+    return {key.key: (key.region.x, key.region.right) for key in footer.query("FooterKey") if key.region}
 
 
-def footer_keys(*extra: str) -> set[str]:
-    """The first key of every footer binding of the Label screen and the app, plus `extra` (keys shown only in
-    some states)."""
+def footer_order(*extra: str) -> list[str]:
+    """The first key of every footer binding of the Label screen and then the app, in the footer's order; keys
+    shown only in some states are left out unless named in `extra`."""
     situational = {"refit", "restart_engine"}
-    return {b.key.split(",")[0] for b in (*RlhfApp.BINDINGS, *LabelScreen.BINDINGS)
-            if b.show and b.id not in situational} | set(extra)
+    keys = [(b.key.split(",")[0], b.id) for b in (*LabelScreen.BINDINGS, *RlhfApp.BINDINGS) if b.show]
+    return [key for key, binding_id in keys if binding_id not in situational or key in extra]
 
 
-def assert_footer_fits(screen: LabelScreen, *extra: str) -> None:
+def assert_footer_fits(screen: LabelScreen, width: int, *extra: str) -> None:
+    """Every key shown fits the line, left to right in the footer's order: first the decisions, undo and help,
+    always shown (as is ctrl+r when it is in `extra`); keys left out for want of room are the last ones; at 120
+    columns none is left out."""
     shown = shown_keys(screen)
-    assert set(shown) == footer_keys(*extra)
-    assert max(right for _, right in shown.values()) <= WIDTH, shown
+    assert max(right for _, right in shown.values()) <= width, shown
+    in_order = sorted(shown, key=lambda key: shown[key][0])
+    order = footer_order(*extra)
+    assert in_order == [key for key in order if key in shown], str(shown)
+    assert in_order[:len(MUST_SHOW)] == MUST_SHOW, in_order
+    must = [*MUST_SHOW, *(key for key in extra if key == "ctrl+r")]
+    assert set(must) <= set(shown), in_order
+    optional = [key for key in order if key not in must]
+    assert [key for key in in_order if key not in must] == optional[:len(shown) - len(must)], in_order
+    if width >= WIDTH:
+        assert in_order == order
+
+
+async def assert_footer_fits_at_each_width(pilot, screen: LabelScreen, *extra: str) -> None:
+    for width in (80, 100, WIDTH):
+        await pilot.resize_terminal(width, HEIGHT)
+        await pilot.pause()
+        assert_footer_fits(screen, width, *extra)
 
 
 async def test_with_no_prefetch_each_pair_becomes_decidable(workspace):
@@ -74,7 +96,7 @@ async def test_answer_panes_sized_before_their_text_was_laid_out_recover(workspa
         assert [pane.region.height for pane in panes] == [2 + 2, 2 + 2]  # the longer text and the border
 
 
-async def test_label_screen_at_120_columns(workspace):
+async def test_label_screen_from_80_to_120_columns(workspace):
     cfg = make_workspace(workspace, prompts=4, prefetch=1)  # 4 new tokens: short answers
     app = RlhfApp(workspace, cfg, annotator="ann")
     async with app.run_test(size=(WIDTH, HEIGHT)) as pilot:
@@ -107,18 +129,25 @@ async def test_label_screen_at_120_columns(workspace):
         assert a.region.y < b.region.y and a.region.height <= area.height // 2 and b.region.bottom <= area.bottom
         assert screen._panes_readable()
 
-        # The footer, back at 120 columns: every key, in each state of the screen (one engine start for both).
-        await pilot.resize_terminal(WIDTH, HEIGHT)
+        # The footer at 80, 100 and 120 columns, in each state of the screen (one engine start for all).
+        await assert_footer_fits_at_each_width(pilot, screen)  # no restart key while the engine is up
+        # At 80 columns the footer leaves out note and resample: both keys still work.
+        await pilot.resize_terminal(80, HEIGHT)
         await pilot.pause()
-        assert_footer_fits(screen)  # no restart key while the engine is up: it was drawn before the start
+        assert {"n", "r"}.isdisjoint(shown_keys(screen))
+        await pilot.press("n")
+        assert isinstance(app.screen, NoteModal)
+        await pilot.press("escape")
+        old = screen.current
+        await pilot.press("r")
+        await wait_until(pilot, lambda: screen.current is not old, ENGINE_TIMEOUT_S, "the resampled pair")
+        assert screen.current.regenerated and screen.current.prompt_id == old.prompt_id
         # The run's events as the engine sends them while a PPO run trains: the refit key joins the footer.
         screen.handle_engine_events([protocol.RunStarted("ppo-test", "ppo", 10)])
-        await pilot.pause()
-        assert_footer_fits(screen, "f")
+        await assert_footer_fits_at_each_width(pilot, screen, "f")
         os.kill(app.engine.pid, signal.SIGKILL)  # engine down: ctrl+r shows, refit (it could not run) goes
         await wait_until(pilot, lambda: screen.engine_error is not None, what="the death report")
-        await pilot.pause()
-        assert_footer_fits(screen, "ctrl+r")
+        await assert_footer_fits_at_each_width(pilot, screen, "ctrl+r")
         # The keys the footer leaves out (the palette, the Stats screen, scrolling) and the long forms of the
         # short descriptions are in the help.
         await pilot.press("question_mark")
@@ -127,3 +156,6 @@ async def test_label_screen_at_120_columns(workspace):
         assert listed["Open the command palette"] == "^p" and listed["stats"] == "^t" and "scroll down" in listed
         assert listed["A much better (stored with margin 1.0)"] == "A"
         assert listed["regenerate: two fresh answers to this prompt"] == "r"
+        assert listed["note"] == "n" and listed["screens"] == "tab"
+        assert [description for _, description in app.screen.keys][:len(MUST_SHOW)] == [  # in the footer's order
+            "A better", "B better", "tie", "both bad", "skip", "undo", "help: the guidelines and every key"]

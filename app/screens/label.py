@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, Vertical
-from textual.widgets import Footer, Header, ProgressBar, Static
+from textual.widgets import Header, ProgressBar, Static
 
 try:  # the clock Textual stamps key events with; a private module, so a rename must not stop the app
     from textual._time import get_time as event_clock
@@ -31,10 +31,12 @@ from rlhf.engine import protocol
 from rlhf.errors import RlhfError
 
 from ..widgets.answer import TextPane
+from ..widgets.footer import FittingFooter
 from .base import RlhfScreen
 from .dialogs import NO_GUIDELINES, HelpScreen, NoteModal
 
 STRONG_MARGIN = 1.0  # stored as trl's `margin` for a shift+A / shift+B decision; a normal one stores None
+STRONG_KEYS = Binding.Group("strong")  # one footer item, "A B strong": the two show (or are left out) together
 SCROLL_LINES = 3
 # Human visual reaction time is about 200 ms: a key within 250 ms of the pair appearing was typed before
 # it could be read (a held or typed-ahead key), yet no real reading of two answers is that fast.
@@ -98,31 +100,37 @@ def sampling_summary(sampling: dict) -> str:
 
 
 class LabelScreen(RlhfScreen):
-    # priority: the answer panes scroll with arrows, but here arrows decide. Descriptions are short so that every
-    # key fits a 120-column footer (test_label_screen checks it); the help (`?`) shows each tooltip in full.
+    # priority: the answer panes scroll with arrows, but here arrows decide. The order is the footer's order of
+    # importance (the app's keys follow): the decisions, undo and help always show (FOOTER_KEEPS); the keys after
+    # them leave the footer, from the end, where the terminal is too narrow (at 80 columns: resample, note, refit
+    # and tab) and keep working. Descriptions are short, so that all fit 120 columns; the help (`?`) shows each
+    # tooltip in full.
     BINDINGS = [
         Binding("a,1,left", "decide('a')", "A better", id="prefer_a", priority=True),
         Binding("b,2,right", "decide('b')", "B better", id="prefer_b", priority=True),
-        Binding("A", "decide('a', True)", "strong", id="strong_a", priority=True,
-                tooltip=f"A much better (stored with margin {STRONG_MARGIN})"),
-        Binding("B", "decide('b', True)", "strong", id="strong_b", priority=True,
-                tooltip=f"B much better (stored with margin {STRONG_MARGIN})"),
         Binding("t,equals_sign", "decide('tie')", "tie", id="tie", priority=True),
         Binding("x,0", "decide('both_bad')", "both bad", id="both_bad", priority=True),
         Binding("s,space", "decide('skip')", "skip", id="skip", priority=True),
         Binding("u,backspace", "undo", "undo", id="undo", priority=True),
+        Binding("question_mark", "help", "help", id="help", priority=True,
+                tooltip="help: the guidelines and every key"),
+        Binding("A", "decide('a', True)", "strong", id="strong_a", priority=True, group=STRONG_KEYS,
+                tooltip=f"A much better (stored with margin {STRONG_MARGIN})"),
+        Binding("B", "decide('b', True)", "strong", id="strong_b", priority=True, group=STRONG_KEYS,
+                tooltip=f"B much better (stored with margin {STRONG_MARGIN})"),
         Binding("r", "regenerate", "resample", id="regenerate", priority=True,
                 tooltip="regenerate: two fresh answers to this prompt"),
         Binding("n", "note", "note", id="note", priority=True),
         Binding("f", "refit", "refit", id="refit", priority=True,
                 tooltip="refit the reward model on every label so far (while a PPO run trains)"),
-        Binding("question_mark", "help", "help", id="help", priority=True,
-                tooltip="help: the guidelines and every key"),
         Binding("up", "scroll(-1)", "scroll up", id="scroll_up", show=False),
         Binding("down", "scroll(1)", "scroll down", id="scroll_down", show=False),
         Binding("pageup", "scroll(-10)", "page up", id="page_up", show=False),
         Binding("pagedown", "scroll(10)", "page down", id="page_down", show=False),
     ]
+    # Never left out of the footer while another key could go instead; restart (an app key) shows only while the
+    # engine is down or stuck, and then it is the key that matters.
+    FOOTER_KEEPS = ("prefer_a", "prefer_b", "tie", "both_bad", "skip", "undo", "help", "restart_engine")
 
     def __init__(self) -> None:
         super().__init__()
@@ -156,7 +164,8 @@ class LabelScreen(RlhfScreen):
         yield Static("", id="notice", markup=False)
         yield Static("", id="status", markup=False)
         # No "^p palette" here: with it, 120 columns cannot hold every key. ctrl+p still opens it (listed in help).
-        yield Footer(compact=True, show_command_palette=False)
+        yield FittingFooter(order=[binding.id for binding in self.BINDINGS], keep=self.FOOTER_KEEPS,
+                            show_command_palette=False)
 
     def on_mount(self) -> None:
         self.title = "rlhf-tui · label"
@@ -361,10 +370,11 @@ class LabelScreen(RlhfScreen):
             pane.scroll_relative(y=lines * SCROLL_LINES, animate=False)
 
     def _key_list(self) -> list[tuple[str, str]]:
-        """(keys, description) per binding, as remapped by the user's keymap; the tooltip where the footer's
-        description is a short form."""
+        """(keys, description) per binding, as remapped by the user's keymap, this screen's first, in the footer's
+        order; the tooltip where the footer's description is a short form."""
+        rank = {binding.id: i for i, binding in enumerate(self.BINDINGS)}
         by_action: dict[str, list[str]] = {}
-        for key, active in self.active_bindings.items():
+        for active in sorted(self.active_bindings.values(), key=lambda active: rank.get(active.binding.id, len(rank))):
             description = active.binding.tooltip or active.binding.description
             by_action.setdefault(description, []).append(self.app.get_key_display(active.binding))
         return [(" ".join(dict.fromkeys(keys)), description) for description, keys in by_action.items()]
