@@ -1,8 +1,9 @@
-"""Checkpoints and resuming, shared by reward training and PPO: atomic folder writes, training state, which runs resume.
+"""Checkpoints and resuming, shared by reward training and PPO: atomic folder writes, pruning, training state,
+which runs resume.
 
-A checkpoint is a folder `runs/<id>/checkpoints/step-<k>/` written to a temp folder and renamed once
-whole, so a kill or a full disk half way never leaves a broken checkpoint where a good one was. Weights
-and optimizer moments are safetensors (no pickle); everything else is JSON.
+A checkpoint is a folder `runs/<id>/checkpoints/step-<k>/` (rlhf/checkpoint_folders.py: where, and which are kept)
+written to a temp folder and renamed once whole, so a kill or a full disk half way never leaves a broken checkpoint
+where a good one was. Weights and optimizer moments are safetensors (no pickle); everything else is JSON.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .config import SECTIONS, Config, Workspace
+from .checkpoint_folders import ADAPTER_FILES, CHECKPOINTS_DIR, checkpoint_path, folder_step, steps_to_keep
+from .config import SECTIONS, Config, PPOConfig, Workspace
 from .errors import RlhfError, describe_write_error
 from .run_rows import Run, RunStatus
 from .store import Store, _pid_alive
 
-CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
@@ -34,10 +35,6 @@ RNG_FILE = "rng.safetensors"
 
 class CheckpointWriteError(Exception):
     """A folder could not be written (e.g. a full disk); whatever was at its path is left as it was."""
-
-
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return run_dir / CHECKPOINTS_DIR / f"step-{step}"
 
 
 def write_folder_atomically(final: Path, write: Callable[[Path], None]) -> Path:
@@ -73,15 +70,29 @@ def write_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None]) ->
         raise CheckpointWriteError(f"cannot write the checkpoint of step {step}: {exc}") from None
 
 
-def prune_checkpoints(run_dir: Path, keep: Path | None = None) -> None:
-    """Remove the run's checkpoints other than `keep` (all of them for None) and leftover temp folders.
-    Call it once the store no longer names them, so a kill in between never leaves it naming a deleted one."""
-    for old in (run_dir / CHECKPOINTS_DIR).glob("step-*"):
-        if old != keep:
-            shutil.rmtree(old, ignore_errors=True)
-    if keep is None:
+def checkpoints_kept(kind: str, config: dict[str, Any]) -> int:
+    """How many checkpoints a run keeps, from the config it started with: a PPO run its newest
+    `ppo.keep_checkpoints` (each a policy to evaluate; a run from before that setting: its default), any other run
+    only its latest (all a resume needs)."""
+    if kind != "ppo":
+        return 1
+    return config.get("ppo", {}).get("keep_checkpoints", PPOConfig.keep_checkpoints)
+
+
+def prune_checkpoints(run_dir: Path, latest: int | None = None, keep: int = 1) -> None:
+    """Remove the run's checkpoints but those `steps_to_keep(steps, latest, keep)` keeps (all of them for None),
+    and leftover temp folders. Call it once the store names `latest` (or no checkpoint at all), so a kill in between
+    never leaves it naming a deleted one."""
+    folder = run_dir / CHECKPOINTS_DIR
+    found = {path: folder_step(path.name) for path in folder.glob("step-*")}
+    kept = set() if latest is None else steps_to_keep({step for step in found.values() if step is not None},
+                                                      latest, keep)
+    for path, step in found.items():
+        if step not in kept:
+            shutil.rmtree(path, ignore_errors=True)
+    if latest is None:
         with suppress(OSError):
-            (run_dir / CHECKPOINTS_DIR).rmdir()
+            folder.rmdir()
 
 
 def save_training_state(folder: Path, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> None:
@@ -122,7 +133,6 @@ RESUME_COMMANDS = {"reward": "train-reward", "ppo": "ppo"}
 # What to do when a run cannot resume: start over.
 NEW_RUN_ADVICE = {"reward": "train a new reward model with `rlhf-tui train-reward`",
                   "ppo": "start a new run with `rlhf-tui ppo`"}
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def check_checkpoint(folder: Path, run_id: str, kind: str, *, adapter: str, tensor_files: tuple[str, ...],

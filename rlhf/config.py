@@ -167,6 +167,9 @@ class PPOConfig:
     grad_accum: int = _f(1, "Gradient accumulation steps per minibatch.", lo=1, hi=MAX_BATCH)
     gradient_checkpointing: bool = _f(False, "Trade compute for memory in the policy forward.")
     checkpoint_every: int = _f(10, "Save a checkpoint every K steps (and on stop).", lo=1, hi=MAX_STEPS)
+    keep_checkpoints: int = _f(3, "Checkpoints a run keeps on disk: its newest N (the latest, which a resume uses, "
+                               "is always one); each can be evaluated (`rlhf-tui eval prepare --checkpoint STEP`).",
+                               lo=1, hi=MAX_STEPS)
     prompt_tag: str = _f("", "Use only prompts with this tag (empty = all).")
     sft_adapter: str = _f("", "Start from this SFT LoRA adapter dir; the frozen SFT adapter is then the KL "
                           "reference (empty = start from the base, reference = adapters off).")

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .checkpoints import (CheckpointWriteError, checkpoint_path, prune_checkpoints, resume_command,
+from .checkpoints import (CheckpointWriteError, checkpoint_path, checkpoints_kept, prune_checkpoints, resume_command,
                           write_checkpoint, write_folder_atomically)
 from .config import Workspace
 from .errors import RlhfError, cancel_if_stopped
@@ -47,7 +47,8 @@ class RunSession:
 
     Made by `start` (a new run: folder and row, both or neither) or `resume` (a stopped, failed or interrupted
     run from its checkpoint's step); both first refuse to begin when a stop came in while the model loaded.
-    `step` counts the steps done, `saved_step` the step of the last checkpoint written.
+    `step` counts the steps done, `saved_step` the step of the last checkpoint written; the run keeps its newest
+    `keep_checkpoints` checkpoints (`checkpoints.checkpoints_kept`: PPO's setting, one for other runs).
 
     Used as a context manager around the training: an exception that escapes it marks the run "interrupted"
     (Ctrl+C) or "failed" with a one-line error, and goes on. Expected ends go through `finish` or
@@ -60,9 +61,10 @@ class RunSession:
     """
 
     def __init__(self, store: Store, hooks: RunHooks, kind: str, run_id: str, run_dir: Path, total_steps: int,
-                 start_step: int = 0, *, writes: bool = True) -> None:
+                 start_step: int = 0, *, keep_checkpoints: int = 1, writes: bool = True) -> None:
         self.store, self.hooks, self.kind, self.run_id = store, hooks, kind, run_id
         self.run_dir, self.total_steps, self.writes = run_dir, total_steps, writes
+        self.keep_checkpoints = keep_checkpoints
         self.step = self.saved_step = start_step
         self._report = hooks if writes else RunHooks()  # a rank that does not write reports nothing either
 
@@ -77,7 +79,8 @@ class RunSession:
         run_dir = workspace.run_dir(run_id)
         if writes:
             _create_run(store, workspace, run_id, kind, config, total_steps, parent_run, files)
-        session = cls(store, hooks, kind, run_id, run_dir, total_steps, writes=writes)
+        session = cls(store, hooks, kind, run_id, run_dir, total_steps,
+                      keep_checkpoints=checkpoints_kept(kind, config), writes=writes)
         session._report.on_start(run_id, kind, total_steps, 0)
         return session
 
@@ -90,7 +93,7 @@ class RunSession:
         if writes:
             store.resume_run(run.id, start_step)
         session = cls(store, hooks, run.kind, run.id, workspace.run_dir(run.id), run.total_steps, start_step,
-                      writes=writes)
+                      keep_checkpoints=checkpoints_kept(run.kind, run.config), writes=writes)
         session._report.on_start(run.id, run.kind, run.total_steps, start_step)
         return session
 
@@ -132,12 +135,13 @@ class RunSession:
 
     def checkpoint(self, write: Callable[[Path, int], None]) -> Path:
         """The checkpoint of the current step: `write(folder, step)` fills it, atomically (CheckpointWriteError
-        when it cannot, the older ones kept); the row names it, then the older ones are removed."""
+        when it cannot, the older ones kept); the row names it, then the ones past `keep_checkpoints` (and stale
+        newer ones) are removed."""
         path = checkpoint_path(self.run_dir, self.step)
         if self.writes:
             write_checkpoint(self.run_dir, self.step, lambda folder: write(folder, self.step))
             self.store.update_run(self.run_id, checkpoint=str(path), checkpoint_step=self.step)
-            prune_checkpoints(self.run_dir, keep=path)
+            prune_checkpoints(self.run_dir, self.step, self.keep_checkpoints)
         self._report.on_checkpoint(self.run_id, self.step, str(path))
         self.saved_step = self.step
         return path

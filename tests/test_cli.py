@@ -147,6 +147,7 @@ def test_read_only_commands_do_not_create_a_database(capsys, ws: Path):
 @pytest.mark.parametrize("toml, fragment", [
     ("[model]\nnme = 'x'\n", "unknown key 'model.nme'"),
     ("[ppo]\nlr = -1.0\n", "ppo.lr must be > 0.0, got -1.0"),
+    ("[ppo]\nkeep_checkpoints = 0\n", "ppo.keep_checkpoints must be >= 1, got 0"),
     ("[nope]\n", "unknown section [nope]"),
     ("[model\n", "not valid TOML"),
 ])

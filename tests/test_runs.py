@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.checkpoints import CHECKPOINTS_DIR, CheckpointWriteError
+from rlhf import runs
+from rlhf.checkpoints import CHECKPOINTS_DIR, CheckpointWriteError, checkpoint_path
 from rlhf.config import Workspace
 from rlhf.errors import RlhfError
 from rlhf.hooks import RunHooks
@@ -50,10 +51,14 @@ def _run_three_steps(session: RunSession) -> None:
     session.warn("w")
 
 
-def test_a_session_writes_rows_metrics_samples_and_keeps_only_the_last_checkpoint(tmp_path):
+def checkpoint_folders(ws: Workspace, run_id: str) -> list[str]:
+    return sorted(p.name for p in (ws.run_dir(run_id) / CHECKPOINTS_DIR).iterdir())
+
+
+def test_a_session_writes_rows_metrics_samples_and_checkpoints(tmp_path):
     ws, hooks = Workspace(tmp_path), Recorder()
     with Store(ws.db_path) as store:
-        session = RunSession.start(store, ws, hooks, "ppo", {"ppo": {}}, total_steps=3)
+        session = RunSession.start(store, ws, hooks, "ppo", {"ppo": {"keep_checkpoints": 1}}, total_steps=3)
         with session:
             _run_three_steps(session)
             session.stop(write_step)  # steps 3 > 2: saved on the way out
@@ -62,11 +67,77 @@ def test_a_session_writes_rows_metrics_samples_and_keeps_only_the_last_checkpoin
         assert [row["value"] for row in store.metrics(session.run_id, "loss")] == pytest.approx([1, 1 / 2, 1 / 3])
         assert len(store.samples(session.run_id)) == 3
     assert (run.status, run.step, run.checkpoint_step, run.error) == ("stopped", 3, 3, None)
-    assert sorted(p.name for p in (ws.run_dir(session.run_id) / CHECKPOINTS_DIR).iterdir()) == ["step-3"]
+    assert checkpoint_folders(ws, session.run_id) == ["step-3"]
     assert (result.status, result.step, Path(result.checkpoint).name) == ("stopped", 3, "step-3")
     assert hooks.calls == [("start", 3, 0), ("step", 1), ("samples", 1), ("step", 2), ("samples", 2),
                            ("checkpoint", 2, "step-2"), ("step", 3), ("samples", 3), ("warning", "w"),
                            ("checkpoint", 3, "step-3")]
+
+
+@pytest.mark.parametrize(("kind", "config", "kept"), [
+    ("ppo", {"ppo": {"keep_checkpoints": 2}}, ["step-4", "step-5"]),
+    ("ppo", {"ppo": {}}, ["step-3", "step-4", "step-5"]),  # a run stored before the setting: its default, 3
+    ("reward", {"ppo": {"keep_checkpoints": 2}}, ["step-5"]),  # a reward run keeps only its latest
+])
+def test_a_run_keeps_its_newest_checkpoints_and_its_row_names_the_latest(tmp_path, kind, config, kept):
+    ws = Workspace(tmp_path)
+    with Store(ws.db_path) as store:
+        session = RunSession.start(store, ws, RunHooks(), kind, config, total_steps=5)
+        with session:
+            for _ in range(5):
+                session.step_done({})
+                session.checkpoint(write_step)
+        run = store.run(session.run_id)
+    assert checkpoint_folders(ws, session.run_id) == kept
+    assert (run.checkpoint_step, run.checkpoint) == (5, str(checkpoint_path(ws.run_dir(session.run_id), 5)))
+
+
+def test_a_resumed_run_removes_checkpoints_newer_than_its_own(tmp_path):
+    """Killed after writing step 6's checkpoint but before the row named it, a run resumes from step 3: the step-6
+    folder is not its history, and goes (with a write's temp folder) once the resumed run writes a checkpoint."""
+    ws = Workspace(tmp_path)
+    with Store(ws.db_path) as store:
+        session = RunSession.start(store, ws, RunHooks(), "ppo", {"ppo": {"keep_checkpoints": 2}}, total_steps=9)
+        with session:
+            for _ in range(3):
+                session.step_done({})
+                session.checkpoint(write_step)
+        run_dir = ws.run_dir(session.run_id)
+        for leftover in (checkpoint_path(run_dir, 6), run_dir / CHECKPOINTS_DIR / "step-5.tmp"):
+            leftover.mkdir()
+        resumed = RunSession.resume(store, ws, RunHooks(), store.run(session.run_id), 3)
+        assert checkpoint_folders(ws, session.run_id) == ["step-2", "step-3", "step-5.tmp", "step-6"]
+        with resumed:
+            resumed.step_done({})
+            resumed.checkpoint(write_step)
+        assert store.run(session.run_id).checkpoint_step == 4
+    assert checkpoint_folders(ws, session.run_id) == ["step-3", "step-4"]
+    assert (checkpoint_path(run_dir, 4) / "state.txt").read_text() == "4"
+
+
+def test_a_kill_before_the_older_checkpoints_go_leaves_the_row_naming_a_whole_one(tmp_path, monkeypatch):
+    """The row names the new checkpoint before older ones are removed: a kill in between leaves more folders than
+    kept, never a row naming a deleted one; the next checkpoint removes the extra ones."""
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    ws = Workspace(tmp_path)
+    with Store(ws.db_path) as store:
+        session = RunSession.start(store, ws, RunHooks(), "ppo", {"ppo": {"keep_checkpoints": 1}}, total_steps=9)
+        with session:
+            session.step_done({})
+            session.checkpoint(write_step)
+        with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt), session:
+            patched.setattr(runs, "prune_checkpoints", killed)
+            session.step_done({})
+            session.checkpoint(write_step)
+        run = store.run(session.run_id)
+        assert (run.status, run.checkpoint_step) == ("interrupted", 2) and Path(run.checkpoint).is_dir()
+        assert checkpoint_folders(ws, session.run_id) == ["step-1", "step-2"]
+        with session:
+            session.step_done({})
+            session.checkpoint(write_step)
+    assert checkpoint_folders(ws, session.run_id) == ["step-3"]
 
 
 def test_a_session_that_does_not_write_counts_steps_and_leaves_no_trace(tmp_path):
