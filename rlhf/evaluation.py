@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from .checkpoint_folders import POLICY_ADAPTER, checkpoint_path, kept_checkpoint_steps
 from .config import Config, Workspace
 from .errors import RlhfError
 from .run_rows import Run
@@ -88,12 +89,19 @@ def trained_prompt_ids(store: Store, run: Run, steps: int) -> set[int]:
     return {at_start[index]["id"] for index in draws}
 
 
+def kept_checkpoints(workspace: Workspace, run: Run) -> list[int]:
+    """The steps of a PPO run's checkpoints that can be evaluated, oldest first: whole folders holding its policy
+    adapter (it keeps its newest `ppo.keep_checkpoints`), up to the step its row names. A newer folder is a leftover
+    of a run killed before its row named it and resumed from an older checkpoint since: not the run's policy."""
+    if not run.checkpoint_step:
+        return []
+    return [step for step in kept_checkpoint_steps(workspace.run_dir(run.id), POLICY_ADAPTER)
+            if step <= run.checkpoint_step]
+
+
 def checkpoint_system(store: Store, workspace: Workspace, run_id: str | None, step: int | None) -> System:
     """A PPO run's policy at a kept checkpoint (default: the latest PPO run with one, at its latest checkpoint);
-    one-line errors for a run that is not a PPO run, has no checkpoint, or no longer keeps that step."""
-    from .checkpoints import checkpoint_path
-    from .ppo_trainer import POLICY_ADAPTER
-
+    one-line errors for a run that is not a PPO run, has no checkpoint, or does not keep that step."""
     if run_id is None:
         with_checkpoint = [run for run in store.runs("ppo") if run.checkpoint_step]
         if not with_checkpoint:
@@ -104,16 +112,18 @@ def checkpoint_system(store: Store, workspace: Workspace, run_id: str | None, st
         if run.kind != "ppo":
             raise RlhfError(f"run {run_id!r} is a {run.kind} run: evaluation compares PPO checkpoints "
                             "(see `rlhf-tui runs`)")
-    kept = run.checkpoint_step
-    if not kept:
+    if not run.checkpoint_step:
         raise RlhfError(f"PPO run {run.id!r} has no checkpoint yet")
-    if step is not None and step != kept:
-        raise RlhfError(f"PPO run {run.id!r} has no checkpoint of step {step}: it keeps only its latest, "
-                        f"step {kept} (use --checkpoint {kept} or leave it out)")
-    adapter = checkpoint_path(workspace.run_dir(run.id), kept) / POLICY_ADAPTER
-    if not adapter.is_dir():
-        raise RlhfError(f"the checkpoint of PPO run {run.id!r} is gone from disk ({adapter})")
-    return System(f"{run.id}@{kept}", run.id, kept, adapter)
+    kept = kept_checkpoints(workspace, run)
+    step = run.checkpoint_step if step is None else step
+    folder = checkpoint_path(workspace.run_dir(run.id), step)
+    if not kept:
+        raise RlhfError(f"the checkpoints of PPO run {run.id!r} are gone from disk ({folder.parent})")
+    if step not in kept:
+        raise RlhfError(f"PPO run {run.id!r} keeps no checkpoint of step {step}: it keeps step"
+                        f"{'s' if len(kept) > 1 else ''} {', '.join(map(str, kept))} (use --checkpoint with one of "
+                        "them)")
+    return System(f"{run.id}@{step}", run.id, step, folder / POLICY_ADAPTER)
 
 
 def plan_eval(store: Store, workspace: Workspace, *, run_id: str | None = None, checkpoint: int | None = None,

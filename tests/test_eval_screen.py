@@ -3,25 +3,27 @@ with the Label keys, identities revealed at the end with the win rate and its in
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from textual.widgets import OptionList
 
 from rlhf.config import Workspace
 from rlhf.evaluation import plan_eval, prepare_eval
 from rlhf.store import Store
 from rlhf_tui.app.main import RlhfApp
 from rlhf_tui.app.screens import TABS
-from rlhf_tui.app.screens.eval import EvalScreen, checkpoint_options, reveal_lines, session_options
+from rlhf_tui.app.screens.eval import (REFERENCE_OPTION, EvalScreen, checkpoint_options, opponent_options,
+                                       reveal_lines, session_options)
 from rlhf_tui.app.screens.label import MIN_LOOK_MS, event_clock
-from test_evaluation import tiny_ppo_run  # noqa: F401 - the fixture: a PPO run on the tiny model with a checkpoint
+# The fixtures: a PPO run on the tiny model with one checkpoint, and one keeping two.
+from test_evaluation import tiny_ppo_run, tiny_ppo_run_two_checkpoints  # noqa: F401
 from test_label_screen import ENGINE_TIMEOUT_S, wait_until
 
 
-def test_checkpoint_options_lists_ppo_runs_with_a_checkpoint_newest_first():
-    runs = [SimpleNamespace(id="ppo-1", kind="ppo", checkpoint_step=5), SimpleNamespace(id="ppo-2", kind="ppo",
-                                                                                       checkpoint_step=None),
-            SimpleNamespace(id="reward-1", kind="reward", checkpoint_step=3),
-            SimpleNamespace(id="ppo-3", kind="ppo", checkpoint_step=2)]
-    assert checkpoint_options(runs) == [("ppo-3 @ step 2", "ppo-3"), ("ppo-1 @ step 5", "ppo-1")]
+def test_checkpoint_options_list_every_kept_checkpoint_newest_first():
+    kept = {"ppo-1": [3, 4, 5], "ppo-2": [], "ppo-3": [2]}  # each PPO run's kept steps, oldest run first
+    assert checkpoint_options(kept) == [("ppo-3 @ step 2", ("ppo-3", 2)), ("ppo-1 @ step 5", ("ppo-1", 5)),
+                                        ("ppo-1 @ step 4", ("ppo-1", 4)), ("ppo-1 @ step 3", ("ppo-1", 3))]
+    assert opponent_options(kept) == [REFERENCE_OPTION, ("ppo-3 @ step 2 (its latest checkpoint)", "ppo-3"),
+                                      ("ppo-1 @ step 5 (its latest checkpoint)", "ppo-1")]
 
 
 def test_session_options_offer_unfinished_sessions_newest_first_then_a_new_one():
@@ -67,7 +69,7 @@ async def test_prepare_through_the_engine_label_blind_and_reveal(workspace, stor
         await pilot.press("ctrl+e")
         screen = app.screen
         assert isinstance(screen, EvalScreen) and screen.stage == "setup"
-        assert screen.query_one("#eval-checkpoint").value == tiny_ppo_run
+        assert screen.query_one("#eval-checkpoint").value == (tiny_ppo_run, 1)
         tag = screen.query_one("#eval-tag")
         screen.set_focus(tag)
         await pilot.press("a", "t", "e")  # decision keys are off in the form: they type
@@ -144,3 +146,27 @@ async def test_eval_is_a_screen_in_the_palette_and_the_tab_cycle(workspace, stor
         assert app.screen.query_one("#eval-checkpoint").is_blank()
         await pilot.press("enter")  # nothing to evaluate: said, nothing sent
         assert app.screen.stage == "setup"
+
+
+async def test_every_kept_checkpoint_is_offered_and_an_older_one_is_evaluated(
+        workspace, store, tiny_ppo_run_two_checkpoints):  # noqa: F811
+    run_id = tiny_ppo_run_two_checkpoints
+    configure(workspace)
+    app = RlhfApp(workspace, workspace.load_config(), annotator="ann")
+    async with app.run_test(size=(140, 40)) as pilot:
+        await pilot.press("ctrl+e")
+        screen = app.screen
+        checkpoint = screen.query_one("#eval-checkpoint")
+        assert checkpoint.value == (run_id, 2)  # the newest first
+        screen.set_focus(checkpoint)
+        await pilot.press("enter")  # open the list
+        listed = checkpoint.query_one(OptionList)
+        shown = [str(listed.get_option_at_index(i).prompt) for i in range(listed.option_count)]
+        assert shown[1:] == [f"{run_id} @ step 2", f"{run_id} @ step 1"]  # after the blank entry
+        await pilot.press("down", "enter")  # the older checkpoint
+        assert checkpoint.value == (run_id, 1)
+        screen.query_one("#eval-count").value = "2"
+        screen.set_focus(None)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: screen.stage == "labeling", ENGINE_TIMEOUT_S, "the blind pairs")
+        assert screen.session["candidate"] == f"{run_id}@1" and screen.session["checkpoint_step"] == 1

@@ -4,15 +4,18 @@ tables, and `rlhf-tui eval prepare / report` on the tiny model (one-line errors 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from rlhf import cli
+from rlhf.checkpoint_folders import ADAPTER_FILES, POLICY_ADAPTER, checkpoint_path
 from rlhf.config import Config, Workspace
-from rlhf.evaluation import (REFERENCE, candidate_side, checkpoint_system, eval_report, plan_eval, replayed_draws,
-                             trained_prompt_ids)
+from rlhf.errors import RlhfError
+from rlhf.evaluation import (REFERENCE, candidate_side, checkpoint_system, eval_report, kept_checkpoints, plan_eval,
+                             replayed_draws, trained_prompt_ids)
 from rlhf.store import PromptItem, Store
 from rlhf.win_rate import eval_outcome, tally_outcomes, win_rate, win_rate_interval
 
@@ -65,17 +68,24 @@ def add_prompts(store: Store, count: int, tag: str = "demo", start: int = 0) -> 
                              source="test")[0]
 
 
+def add_policy_files(folder: Path) -> None:
+    """Stand-ins for a checkpoint's policy adapter files (what makes it a whole checkpoint to list)."""
+    (folder / POLICY_ADAPTER).mkdir(parents=True)
+    for name in ADAPTER_FILES:
+        (folder / POLICY_ADAPTER / name).write_text("{}")
+
+
 def add_ppo_run(store: Store, workspace: Workspace, *, step: int = 2, batch_size: int = 4, prompt_tag: str = "",
                 model: str = "tiny", checkpoint: bool = True, **config) -> str:
-    """A PPO run row (as run_ppo writes it) with an empty policy adapter folder at its checkpoint; it starts at
+    """A PPO run row (as run_ppo writes it) with stand-in policy adapter files at its checkpoint; it starts at
     least a millisecond (the stored times' resolution) after the prompts before it and before those after."""
     time.sleep(0.002)
     cfg = Config().override({"model.name": model, "ppo.batch_size": batch_size, "ppo.prompt_tag": prompt_tag,
                              **config})
     run_id = store.create_run("ppo", cfg.to_dict(), total_steps=step)
     if checkpoint:
-        folder = workspace.run_dir(run_id) / "checkpoints" / f"step-{step}"
-        (folder / "policy").mkdir(parents=True)
+        folder = checkpoint_path(workspace.run_dir(run_id), step)
+        add_policy_files(folder)
         store.update_run(run_id, status="finished", step=step, checkpoint=str(folder), checkpoint_step=step)
     time.sleep(0.002)
     return run_id
@@ -115,7 +125,7 @@ def test_plan_picks_held_out_prompts_only(workspace: Workspace, store: Store):
 @pytest.mark.parametrize(("setup", "kwargs", "message"), [
     ("none", {}, "no PPO run with a checkpoint to evaluate: run `rlhf-tui ppo` first"),
     ("run", {"run_id": "ppo-nope"}, "no run 'ppo-nope' (see `rlhf-tui runs`)"),
-    ("run", {"checkpoint": 1}, "has no checkpoint of step 1: it keeps only its latest, step 2"),
+    ("run", {"checkpoint": 1}, "keeps no checkpoint of step 1: it keeps step 2 (use --checkpoint with one of them)"),
     ("reward", {}, "is a reward run: evaluation compares PPO checkpoints"),
     ("run", {"against": "self"}, "is the run being evaluated: name another run, or 'reference'"),
     ("trained", {}, "no held-out prompts: every one was drawn for the PPO run's rollouts"),
@@ -143,6 +153,26 @@ def test_opponent_runs_on_another_base_are_refused(workspace: Workspace, store: 
     with pytest.raises(Exception, match="were trained on different base models"):
         plan_eval(store, workspace, run_id=first, against=other)
     assert checkpoint_system(store, workspace, None, None).run_id == other  # the latest run with a checkpoint
+
+
+def test_kept_checkpoints_are_whole_folders_up_to_the_rows_step(workspace: Workspace, store: Store):
+    add_prompts(store, 40)
+    run_id = add_ppo_run(store, workspace, step=6)
+    run_dir = workspace.run_dir(run_id)
+    for step in (2, 4, 8):  # 8: newer than the row's 6, left by a run killed before its row named it, then resumed
+        add_policy_files(checkpoint_path(run_dir, step))
+    (checkpoint_path(run_dir, 5) / POLICY_ADAPTER).mkdir(parents=True)  # no adapter files: not a whole checkpoint
+    assert kept_checkpoints(workspace, store.run(run_id)) == [2, 4, 6]
+    assert checkpoint_system(store, workspace, run_id, None) == checkpoint_system(store, workspace, run_id, 6)
+    older = plan_eval(store, workspace, run_id=run_id, checkpoint=4, seed=1)
+    assert (older.candidate.label, older.candidate.step) == (f"{run_id}@4", 4)
+    assert older.candidate.adapter == checkpoint_path(run_dir, 4) / POLICY_ADAPTER
+    for step in (5, 8, 1):
+        with pytest.raises(RlhfError, match=f"keeps no checkpoint of step {step}: it keeps steps 2, 4, 6 "):
+            checkpoint_system(store, workspace, run_id, step)
+    shutil.rmtree(run_dir / "checkpoints")
+    with pytest.raises(RlhfError, match=f"the checkpoints of PPO run '{run_id}' are gone from disk"):
+        checkpoint_system(store, workspace, run_id, None)
 
 
 # -- store and report -------------------------------------------------------------------------------
@@ -189,23 +219,39 @@ def test_an_undone_eval_decision_leaves_the_pair_undecided(workspace: Workspace,
 # -- the command, on the tiny model -----------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_ppo_run(workspace: Workspace, store: Store, tiny_model_dir: Path) -> str:
-    """A PPO run on the tiny model whose checkpoint holds a random (non-zero) policy LoRA, and 10 prompts."""
+def add_tiny_ppo_run(store: Store, workspace: Workspace, model_dir: Path, steps: tuple[int, ...]) -> str:
+    """A PPO run on the tiny model keeping a checkpoint of each of `steps` (its row names the last), each holding
+    a random (non-zero) policy LoRA of its own: the policies answer differently from the reference and each other."""
+    import torch
     from peft import get_peft_model
 
     from rlhf.lora import lora_config
     from rlhf.models import load_causal_lm
 
-    add_prompts(store, 10)
-    run_id = add_ppo_run(store, workspace, model=str(tiny_model_dir), batch_size=2, step=1)
-    base = load_causal_lm(str(tiny_model_dir))
-    config = lora_config(base, 4, 8, 0.0)
-    config.init_lora_weights = False  # random B too: the policy answers differently from the reference
-    folder = workspace.run_dir(run_id) / "checkpoints" / "step-1"
-    (folder / "policy").rmdir()
-    get_peft_model(base, config, adapter_name="policy").save_pretrained(folder, safe_serialization=True)
+    run_id = add_ppo_run(store, workspace, model=str(model_dir), batch_size=2, step=steps[-1])
+    for step in steps:
+        folder = checkpoint_path(workspace.run_dir(run_id), step)
+        shutil.rmtree(folder, ignore_errors=True)
+        base = load_causal_lm(str(model_dir))
+        config = lora_config(base, 4, 8, 0.0)
+        config.init_lora_weights = False  # random B too
+        torch.manual_seed(step)
+        get_peft_model(base, config, adapter_name=POLICY_ADAPTER).save_pretrained(folder, safe_serialization=True)
     return run_id
+
+
+@pytest.fixture
+def tiny_ppo_run(workspace: Workspace, store: Store, tiny_model_dir: Path) -> str:
+    """A PPO run on the tiny model with one checkpoint (step 1) holding a random policy LoRA, and 10 prompts."""
+    add_prompts(store, 10)
+    return add_tiny_ppo_run(store, workspace, tiny_model_dir, (1,))
+
+
+@pytest.fixture
+def tiny_ppo_run_two_checkpoints(workspace: Workspace, store: Store, tiny_model_dir: Path) -> str:
+    """A PPO run on the tiny model keeping the checkpoints of steps 1 and 2 (random policies), and 10 prompts."""
+    add_prompts(store, 10)
+    return add_tiny_ppo_run(store, workspace, tiny_model_dir, (1, 2))
 
 
 def test_eval_prepare_and_report_on_the_tiny_model(workspace: Workspace, store: Store, tiny_ppo_run: str,
@@ -235,7 +281,7 @@ def test_eval_prepare_and_report_on_the_tiny_model(workspace: Workspace, store: 
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--run", "ppo-nope"], "error: no run 'ppo-nope' (see `rlhf-tui runs`)"),
-    (["--checkpoint", "7"], "has no checkpoint of step 7: it keeps only its latest, step 1"),
+    (["--checkpoint", "7"], "keeps no checkpoint of step 7: it keeps step 1 (use --checkpoint with one of them)"),
     (["--prompts", "nothing"], "error: no prompts tagged 'nothing'"),
 ])
 def test_eval_prepare_bad_input_is_one_line(workspace: Workspace, tiny_ppo_run: str, flags: list[str], message: str,
@@ -255,3 +301,33 @@ def test_export_writes_eval_decisions_only_when_asked(workspace: Workspace, stor
     assert cli.main(args) == 0 and out.read_text(encoding="utf-8") == ""
     assert cli.main([*args, "--include-eval"]) == 0
     assert [json.loads(line)["chosen"] for line in out.read_text(encoding="utf-8").splitlines()] == ["left", "right"]
+
+
+def test_two_checkpoints_of_one_run_are_evaluated_and_reported_apart(
+        workspace: Workspace, store: Store, tiny_ppo_run_two_checkpoints: str, capsys: pytest.CaptureFixture[str]):
+    run_id, args = tiny_ppo_run_two_checkpoints, ["--workspace", str(workspace.root)]
+    assert cli.main(["eval", "prepare", "--run", run_id, "--checkpoint", "1", "-n", "3", "--seed", "5", *args]) == 0
+    assert f"3 blind pairs of {run_id}@1 vs reference" in capsys.readouterr().out
+    assert cli.main(["eval", "prepare", "-n", "3", "--seed", "5", *args]) == 0  # default: the latest
+    assert f"3 blind pairs of {run_id}@2 vs reference" in capsys.readouterr().out
+    older, newer = store.eval_sessions()
+    assert (older["checkpoint_step"], newer["checkpoint_step"]) == (1, 2)
+    for session, step in ((older, 1), (newer, 2)):
+        pairs = store.eval_pairs(session["id"])
+        assert not {pair["prompt_id"] for pair in pairs} & trained_prompt_ids(store, store.run(run_id), step)
+        candidates = [pair["response_a_id"] if pair["candidate_side"] == "a" else pair["response_b_id"]
+                      for pair in pairs]
+        assert {store.response(r)["adapter"] for r in candidates} == {
+            str(checkpoint_path(workspace.run_dir(run_id), step) / POLICY_ADAPTER)}
+        opponent_side = {"a": "b", "b": "a"}
+        for pair in pairs:  # the older checkpoint always wins, the newer always loses
+            store.add_eval_decision(pair["id"], pair["candidate_side"] if step == 1 else
+                                    opponent_side[pair["candidate_side"]])
+    assert cli.main(["eval", "report", "--json", *args]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [(row["candidate"], row["wins"], row["losses"], row["sessions"]) for row in rows] == [
+        (f"{run_id}@1", 3, 0, [older["id"]]), (f"{run_id}@2", 0, 3, [newer["id"]])]
+    assert cli.main(["eval", "report", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{run_id}@1 vs reference: win rate 1.00")
+    assert lines[1].startswith(f"{run_id}@2 vs reference: win rate 0.00")

@@ -1,15 +1,15 @@
 """The Eval screen: blind evaluation of a PPO checkpoint against the reference or another run.
 
-Choose the checkpoint, the opponent, a prompt tag and how many pairs; `enter` asks the engine to sample the pairs
-(rlhf.evaluation, in the engine process). Then each pair shows one answer per system, sides randomized and
-identities hidden, decided with the Label screen's keys; every decision is committed before the next pair shows.
-When the last pair is decided (or `e` ends the session early) the screen reveals which side was which system, and
-the checkpoint's win rate with ties and its 95% Wilson interval.
+Choose the checkpoint (any a PPO run keeps: its newest `ppo.keep_checkpoints`), the opponent, a prompt tag and how
+many pairs; `enter` asks the engine to sample the pairs (rlhf.evaluation, in the engine process). Then each pair
+shows one answer per system, sides randomized and identities hidden, decided with the Label screen's keys; every
+decision is committed before the next pair shows. When the last pair is decided (or `e` ends the session early) the
+screen reveals which side was which system, and the checkpoint's win rate with ties and its 95% Wilson interval.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -18,16 +18,13 @@ from textual.widgets import Footer, Header, Input, Label, ProgressBar, Select, S
 
 from rlhf.engine import protocol
 from rlhf.errors import RlhfError
-from rlhf.evaluation import (DEFAULT_EVAL_PAIRS, REFERENCE, describe_result, eval_report, outcome_summary,
-                             session_outcomes)
+from rlhf.evaluation import (DEFAULT_EVAL_PAIRS, REFERENCE, describe_result, eval_report, kept_checkpoints,
+                             outcome_summary, session_outcomes)
 from rlhf.win_rate import eval_outcome
 
 from ..widgets.answer import TextPane
 from .base import RlhfScreen
 from .label import decision_ms, early_key_refusal, event_clock
-
-if TYPE_CHECKING:
-    from rlhf.run_rows import Run
 
 REFERENCE_OPTION = ("reference (adapters off)", REFERENCE)
 NEW_SESSION = "new"
@@ -35,10 +32,17 @@ NEW_SESSION_OPTION = ("a new session (the settings below)", NEW_SESSION)
 CHOICE_WORDS = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad", "skip": "skipped"}
 
 
-def checkpoint_options(runs: list[Run]) -> list[tuple[str, str]]:
-    """(label, run id) of each PPO run with a checkpoint, newest first: what can be evaluated."""
-    return [(f"{run.id} @ step {run.checkpoint_step}", run.id) for run in reversed(runs)
-            if run.kind == "ppo" and run.checkpoint_step]
+def checkpoint_options(kept: dict[str, list[int]]) -> list[tuple[str, tuple[str, int]]]:
+    """(label, (run id, step)) of every kept checkpoint, from `kept` (each PPO run's kept steps, oldest run and
+    step first): what can be evaluated, the newest run first and its newest checkpoint first."""
+    return [(f"{run_id} @ step {step}", (run_id, step)) for run_id, steps in reversed(kept.items())
+            for step in reversed(steps)]
+
+
+def opponent_options(kept: dict[str, list[int]]) -> list[tuple[str, str]]:
+    """(label, run id) of the reference, then of each PPO run with a kept checkpoint at its latest, newest first."""
+    return [REFERENCE_OPTION, *((f"{run_id} @ step {steps[-1]} (its latest checkpoint)", run_id)
+                                for run_id, steps in reversed(kept.items()) if steps)]
 
 
 def session_options(sessions: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -142,15 +146,14 @@ class EvalScreen(RlhfScreen):
         results = [describe_result(row) for row in eval_report(self.app.store)]
         self.query_one("#eval-results", Static).update(
             "\n".join(["Results so far (every session, per checkpoint):", *results]) if results else "")
-        options = checkpoint_options(self.app.store.runs("ppo"))
+        kept = {run.id: kept_checkpoints(self.app.workspace, run) for run in self.app.store.runs("ppo")}
+        options = checkpoint_options(kept)
         checkpoint = self.query_one("#eval-checkpoint", Select)
         chosen = checkpoint.value
         checkpoint.set_options(options)
         if options:
-            checkpoint.value = chosen if chosen in {run_id for _, run_id in options} else options[0][1]
-        against = self.query_one("#eval-against", Select)
-        against.set_options([REFERENCE_OPTION,
-                             *((f"{label} (its latest checkpoint)", run_id) for label, run_id in options)])
+            checkpoint.value = chosen if chosen in {value for _, value in options} else options[0][1]
+        self.query_one("#eval-against", Select).set_options(opponent_options(kept))
 
     # -- engine ----------------------------------------------------------------------------------
 
@@ -201,7 +204,8 @@ class EvalScreen(RlhfScreen):
             return
         tag = self.query_one("#eval-tag", Input).value.strip() or None
         against = self.query_one("#eval-against", Select).value
-        request = protocol.PrepareEval(run_id=str(checkpoint.value), against=str(against), prompt_tag=tag,
+        run_id, step = checkpoint.value
+        request = protocol.PrepareEval(run_id=run_id, checkpoint=step, against=str(against), prompt_tag=tag,
                                        count=int(count_text))
         if not self.app.engine.send(request):
             self.notify("the engine is not running: ctrl+r restarts it", severity="error")

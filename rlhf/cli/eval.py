@@ -67,7 +67,8 @@ def register_eval(commands: argparse._SubParsersAction) -> None:
                            "evaluation session")
     prepare.add_argument("--run", metavar="RUN", help="PPO run to evaluate (default: the latest with a checkpoint)")
     prepare.add_argument("--checkpoint", type=int, metavar="STEP",
-                         help="its checkpoint's step (default: its latest, the only one kept)")
+                         help="its checkpoint's step: any it keeps (its newest ppo.keep_checkpoints; default: its "
+                              "latest)")
     prepare.add_argument("--against", default=REFERENCE, metavar="reference|RUN",
                          help="the opponent: the reference (adapters off; the SFT adapter if the run started from "
                               "one) or another PPO run's latest checkpoint (default: reference)")
