@@ -23,6 +23,7 @@ from peft import PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from .checkpoint_folders import POLICY_ADAPTER
 from .config import Config, PPOConfig, Workspace
 from .distributed import SINGLE, Ranks, loss_share
 from .errors import ConfigError
@@ -37,7 +38,6 @@ from .ppo_math import (ClassicKLController, FixedKLController, LogKLController, 
 from .reward_model import RewardHead, RewardScorer, load_reward_onto, read_reward_meta, reward_tokenizer_matches
 from .tokens import decoder_hidden_states, pad_left
 
-POLICY_ADAPTER = "policy"
 REWARD_ADAPTER = "reward"
 REFERENCE_ADAPTER = "reference"  # the frozen SFT adapter, when PPO starts from one
 SAMPLES_PER_STEP = 4

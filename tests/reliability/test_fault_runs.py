@@ -194,7 +194,7 @@ def test_ppo_disk_full_mid_checkpoint_keeps_the_previous_one_valid(rewarded, cap
     monkeypatch.undo()
     code, out, _ = _main(capsys, "ppo", "--workspace", ws.root, "--resume", run.id)
     assert code == 0 and out.startswith(f"ppo run {run.id}: finished 4 steps")
-    assert _checkpoints(ws, run.id) == ["step-4"]
+    assert _checkpoints(ws, run.id) == ["step-2", "step-4"]  # both: a PPO run keeps its newest 3 (ppo.keep_checkpoints)
 
 
 def test_sigterm_to_train_reward_stops_with_143_and_a_loadable_adapter(labeled, capsys, monkeypatch):
