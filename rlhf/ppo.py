@@ -26,7 +26,7 @@ from .ppo_math import kl_negative_beyond_noise, score_dropped
 from .ppo_trainer import (POLICY_ADAPTER, REWARD_ADAPTER, NonFiniteError, PPOTrainer, PreparedPrompt, RolloutScorer,
                           SharedBaseReward, build_trainer, check_settings, load_reward)
 from .quantization import unquantized_warning
-from .refit import current_reward_run
+from .refit import current_reward_run, take_switch_request
 from .run_rows import RunStatus
 from .runs import RunSession, error_line, open_store
 from .store import Store, new_run_id
@@ -149,6 +149,8 @@ def run_ppo(workspace: Workspace, cfg: Config, *, reward_run: str | None = None,
         else:
             session = RunSession.resume(db, workspace, hooks, resumed, start_step, writes=ranks.writes)
         with session:
+            if session.writes:
+                take_switch_request(session.run_dir)  # one left when the run ended: it asked for a switch then
             hooks.on_policy(session.run_id, trainer.model, trainer.tokenizer)
             hooks.on_reward(session.run_id, reward.id, trainer.reward)
             if checkpoint is not None:
@@ -198,6 +200,8 @@ def switch_reward(trainer: PPOTrainer, session: RunSession, load: Callable[[str,
     a resume reads)."""
     run_id, step = session.run_id, session.step
     reward_run = session.hooks.take_reward_switch(run_id, step)
+    if reward_run is None:  # or the one `rlhf-tui refit` asked for from another process, as rank 0 reads it
+        reward_run = trainer.ranks.from_rank0(take_switch_request(session.run_dir) if session.writes else None)
     if reward_run is None:
         return
     old = current_reward_run(session.store, run_id, step)

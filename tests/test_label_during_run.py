@@ -6,6 +6,7 @@ keeps its reward (and says so) when the refit fails."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from contextlib import nullcontext
 
@@ -215,3 +216,62 @@ async def test_labeling_continues_during_ppo_and_a_refit_switches_its_reward(rew
     assert cli.main(["runs", "show", run_id, "--workspace", str(ws.root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["scored_by"] == [
         {"reward_run": reward_run, "first_step": 1}, {"reward_run": refit_run, "first_step": switch["from_step"] + 1}]
+
+
+def test_headless_refit_switches_a_running_headless_ppo_run(rewarded, tmp_path, capsys):
+    """`rlhf-tui refit` beside a headless `rlhf-tui ppo`: a reward model trained on every label, that the PPO run
+    switches to at its next checkpoint, as `runs show` then says. With no PPO run training it is one line."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from rlhf.refit import SWITCH_REQUEST_FILE
+
+    source, reward_run = rewarded
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(source.root, ws.root)
+    assert cli.main(["refit", "--workspace", str(ws.root)]) == 2
+    assert capsys.readouterr().err.startswith("rlhf-tui: error: no PPO run is training: refit switches")
+
+    with Store(ws.db_path) as store:
+        earlier = {run.id for run in store.runs("ppo")}  # the module's other tests ran PPO in this workspace
+    root = Path(__file__).resolve().parents[1]
+    ppo = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "--workspace", str(ws.root), "ppo", "--reward",
+                            reward_run], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env={**os.environ, "PYTHONPATH": str(root)})
+
+    def ppo_run():
+        with Store(ws.db_path) as store:
+            return next((run for run in store.runs("ppo") if run.id not in earlier), None)
+
+    def history(run_id: str) -> list[dict]:
+        with Store(ws.db_path) as store:
+            return store.reward_history(run_id)
+
+    try:
+        deadline = time.monotonic() + 240
+        while (run := ppo_run()) is None or run.step < 1:
+            assert ppo.poll() is None and time.monotonic() < deadline, ppo.communicate()
+            time.sleep(0.2)
+        code = cli.main(["refit", "--workspace", str(ws.root)])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        refit = out.split("switches to reward run ")[1].split()[0]
+        assert out.startswith(f"reward run {refit}: finished 1 epoch")
+        while len(history(run.id)) < 2:
+            assert ppo.poll() is None and time.monotonic() < deadline + 120, ppo.communicate()
+            time.sleep(0.2)
+    finally:
+        ppo.send_signal(signal.SIGTERM)
+        _, err = ppo.communicate(timeout=240)
+    switched = history(run.id)[1]
+    assert [row["reward_run"] for row in history(run.id)] == [reward_run, refit]
+    assert switched["from_step"] % 2 == 0  # at a checkpoint (checkpoint_every = 2)
+    assert f"step {switched['from_step']}: PPO scores with the refit reward run {refit}" in err
+    assert not (ws.run_dir(run.id) / SWITCH_REQUEST_FILE).exists()  # taken once
+    assert cli.main(["runs", "show", run.id, "--workspace", str(ws.root)]) == 0
+    assert f"scored by: {reward_run} from step 1, {refit} from step {switched['from_step'] + 1}" in \
+        capsys.readouterr().out

@@ -3,7 +3,7 @@
 never imports the UI.
 
 One module per group of commands: `data` (prompts, export, import-pairs, stats, config), `runs` (train-reward, ppo,
-score, export-reward, export-bundle, runs), `eval`; `common` holds what they share. Adding a command: write
+score, export-reward, export-bundle, runs), `refit`, `eval`; `common` holds what they share. Adding a command: write
 `_cmd_<name>(args) -> int` and `_register_<name>(commands)` in its group's module, then add the register function to
 `COMMANDS` here. `add_command` gives every subcommand `--workspace` (accepted before or after the command name);
 `add_model_option` adds `--model` to commands that load a model; `load_config` / `open_workspace` give the
@@ -26,6 +26,7 @@ from .common import (PROG, Session, add_command, add_model_option, add_quantizat
 from .data import (import_prompts_file, register_config, register_export, register_import_pairs, register_prompts,
                    register_stats)
 from .eval import register_eval
+from .refit import register_refit
 from .runs import (ConsoleProgress, register_export_bundle, register_export_reward, register_ppo, register_runs,
                    register_score, register_train_reward)
 
@@ -45,6 +46,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_export_reward,
     register_export_bundle,
     register_ppo,
+    register_refit,
     register_runs,
     register_eval,
 ]

@@ -167,11 +167,11 @@ def _cmd_train_reward(args: argparse.Namespace) -> int:
         saved = f"; those weights are saved in {result.checkpoint}" if result.checkpoint else ""
         print(f"reward run {result.run_id}: failed: {result.message}{saved}", file=sys.stderr)
         return 1
-    print(_reward_summary(result, total))
+    print(reward_summary(result, total))
     return 0 if result.status == "finished" else stopped_exit_code(received)
 
 
-def _reward_summary(result: RunResult, total_steps: int) -> str:
+def reward_summary(result: RunResult, total_steps: int) -> str:
     """The one line `train-reward` ends with: how far it got, how good the model is, what it learned from."""
     from ..reward_model import read_reward_meta
 
