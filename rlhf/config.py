@@ -112,6 +112,8 @@ class RewardConfig:
     heldout_fraction: float = _f(0.1, "Share of prompts held out for pairwise accuracy.", lo=0.0, hi=0.9)
     center_coef: float = _f(0.01, "Centering term coef * mean((r_c + r_r)^2); 0 = off.", lo=0.0)
     use_ties: bool = _f(False, "Train on ties with a symmetric loss.")
+    use_eval_labels: bool = _f(False, "Train on blind-evaluation decisions too (off: they measure the policy; a "
+                               "reward model trained on them leaks the test into what it tests).")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory: recompute the decoder's activations in "
                                       "backward (long answers, big models).")
     min_pairs: int = _f(8, "Refuse to train on fewer usable pairs.", lo=1, hi=MAX_STEPS)

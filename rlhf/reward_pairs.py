@@ -26,8 +26,9 @@ def is_heldout(prompt_id: int, seed: int, fraction: float) -> bool:
 
 
 def usable_pairs(store: Store, cfg: Config) -> tuple[list[dict[str, Any]], int]:
-    """Decided pairs (plus ties if configured) whose two answers differ, and how many identical ones were left out."""
-    pairs = store.preference_pairs(include_ties=cfg.reward.use_ties)
+    """Decided pairs (plus ties, and blind-evaluation decisions, if configured) whose two answers differ, and how
+    many identical ones were left out."""
+    pairs = store.preference_pairs(include_ties=cfg.reward.use_ties, include_eval=cfg.reward.use_eval_labels)
     usable = [p for p in pairs if p["chosen"] != p["rejected"]]
     missing = cfg.reward.min_pairs - len(usable)
     if missing > 0:

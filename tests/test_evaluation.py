@@ -16,6 +16,7 @@ from rlhf.config import Config, Workspace
 from rlhf.errors import RlhfError
 from rlhf.evaluation import (REFERENCE, candidate_side, checkpoint_system, eval_report, kept_checkpoints, plan_eval,
                              replayed_draws, trained_prompt_ids)
+from rlhf.reward_pairs import usable_pairs
 from rlhf.store import PromptItem, Store
 from rlhf.win_rate import eval_outcome, tally_outcomes, win_rate, win_rate_interval
 
@@ -199,6 +200,10 @@ def test_eval_decisions_stay_out_of_training_pairs_and_report_per_checkpoint(wor
         store.add_eval_decision(pair_id, choice, annotator="me", decision_ms=900)
     assert store.preference_pairs(include_ties=True) == []  # left out of reward training and export
     assert len(store.preference_pairs(include_ties=True, include_eval=True)) == 4
+    config = workspace.load_config().override({"reward.min_pairs": 1, "reward.use_ties": True})
+    with pytest.raises(RlhfError, match="only 0 usable preference pairs"):
+        usable_pairs(store, config)
+    assert len(usable_pairs(store, config.override({"reward.use_eval_labels": True}))[0]) == 4  # only when asked
     (row,) = eval_report(store)
     assert (row["candidate"], row["opponent"], row["sessions"]) == (f"{run_id}@2", REFERENCE, ["eval-1", "eval-2"])
     assert (row["wins"], row["ties"], row["losses"], row["skips"], row["pairs"], row["decided"]) == (2, 2, 1, 1, 6, 6)
