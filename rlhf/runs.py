@@ -67,6 +67,7 @@ class RunSession:
         self.keep_checkpoints = keep_checkpoints
         self.step = self.saved_step = start_step
         self._report = hooks if writes else RunHooks()  # a rank that does not write reports nothing either
+        self._database_lost = False  # the database file went and could not be written back (said once)
 
     @classmethod
     def start(cls, store: Store, workspace: Workspace, hooks: RunHooks, kind: str, config: dict[str, Any], *,
@@ -139,6 +140,7 @@ class RunSession:
         newer ones) are removed."""
         path = checkpoint_path(self.run_dir, self.step)
         if self.writes:
+            self._keep_database_on_disk()
             write_checkpoint(self.run_dir, self.step, lambda folder: write(folder, self.step))
             self.store.update_run(self.run_id, checkpoint=str(path), checkpoint_step=self.step)
             prune_checkpoints(self.run_dir, self.step, self.keep_checkpoints)
@@ -198,8 +200,24 @@ class RunSession:
 
     def _end(self, status: RunStatus, message: str, **fields: Any) -> None:
         if self.writes:
+            self._keep_database_on_disk()
             error = {"error": message} if status == RunStatus.FAILED else {}
             self.store.update_run(self.run_id, status=status, **error, **fields)
+
+    def _keep_database_on_disk(self) -> None:
+        """At a checkpoint and at the end: when the database file was deleted while the run trained (the store
+        still writes to the deleted file, which goes when the run ends), write it back whole, labels and every
+        row of the run, and go on in it. When another file took its place (the app wrote it back first), the
+        database is saved beside it and the run says so, once."""
+        if self._database_lost or self.store.still_on_disk():
+            return
+        try:
+            path = self.store.restore_to_disk()
+        except RlhfError as exc:
+            self._database_lost = True
+            self.warn(f"{exc}; the run goes on writing to the deleted database")
+            return
+        self.warn(f"{path.name} was deleted during the run: wrote it back whole at step {self.step}")
 
 
 def _create_run(store: Store, workspace: Workspace, run_id: str, kind: str, config: dict[str, Any],

@@ -204,3 +204,49 @@ def test_a_stop_while_loading_starts_nothing(tmp_path):
         with pytest.raises(RlhfError, match="ppo: stopped before its first step"):
             RunSession.start(store, ws, hooks, "ppo", {}, total_steps=3)
         assert store.runs() == []
+
+
+def test_a_database_deleted_during_a_run_is_written_back_at_its_next_checkpoint(tmp_path):
+    """`rm rlhf.db*` while a run trains: the store still writes to the deleted file, which would go with every
+    label and the run's rows when the run ends. The next checkpoint writes it back whole, and the run goes on in it."""
+    from rlhf.store import PromptItem
+
+    ws, hooks = Workspace(tmp_path), Recorder()
+    with Store(ws.db_path) as store:
+        store.add_prompts([PromptItem("a labeled prompt")], source="test")
+        session = RunSession.start(store, ws, hooks, "ppo", {"ppo": {"keep_checkpoints": 1}}, total_steps=3)
+        with session:
+            session.step_done({"loss": 1.0})
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{ws.db_path}{suffix}").unlink(missing_ok=True)
+            session.step_done({"loss": 0.5})
+            session.checkpoint(write_step)
+            session.step_done({"loss": 0.25})
+        session.finish("finished", "finished 3 steps")
+    assert ("warning", "rlhf.db was deleted during the run: wrote it back whole at step 2") in hooks.calls
+    with Store(ws.db_path) as store:
+        run = store.run(session.run_id)
+        assert (run.status, run.step, run.checkpoint_step) == ("finished", 3, 2)
+        assert [row["value"] for row in store.metrics(session.run_id, "loss")] == [1.0, 0.5, 0.25]
+        assert [prompt["text"] for prompt in store.prompts()] == ["a labeled prompt"]
+
+
+def test_a_database_another_file_replaced_is_saved_beside_it_and_said_once(tmp_path):
+    ws, hooks = Workspace(tmp_path), Recorder()
+    with Store(ws.db_path) as store:
+        session = RunSession.start(store, ws, hooks, "ppo", {"ppo": {"keep_checkpoints": 1}}, total_steps=4)
+        with session:
+            session.step_done({"loss": 1.0})
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{ws.db_path}{suffix}").unlink(missing_ok=True)
+            ws.db_path.write_text("not ours")
+            for _ in range(2):
+                session.step_done({"loss": 0.5})
+                session.checkpoint(write_step)
+    warnings = [call[1] for call in hooks.calls if call[0] == "warning"]
+    assert len(warnings) == 1 and "another file took the database's place" in warnings[0], warnings
+    assert warnings[0].endswith("; the run goes on writing to the deleted database")
+    (saved,) = tmp_path.glob("rlhf.db.recovered-*")
+    with Store(saved) as store:
+        assert store.run(session.run_id).step == 2
+    assert ws.db_path.read_text() == "not ours"
