@@ -30,6 +30,10 @@ class RunResult:
 class RunHooks:
     """Callbacks from a training loop; the defaults do nothing and never stop."""
 
+    # A database file deleted while the run trains is written back at its next checkpoint (RunSession). Not in
+    # the app's engine: the app writes it back itself, as only it can then restart the engine onto the new file.
+    writes_back_database = True
+
     def __init__(self) -> None:
         self.stop_requested = threading.Event()
 

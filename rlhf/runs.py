@@ -207,9 +207,9 @@ class RunSession:
     def _keep_database_on_disk(self) -> None:
         """At a checkpoint and at the end: when the database file was deleted while the run trained (the store
         still writes to the deleted file, which goes when the run ends), write it back whole, labels and every
-        row of the run, and go on in it. When another file took its place (the app wrote it back first), the
-        database is saved beside it and the run says so, once."""
-        if self._database_lost or self.store.still_on_disk():
+        row of the run, and go on in it. When another file took its place, the database is saved beside it and
+        the run says so, once. Runs in the app's engine leave this to the app (`RunHooks.writes_back_database`)."""
+        if not self.hooks.writes_back_database or self._database_lost or self.store.still_on_disk():
             return
         try:
             path = self.store.restore_to_disk()

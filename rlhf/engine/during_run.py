@@ -139,6 +139,8 @@ class RefitHooks(RunHooks):
     """A refit's hooks: its progress goes to the app as RefitStatus events (not as a run of its own: the screens
     follow the PPO run), and stopping the PPO run stops the refit first."""
 
+    writes_back_database = False  # the app does (`RlhfApp.ensure_database_on_disk`)
+
     def __init__(self, ppo_hooks: DuringRunHooks, ppo_run: str) -> None:
         super().__init__()
         self.stop_requested = ppo_hooks.stop_requested

@@ -105,6 +105,8 @@ class Inbox:
 class PipeHooks(RunHooks):
     """Forwards a training loop's callbacks to the app as protocol events."""
 
+    writes_back_database = False  # the app does (`RlhfApp.ensure_database_on_disk`)
+
     def __init__(self, outbox: Outbox) -> None:
         super().__init__()
         self.outbox = outbox
