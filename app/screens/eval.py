@@ -24,7 +24,7 @@ from rlhf.win_rate import eval_outcome
 
 from ..widgets.answer import TextPane
 from .base import RlhfScreen
-from .label import decision_ms, early_key_refusal, event_clock
+from .label import decision_bindings, decision_ms, early_key_refusal, event_clock
 
 REFERENCE_OPTION = ("reference (adapters off)", REFERENCE)
 NEW_SESSION = "new"
@@ -79,12 +79,7 @@ class EvalScreen(RlhfScreen):
     # The Label screen's decision keys, under the same binding ids so that a `[label] keymap` remaps both (a strong
     # preference counts as a plain one here); priority so that arrows decide, off while the form is showing.
     BINDINGS = [
-        Binding("a,1,left,A", "decide('a')", "A better", id="prefer_a", priority=True),
-        Binding("b,2,right,B", "decide('b')", "B better", id="prefer_b", priority=True),
-        Binding("t,equals_sign", "decide('tie')", "tie", id="tie", priority=True),
-        Binding("x,0", "decide('both_bad')", "both bad", id="both_bad", priority=True),
-        Binding("s,space", "decide('skip')", "skip", id="skip", priority=True),
-        Binding("u,backspace", "undo", "undo", id="undo", priority=True),
+        *decision_bindings(strong_as_plain=True),
         Binding("e", "end", "end + reveal", id="eval_end", priority=True),
         Binding("enter", "prepare", "prepare pairs", id="eval_prepare"),  # not priority: a Select opens with it
         Binding("n", "new", "new session", id="eval_new", priority=True),

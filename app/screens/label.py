@@ -99,6 +99,20 @@ def sampling_summary(sampling: dict) -> str:
             f"max {sampling.get('max_new_tokens')} tok · rep {sampling.get('repetition_penalty')}")
 
 
+def decision_bindings(strong_as_plain: bool = False) -> list[Binding]:
+    """The decision keys and undo, priority so that arrows decide. `strong_as_plain`: `A` and `B` decide as a plain
+    preference (the Eval screen stores no margin) instead of being keys of their own."""
+    strong_a, strong_b = (",A", ",B") if strong_as_plain else ("", "")
+    return [
+        Binding(f"a,1,left{strong_a}", "decide('a')", "A better", id="prefer_a", priority=True),
+        Binding(f"b,2,right{strong_b}", "decide('b')", "B better", id="prefer_b", priority=True),
+        Binding("t,equals_sign", "decide('tie')", "tie", id="tie", priority=True),
+        Binding("x,0", "decide('both_bad')", "both bad", id="both_bad", priority=True),
+        Binding("s,space", "decide('skip')", "skip", id="skip", priority=True),
+        Binding("u,backspace", "undo", "undo", id="undo", priority=True),
+    ]
+
+
 class LabelScreen(RlhfScreen):
     # priority: the answer panes scroll with arrows, but here arrows decide. The order is the footer's order of
     # importance (the app's keys follow): the decisions, undo and help always show (FOOTER_KEEPS); the keys after
@@ -106,12 +120,7 @@ class LabelScreen(RlhfScreen):
     # and tab) and keep working. Descriptions are short, so that all fit 120 columns; the help (`?`) shows each
     # tooltip in full.
     BINDINGS = [
-        Binding("a,1,left", "decide('a')", "A better", id="prefer_a", priority=True),
-        Binding("b,2,right", "decide('b')", "B better", id="prefer_b", priority=True),
-        Binding("t,equals_sign", "decide('tie')", "tie", id="tie", priority=True),
-        Binding("x,0", "decide('both_bad')", "both bad", id="both_bad", priority=True),
-        Binding("s,space", "decide('skip')", "skip", id="skip", priority=True),
-        Binding("u,backspace", "undo", "undo", id="undo", priority=True),
+        *decision_bindings(),
         Binding("question_mark", "help", "help", id="help", priority=True,
                 tooltip="help: the guidelines and every key"),
         Binding("A", "decide('a', True)", "strong", id="strong_a", priority=True, group=STRONG_KEYS,
