@@ -239,9 +239,10 @@ def test_headless_refit_switches_a_running_headless_ppo_run(rewarded, tmp_path, 
     with Store(ws.db_path) as store:
         earlier = {run.id for run in store.runs("ppo")}  # the module's other tests ran PPO in this workspace
     root = Path(__file__).resolve().parents[1]
+    # Far more steps than the test lasts (it stops the run): the run must still train when the refit is ready.
     ppo = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "--workspace", str(ws.root), "ppo", "--reward",
-                            reward_run], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           env={**os.environ, "PYTHONPATH": str(root)})
+                            reward_run, "--steps", "100000"], text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(root)})
 
     def ppo_run():
         with Store(ws.db_path) as store:
