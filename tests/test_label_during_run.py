@@ -111,6 +111,29 @@ def test_labeling_between_steps_leaves_the_run_as_it_would_have_been(rewarded):
     assert run_metrics(ws, cfg, reward_run, PairsBetweenSteps(ws, cfg, keep_rng=False)) != plain
 
 
+def test_a_reward_on_a_base_of_its_own_judges_the_pairs_between_steps(rewarded, tmp_path):
+    """A reward model that cannot share the policy's base (here trained on it in 4-bit, while the policy runs in
+    full precision) scores PPO's rollouts as a model of its own (SeparateReward); the pairs sampled between the
+    steps are judged by that model, on the scale it scores on alone."""
+    import shutil
+
+    from rlhf.reward import train_reward
+
+    source, _ = rewarded
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(source.root, ws.root)
+    other = train_reward(ws, ws.load_config().override({"reward.quantization": "4bit", "reward.epochs": 1}))
+    assert other.status == "finished", other.message
+    cfg = ws.load_config().override({"ppo.steps": 2, "ppo.checkpoint_every": 2})
+    labeled = PairsBetweenSteps(ws, cfg, keep_rng=True)
+    run_metrics(ws, cfg, other.run_id, labeled)
+    assert labeled.judge.run_ids == [other.run_id] and labeled.judge.judges[0].scorer is not None  # its own model
+    alone = RewardScorer.from_run(ws, other.run_id, cfg)
+    assert len(labeled.judged) == 2
+    for answers, scores in labeled.judged:
+        assert scores == pytest.approx(alone.score_many([(PROMPT, answer) for answer in answers]), abs=1e-4)
+
+
 @pytest.fixture(scope="module")
 def rewarded(tmp_path_factory, tiny_model_dir):
     """A workspace with 80 labeled pairs and a finished one-epoch reward run (trained in this process)."""
