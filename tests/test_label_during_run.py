@@ -8,7 +8,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +26,7 @@ from rlhf.config import Config, Workspace
 from rlhf.hooks import RunHooks
 from rlhf.sampling import PairSampler
 from rlhf.engine import protocol
-from rlhf.refit import preserved_rng, reward_run_at
+from rlhf.refit import SWITCH_REQUEST_FILE, preserved_rng, reward_run_at
 from rlhf.reward_model import RewardScorer
 from rlhf.store import Store
 from rlhf_tui.app.main import RlhfApp
@@ -115,8 +121,6 @@ def test_a_reward_on_a_base_of_its_own_judges_the_pairs_between_steps(rewarded, 
     """A reward model that cannot share the policy's base (here trained on it in 4-bit, while the policy runs in
     full precision) scores PPO's rollouts as a model of its own (SeparateReward); the pairs sampled between the
     steps are judged by that model, on the scale it scores on alone."""
-    import shutil
-
     from rlhf.reward import train_reward
 
     source, _ = rewarded
@@ -244,15 +248,6 @@ async def test_labeling_continues_during_ppo_and_a_refit_switches_its_reward(rew
 def test_headless_refit_switches_a_running_headless_ppo_run(rewarded, tmp_path, capsys):
     """`rlhf-tui refit` beside a headless `rlhf-tui ppo`: a reward model trained on every label, that the PPO run
     switches to at its next checkpoint, as `runs show` then says. With no PPO run training it is one line."""
-    import shutil
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    from rlhf.refit import SWITCH_REQUEST_FILE
-
     source, reward_run = rewarded
     ws = Workspace(tmp_path / "ws")
     shutil.copytree(source.root, ws.root)
